@@ -1,0 +1,113 @@
+"""Kernel parameter dataclasses: one frozen dataclass per shader template.
+
+A kernel instance is (template, compile-time fields). Its fields are the jinja2 context, its `name` is the pipeline
+cache key and the .wgsl file name, and `params` / `bindings` describe its uniform struct and storage bindings in the
+order the template declares them (binding 0 = State, 1 = Params, 2.. = storage). Anything that varies per call (sizes,
+offsets, eps) is a uniform, not a template field, so a whole model needs only a handful of distinct shaders.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import ClassVar
+
+# uniform field types: "u32" | "f32"
+Param = tuple[str, str]
+
+
+@dataclass(frozen=True)
+class Kernel:
+    template: ClassVar[str]
+    params: ClassVar[tuple[Param, ...]]
+
+    @property
+    def name(self) -> str:
+        parts = [self.template]
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if v is None or v is False:
+                continue
+            parts.append(f.name if v is True else f"{f.name}{v}" if isinstance(v, int) else str(v))
+        return "_".join(parts)
+
+    def bindings(self) -> list[tuple[str, str]]:
+        """[(name, "read" | "read_write")] for bindings 2.. in order."""
+        raise TypeError(f"{type(self).__name__} must define bindings()")
+
+    def context(self) -> dict:
+        return {"k": self, "fields": asdict(self)}
+
+
+@dataclass(frozen=True)
+class Matmul(Kernel):
+    """y (+)= act(x @ W^T): quantized mat-vec (tile 1, decode) and mat-mat (tile > 1, prefill)."""
+    template: ClassVar[str] = "matmul"
+    params: ClassVar[tuple[Param, ...]] = (("k", "u32"), ("rows", "u32"), ("n_offset", "u32"), ("n_stride", "u32"),
+                                           ("last_only", "u32"))
+    quant: str
+    tile: int = 1
+    rows: int = 8       # output rows per workgroup
+    lanes: int = 8      # threads splitting K for one row (power of two)
+    gate: str | None = None   # None | "silu" | "gelu_tanh": y = act(x W^T) * (x U^T)
+    residual: bool = False    # y += result (fused residual add)
+
+    def bindings(self):
+        w = [("w", "read")] + ([("w_up", "read")] if self.gate else [])
+        return [("x", "read"), *w, ("y", "read_write")]
+
+
+@dataclass(frozen=True)
+class Embed(Kernel):
+    template: ClassVar[str] = "embed"
+    params: ClassVar[tuple[Param, ...]] = (("k", "u32"), ("rows", "u32"), ("row0", "u32"), ("scale", "f32"))
+    quant: str
+    wg: int = 64
+
+    def bindings(self):
+        return [("tokens", "read"), ("w", "read"), ("x", "read_write")]
+
+
+@dataclass(frozen=True)
+class RMSNorm(Kernel):
+    template: ClassVar[str] = "rmsnorm"
+    params: ClassVar[tuple[Param, ...]] = (("width", "u32"), ("heads", "u32"), ("stride", "u32"), ("offset", "u32"),
+                                           ("eps", "f32"))
+    inplace: bool = False
+    wg: int = 64
+
+    def bindings(self):
+        if self.inplace:
+            return [("x", "read_write"), ("weight", "read")]
+        return [("x", "read"), ("weight", "read"), ("out", "read_write")]
+
+
+@dataclass(frozen=True)
+class RopeKV(Kernel):
+    template: ClassVar[str] = "rope_kv"
+    params: ClassVar[tuple[Param, ...]] = (("n_head", "u32"), ("n_kv", "u32"), ("head_dim", "u32"), ("rot_dim", "u32"))
+    style: str = "norm"   # "norm" | "neox"
+    wg: int = 64
+
+    def bindings(self):
+        return [("qkv", "read_write"), ("inv_freq", "read"), ("k_cache", "read_write"), ("v_cache", "read_write")]
+
+
+@dataclass(frozen=True)
+class Attention(Kernel):
+    template: ClassVar[str] = "attention"
+    params: ClassVar[tuple[Param, ...]] = (("n_head", "u32"), ("n_kv", "u32"), ("head_dim", "u32"), ("window", "u32"),
+                                           ("scale", "f32"))
+    dims_per_thread: int = 1   # ceil(head_dim / wg)
+    wg: int = 64
+
+    def bindings(self):
+        return [("qkv", "read"), ("k_cache", "read"), ("v_cache", "read"), ("out", "read_write")]
+
+
+@dataclass(frozen=True)
+class Argmax(Kernel):
+    template: ClassVar[str] = "argmax"
+    params: ClassVar[tuple[Param, ...]] = (("n", "u32"),)
+    wg: int = 256
+
+    def bindings(self):
+        return [("logits", "read"), ("token", "read_write")]

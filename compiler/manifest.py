@@ -1,0 +1,51 @@
+"""Stage 7 — the manifest: everything a runtime needs to run the model, as versioned JSON.
+
+manifest.json (format "kiln", version MANIFEST_VERSION):
+  model       {name, arch, source: {file, bytes, sha256}}
+  config      ModelConfig fields (compiler/config.py)
+  tokenizer   {file: "tokenizer.json", bos_id, eos_id, add_bos, eog_ids}; chat_template: str | null
+  limits      {prefill_chunk: T, storage_buffers_per_stage, max_part_bytes}
+  buffers     {name: {shape: [int | "T" | "ctx", ...], dtype: "f32" | "u32"}}       activations and KV cache
+  weights     {name: {quant, shape: [rows, K], parts: [{row0, rows, shard, offset, bytes}]}}
+  shards      [{file, bytes, sha256}]                                                  see compiler/shards.py
+  kernels     {name: {file: "shaders/<name>.wgsl", params: [[name, "u32"|"f32"]], bindings: [[name, access]]}}
+  programs    {prefill: [step], decode: [step]}                                        see compiler/schedule.py
+  selftest    optional {prompt_ids, top5: [[id, logit]], tolerance}: written by `kiln compile` after a native run
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+MANIFEST_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+
+
+def kernel_entry(kernel) -> dict:
+    return {"file": f"shaders/{kernel.name}.wgsl", "params": [list(p) for p in kernel.params],
+            "bindings": [list(b) for b in kernel.bindings()]}
+
+
+def program_json(program) -> list[dict]:
+    return [{**s, "kernel": s["kernel"].name} for s in program.steps]
+
+
+def write_manifest(out_dir: Path, manifest: dict) -> Path:
+    path = Path(out_dir) / MANIFEST_FILE
+    path.write_text(json.dumps({"format": "kiln", "version": MANIFEST_VERSION, **manifest}, indent=1))
+    return path
+
+
+def read_manifest(art_dir: Path) -> dict:
+    from .errors import ArtifactError
+    path = Path(art_dir) / MANIFEST_FILE
+    try:
+        m = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ArtifactError(f"{art_dir}: no {MANIFEST_FILE} (not a compiled kiln artifact)") from None
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{path}: corrupt manifest ({e})") from None
+    if m.get("format") != "kiln" or m.get("version") != MANIFEST_VERSION:
+        raise ArtifactError(f"{path}: manifest format {m.get('format')!r} v{m.get('version')} "
+                            f"(this kiln reads kiln v{MANIFEST_VERSION}; recompile the model)")
+    return m

@@ -1,0 +1,102 @@
+"""The compiler, top to bottom: GGUF -> config -> packed weights -> schedule -> WGSL -> shards -> manifest.
+
+    compile_model("model.gguf", "out/")   writes out/{manifest.json, tokenizer.json, shaders/*.wgsl, shard-*.bin}
+
+Each stage is one module, in this order. The artifact is built in a temporary sibling directory and renamed into place
+at the end, so an interrupted compile never leaves a half-written artifact that looks whole.
+KILN_DEBUG=1 prints each stage's result (and every rendered shader).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from . import config as config_stage
+from .gguf_file import GGUFModel
+from .manifest import kernel_entry, program_json, write_manifest
+from .pack import WeightPacker
+from .render import render
+from .schedule import activation_buffers, build_programs, PREFILL_TILE
+from .shards import ShardWriter
+from .tokenizer import build_tokenizer_json, tokenizer_info
+
+COMPILER_VERSION = "1"
+DEFAULT_PREFILL_CHUNK = 128
+
+
+def _debug(stage: str, obj):
+    if os.environ.get("KILN_DEBUG"):
+        text = obj if isinstance(obj, str) else json.dumps(obj, indent=1, default=str)
+        print(f"== {stage} ==\n{text[:20000]}")
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def compile_model(gguf_path, out_dir, *, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, progress=None) -> Path:
+    """progress: optional callable(done_bytes, total_bytes) for the shard-writing stage."""
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    model = GGUFModel(gguf_path)                                   # 1. read
+    cfg = config_stage.read_config(model)                          # 2. config
+    _debug("config", cfg.as_dict())
+    packer = WeightPacker(model, cfg)                              # 3. weights -> parts
+    programs = build_programs(cfg, packer)                         # 4. schedule
+    assert prefill_chunk % PREFILL_TILE == 0
+    tok_json = build_tokenizer_json(model.reader)
+    tok_info = tokenizer_info(model.reader)
+
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "shaders").mkdir(parents=True)
+
+    kernels = {}                                                   # 5. render WGSL
+    for prog in programs.values():
+        for s in prog.steps:
+            kernels.setdefault(s["kernel"].name, s["kernel"])
+    for name, k in kernels.items():
+        (tmp / "shaders" / f"{name}.wgsl").write_text(render(k))
+
+    writer = ShardWriter(tmp)                                      # 6. shards
+    total = sum(len(r.parts) for r in packer.refs.values())
+    weights, done = {}, 0
+    for name, ref in packer.refs.items():
+        parts = []
+        for i, words in packer.packed_parts(name):
+            row0, rows = ref.parts[i]
+            parts.append({"row0": row0, "rows": rows, **writer.add(words)})
+            done += 1
+            if progress:
+                progress(done, total)
+        weights[name] = {"quant": ref.quant, "shape": [ref.rows, ref.k], "parts": parts}
+    shards = writer.finish()
+
+    (tmp / "tokenizer.json").write_text(json.dumps(tok_json, ensure_ascii=False))
+    storage_per_stage = max(len(k.bindings()) for k in kernels.values())
+    manifest = {                                                   # 7. manifest
+        "model": {"name": cfg.name, "arch": cfg.arch,
+                  "source": {"file": gguf_path.name, "bytes": model.file_bytes, "sha256": file_sha256(gguf_path)}},
+        "compiler_version": COMPILER_VERSION,
+        "config": cfg.as_dict(),
+        "tokenizer": {"file": "tokenizer.json", **{k: v for k, v in tok_info.items() if k != "chat_template"}},
+        "chat_template": tok_info.get("chat_template"),
+        "limits": {"prefill_chunk": prefill_chunk, "storage_buffers_per_stage": storage_per_stage,
+                   "max_part_bytes": max(p["bytes"] for w in weights.values() for p in w["parts"])},
+        "buffers": activation_buffers(cfg),
+        "weights": weights,
+        "shards": shards,
+        "kernels": {n: kernel_entry(k) for n, k in kernels.items()},
+        "programs": {n: program_json(p) for n, p in programs.items()},
+    }
+    _debug("manifest (programs elided)", {k: v for k, v in manifest.items() if k != "programs"})
+    write_manifest(tmp, manifest)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return out_dir

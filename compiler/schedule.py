@@ -1,0 +1,176 @@
+"""Stage 4 — the op schedule: which kernel runs when, on which buffers, with which uniforms and dispatch sizes.
+
+A *program* is a flat list of steps the runtimes replay verbatim: no model logic lives in runtime_py/ or web/.
+Two programs per model: `prefill` (T <= prefill_chunk tokens, mat-mat kernels) and `decode` (T = 1, mat-vec kernels).
+
+Step (JSON):
+    {"kernel": name, "bind": [buffer refs, binding 2..], "params": [values, Params order], "dispatch": [x, y, z]}
+A buffer ref is an activation buffer name from `buffers` (e.g. "x", "k_cache.3") or a weight part "tensor#part".
+A dispatch entry is an int, or "T/n" meaning ceil(T / n) with T = tokens in this forward (see `dispatch_size`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .config import ModelConfig
+from .errors import UnsupportedModelError
+from .kernels import Argmax, Attention, Embed, Kernel, Matmul, RMSNorm, RopeKV
+
+PREFILL_TILE = 8     # tokens per matmul workgroup in prefill
+MAX_WORKGROUPS = 65535
+
+
+def dispatch_size(dim, n_tokens: int) -> int:
+    """Reference evaluation of a dispatch entry; runtime_py and web/ implement exactly this."""
+    if isinstance(dim, int):
+        return dim
+    assert dim.startswith("T"), dim
+    div = int(dim[2:]) if "/" in dim else 1
+    return -(-n_tokens // div)
+
+
+@dataclass
+class WeightRef:
+    """What the schedule needs to know of a packed weight: its quant and its row parts."""
+    name: str
+    quant: str
+    rows: int
+    k: int
+    parts: list[tuple[int, int]]   # (row0, rows) per part
+
+    def ref(self, part: int) -> str:
+        return f"{self.name}#{part}"
+
+
+@dataclass
+class Program:
+    steps: list[dict] = field(default_factory=list)
+
+    def add(self, kernel: Kernel, bind: list[str], params: dict, dispatch: list):
+        names = [n for n, _ in kernel.params]
+        if set(params) != set(names):
+            raise AssertionError(f"{kernel.name}: params {sorted(params)} != {names}")
+        if len(bind) != len(kernel.bindings()):
+            raise AssertionError(f"{kernel.name}: {len(bind)} buffers for {len(kernel.bindings())} bindings")
+        for d in dispatch:
+            if isinstance(d, int) and d > MAX_WORKGROUPS:
+                raise UnsupportedModelError(f"{kernel.name}: {d} workgroups exceed {MAX_WORKGROUPS} per dimension")
+        self.steps.append({"kernel": kernel, "bind": bind, "params": [params[n] for n in names],
+                           "dispatch": dispatch})
+
+
+class Builder:
+    """Emits one program for one phase. `tile` = tokens per matmul workgroup (1 for decode)."""
+
+    def __init__(self, cfg: ModelConfig, weights, tile: int):
+        self.cfg, self.W, self.tile = cfg, weights, tile
+        self.p = Program()
+
+    # -- helpers: one per kernel family ------------------------------------------------------------------------
+    def matmul(self, x: str, w: str, y: str, *, n_offset=0, n_stride=None, residual=False, gate=None,
+               up: str | None = None, last_only=False):
+        wr = self.W(w)
+        ur = self.W(up) if up else None
+        tile = 1 if last_only else self.tile
+        for i, (row0, rows) in enumerate(wr.parts):
+            k = Matmul(quant=wr.quant, tile=tile, gate=gate, residual=residual)
+            if ur and ur.quant != wr.quant:
+                raise UnsupportedModelError(f"{w} and {up} have different types ({wr.quant}, {ur.quant})")
+            bind = [x, wr.ref(i)] + ([ur.ref(i)] if ur else []) + [y]
+            self.p.add(k, bind, dict(k=wr.k, rows=rows, n_offset=n_offset + row0,
+                                     n_stride=n_stride or wr.rows, last_only=int(last_only)),
+                       [-(-rows // k.rows), 1 if last_only else f"T/{tile}", 1])
+
+    def rmsnorm(self, x: str, weight: str, out: str | None, *, width: int, heads=1, stride=None, offset=0):
+        k = RMSNorm(inplace=out is None)
+        bind = [x, self.W(weight).ref(0)] + ([out] if out else [])
+        self.p.add(k, bind, dict(width=width, heads=heads, stride=stride or width, offset=offset,
+                                 eps=self.cfg.rms_eps), [heads, "T", 1])
+
+    # -- the model --------------------------------------------------------------------------------------------
+    def embed(self):
+        c, wr = self.cfg, self.W("token_embd.weight")
+        for i, (row0, rows) in enumerate(wr.parts):
+            self.p.add(Embed(quant=wr.quant), ["tokens", wr.ref(i), "x"],
+                       dict(k=c.n_embd, rows=rows, row0=row0, scale=c.embed_scale), ["T", 1, 1])
+
+    def attention_block(self, L: int):
+        c = self.cfg
+        q_dim, kv_dim = c.n_head * c.head_dim, c.n_kv_head * c.head_dim
+        qkv_dim = q_dim + 2 * kv_dim
+        blk = f"blk.{L}."
+        self.rmsnorm("x", blk + "attn_norm.weight", "xn", width=c.n_embd)
+        self.matmul("xn", blk + "attn_q.weight", "qkv", n_offset=0, n_stride=qkv_dim)
+        self.matmul("xn", blk + "attn_k.weight", "qkv", n_offset=q_dim, n_stride=qkv_dim)
+        self.matmul("xn", blk + "attn_v.weight", "qkv", n_offset=q_dim + kv_dim, n_stride=qkv_dim)
+        if c.qk_norm:
+            self.rmsnorm("qkv", blk + "attn_q_norm.weight", None, width=c.head_dim, heads=c.n_head, stride=qkv_dim)
+            self.rmsnorm("qkv", blk + "attn_k_norm.weight", None, width=c.head_dim, heads=c.n_kv_head,
+                         stride=qkv_dim, offset=q_dim)
+        swa = bool(c.swa_layers) and c.swa_layers[L]
+        self.p.add(RopeKV(style=c.rope_style),
+                   ["qkv", self.W("rope_inv_freq_local" if swa else "rope_inv_freq").ref(0),
+                    f"k_cache.{L}", f"v_cache.{L}"],
+                   dict(n_head=c.n_head, n_kv=c.n_kv_head, head_dim=c.head_dim, rot_dim=c.rope_dim), ["T", 1, 1])
+        att = Attention(dims_per_thread=-(-c.head_dim // Attention.wg))
+        self.p.add(att, ["qkv", f"k_cache.{L}", f"v_cache.{L}", "attn"],
+                   dict(n_head=c.n_head, n_kv=c.n_kv_head, head_dim=c.head_dim,
+                        window=c.sliding_window if swa else 0, scale=c.softmax_scale), [c.n_head, "T", 1])
+        if c.post_norms:
+            self.matmul("attn", blk + "attn_output.weight", "xn")
+            self.rmsnorm_add("xn", blk + "post_attention_norm.weight", "x")
+        else:
+            self.matmul("attn", blk + "attn_output.weight", "x", residual=True)
+
+    def ffn_block(self, L: int):
+        c = self.cfg
+        blk = f"blk.{L}."
+        self.rmsnorm("x", blk + "ffn_norm.weight", "xn", width=c.n_embd)
+        self.matmul("xn", blk + "ffn_gate.weight", "ff", gate=c.act, up=blk + "ffn_up.weight")
+        if c.post_norms:
+            self.matmul("ff", blk + "ffn_down.weight", "xn")
+            self.rmsnorm_add("xn", blk + "post_ffw_norm.weight", "x")
+        else:
+            self.matmul("ff", blk + "ffn_down.weight", "x", residual=True)
+
+    def rmsnorm_add(self, x: str, weight: str, out: str):
+        raise UnsupportedModelError("post-norm residual blocks (gemma3) are not built yet")
+
+    def head(self):
+        c = self.cfg
+        self.rmsnorm("x", "output_norm.weight", "xn", width=c.n_embd)
+        out = "token_embd.weight" if c.tied_output else "output.weight"
+        self.matmul("xn", out, "logits", last_only=True, n_stride=c.vocab)
+        self.p.add(Argmax(), ["logits", "tokens"], dict(n=c.vocab), [1, 1, 1])
+
+    def build(self) -> Program:
+        self.embed()
+        for L in range(self.cfg.n_layer):
+            self.attention_block(L)
+            self.ffn_block(L)
+        self.head()
+        return self.p
+
+
+def activation_buffers(cfg: ModelConfig) -> dict[str, dict]:
+    """Activation and KV buffers. Shapes use the symbols T (prefill chunk) and ctx (context, chosen at load)."""
+    q_dim, kv_dim = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+    bufs = {
+        "tokens": {"shape": ["T"], "dtype": "u32"},                       # (T,) input ids; argmax writes [0]
+        "x": {"shape": ["T", cfg.n_embd], "dtype": "f32"},                # (T, D) residual stream
+        "xn": {"shape": ["T", cfg.n_embd], "dtype": "f32"},               # (T, D) normed / scratch
+        "qkv": {"shape": ["T", q_dim + 2 * kv_dim], "dtype": "f32"},      # (T, (n_head + 2 n_kv) hd)
+        "attn": {"shape": ["T", q_dim], "dtype": "f32"},                  # (T, n_head hd)
+        "ff": {"shape": ["T", cfg.n_ff], "dtype": "f32"},                 # (T, n_ff)
+        "logits": {"shape": [cfg.vocab], "dtype": "f32"},                 # (vocab,) last token only
+    }
+    for L in range(cfg.n_layer):
+        bufs[f"k_cache.{L}"] = {"shape": ["ctx", cfg.n_kv_head, cfg.head_dim], "dtype": "f32"}
+        bufs[f"v_cache.{L}"] = {"shape": ["ctx", cfg.n_kv_head, cfg.head_dim], "dtype": "f32"}
+    return bufs
+
+
+def build_programs(cfg: ModelConfig, weights) -> dict[str, Program]:
+    """weights: callable name -> WeightRef (records which tensors the schedule uses)."""
+    return {"prefill": Builder(cfg, weights, PREFILL_TILE).build(),
+            "decode": Builder(cfg, weights, 1).build()}

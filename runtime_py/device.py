@@ -1,0 +1,72 @@
+"""The WebGPU device (wgpu-py): adapter choice, limits, and the one error a user sees when there is none.
+
+Mirrors web/device.js: request an adapter, ask only for the limits the artifact needs (never more than granted),
+and say plainly what is missing.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+
+from compiler.errors import KilnError, ModelTooLargeError
+
+NO_ADAPTER_HELP = ("no WebGPU adapter found. On Debian/Ubuntu install a Vulkan driver: "
+                   "`sudo apt-get install -y mesa-vulkan-drivers libvulkan1` (CPU fallback: lavapipe), "
+                   "or run `make setup`")
+
+
+class NoAdapterError(KilnError):
+    pass
+
+
+_device = None
+
+
+def _quiet_env():
+    # lavapipe warns about XDG_RUNTIME_DIR on every start when it is unset (containers, CI)
+    if not os.environ.get("XDG_RUNTIME_DIR"):
+        d = os.path.join(tempfile.gettempdir(), f"kiln-xdg-{os.getuid()}")
+        os.makedirs(d, mode=0o700, exist_ok=True)
+        os.environ["XDG_RUNTIME_DIR"] = d
+
+
+def get_adapter():
+    _quiet_env()
+    try:
+        import wgpu
+        adapter = wgpu.gpu.request_adapter_sync(power_preference="high-performance")
+    except Exception as e:  # wgpu raises RuntimeError when no backend/adapter exists
+        raise NoAdapterError(f"{NO_ADAPTER_HELP} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+    if adapter is None:
+        raise NoAdapterError(NO_ADAPTER_HELP)
+    return adapter
+
+
+def get_device():
+    """One device per process, with the adapter's full storage limits (the artifact is checked against them)."""
+    global _device
+    if _device is None:
+        adapter = get_adapter()
+        lim = adapter.limits
+        wanted = {k: lim[k] for k in ("max-storage-buffer-binding-size", "max-buffer-size",
+                                      "max-storage-buffers-per-shader-stage", "max-compute-workgroup-storage-size",
+                                      "max-compute-invocations-per-workgroup", "max-compute-workgroup-size-x",
+                                      "max-compute-workgroup-size-y") if k in lim}
+        _device = adapter.request_device_sync(required_limits=wanted, label="kiln")
+    return _device
+
+
+def check_fits(device, manifest: dict, buffer_bytes: dict[str, int]):
+    """Raise ModelTooLargeError, naming the limit, before any allocation when the artifact cannot run here."""
+    lim = device.limits
+    need_bind = max([p["bytes"] for w in manifest["weights"].values() for p in w["parts"]] + list(buffer_bytes.values()))
+    max_bind = min(lim["max-storage-buffer-binding-size"], lim["max-buffer-size"])
+    if need_bind > max_bind:
+        big = max(buffer_bytes, key=buffer_bytes.get)
+        raise ModelTooLargeError(
+            f"model needs a {need_bind / 2**20:.1f} MiB storage buffer ({big if buffer_bytes[big] == need_bind else 'a weight part'})"
+            f" but the adapter allows {max_bind / 2**20:.1f} MiB; use a smaller --ctx or recompile")
+    n_store = manifest["limits"]["storage_buffers_per_stage"]
+    if n_store > lim["max-storage-buffers-per-shader-stage"]:
+        raise ModelTooLargeError(f"kernels need {n_store} storage buffers per stage, adapter allows "
+                                 f"{lim['max-storage-buffers-per-shader-stage']}")

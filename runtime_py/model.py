@@ -1,0 +1,183 @@
+"""Load a compiled artifact onto the GPU and replay its programs. Mirrors web/engine.js step for step.
+
+    Model    — what every sequence shares: device, pipelines, weight buffers, the per-step uniform buffer.
+    Session  — one sequence: activation buffers, its KV cache, bind groups; `forward(ids)` runs prefill or decode.
+
+Nothing here knows the architecture: the manifest's programs say which kernel runs on which buffers.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import wgpu
+
+from compiler.errors import ArtifactError, ContextOverflowError
+from compiler.manifest import read_manifest
+from compiler.schedule import dispatch_size
+
+from .device import check_fits, get_device
+
+UNIFORM_ALIGN = 256          # minUniformBufferOffsetAlignment's default (and maximum)
+STATE_BYTES = 16             # struct State { n_tokens, pos0, pad, pad }
+DEFAULT_CTX = 2048
+
+
+def buffer_bytes(manifest: dict, ctx: int) -> dict[str, int]:
+    """Byte size of each activation / KV buffer, with T = prefill chunk and ctx substituted (4-byte elements)."""
+    sym = {"T": manifest["limits"]["prefill_chunk"], "ctx": ctx}
+    out = {}
+    for name, b in manifest["buffers"].items():
+        n = 1
+        for d in b["shape"]:
+            n *= sym[d] if isinstance(d, str) else d
+        out[name] = max(16, 4 * n)
+    return out
+
+
+def pack_params(kernel: dict, values: list) -> bytes:
+    dtypes = {"u32": np.uint32, "f32": np.float32}
+    words = [np.array(v, dtype=dtypes[t]).view(np.uint32) for (_, t), v in zip(kernel["params"], values)]
+    return np.array(words, dtype=np.uint32).tobytes()
+
+
+class Model:
+    def __init__(self, art_dir, *, device=None, progress=None):
+        self.dir = Path(art_dir)
+        self.manifest = m = read_manifest(self.dir)
+        self.config = m["config"]
+        self.device = device or get_device()
+        check_fits(self.device, m, buffer_bytes(m, 16))
+        self.pipelines = {name: self._pipeline(name, k) for name, k in m["kernels"].items()}
+        self.weights = self._upload_weights(progress)
+        self.params_buf, self.param_offsets = self._params()
+
+    # -- load ---------------------------------------------------------------------------------------------------
+    def _pipeline(self, name: str, k: dict):
+        path = self.dir / k["file"]
+        try:
+            code = path.read_text()
+        except FileNotFoundError:
+            raise ArtifactError(f"{path}: shader missing from the artifact") from None
+        entries = [{"binding": 0, "visibility": wgpu.ShaderStage.COMPUTE, "buffer": {"type": "uniform"}},
+                   {"binding": 1, "visibility": wgpu.ShaderStage.COMPUTE, "buffer": {"type": "uniform"}}]
+        for i, (_, access) in enumerate(k["bindings"]):
+            entries.append({"binding": i + 2, "visibility": wgpu.ShaderStage.COMPUTE,
+                            "buffer": {"type": "read-only-storage" if access == "read" else "storage"}})
+        layout = self.device.create_bind_group_layout(entries=entries, label=name)
+        module = self.device.create_shader_module(code=code, label=name)
+        pipeline = self.device.create_compute_pipeline(
+            layout=self.device.create_pipeline_layout(bind_group_layouts=[layout]),
+            compute={"module": module, "entry_point": "main"}, label=name)
+        return pipeline, layout
+
+    def _upload_weights(self, progress) -> dict[str, object]:
+        m = self.manifest
+        by_shard: dict[int, list] = {}
+        for name, w in m["weights"].items():
+            for i, p in enumerate(w["parts"]):
+                by_shard.setdefault(p["shard"], []).append((f"{name}#{i}", p))
+        out, total, done = {}, sum(s["bytes"] for s in m["shards"]), 0
+        for si, shard in enumerate(m["shards"]):
+            data = self._read_shard(shard)
+            for ref, p in by_shard.get(si, []):
+                chunk = data[p["offset"]:p["offset"] + p["bytes"]]
+                buf = self.device.create_buffer(size=max(16, len(chunk)), label=ref,
+                                                usage=wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_DST)
+                self.device.queue.write_buffer(buf, 0, chunk)
+                out[ref] = buf
+            done += shard["bytes"]
+            if progress:
+                progress(done, total)
+            del data
+        return out
+
+    def _read_shard(self, shard: dict) -> bytes:
+        path = self.dir / shard["file"]
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise ArtifactError(f"{path}: shard missing; recompile the model") from None
+        if len(data) != shard["bytes"] or hashlib.sha256(data).hexdigest() != shard["sha256"]:
+            raise ArtifactError(f"{path}: shard is corrupt (size or sha256 does not match the manifest); "
+                                f"recompile the model")
+        return data
+
+    def _params(self):
+        """Every step's uniform values in one buffer, UNIFORM_ALIGN apart; shared by all sessions."""
+        blobs, offsets = [], {}
+        for prog, steps in self.manifest["programs"].items():
+            for i, s in enumerate(steps):
+                offsets[(prog, i)] = len(blobs) * UNIFORM_ALIGN
+                b = pack_params(self.manifest["kernels"][s["kernel"]], s["params"])
+                blobs.append(b + b"\0" * (UNIFORM_ALIGN - len(b)))
+        buf = self.device.create_buffer_with_data(data=b"".join(blobs), usage=wgpu.BufferUsage.UNIFORM)
+        return buf, offsets
+
+    def session(self, ctx: int | None = None) -> "Session":
+        return Session(self, ctx)
+
+
+class Session:
+    """One sequence on the GPU: its KV cache and activations. `pos` = tokens already in the cache."""
+
+    def __init__(self, model: Model, ctx: int | None = None):
+        self.model = model
+        m, dev = model.manifest, model.device
+        self.ctx = min(ctx or DEFAULT_CTX, model.config["context_length"])
+        self.chunk = m["limits"]["prefill_chunk"]
+        sizes = buffer_bytes(m, self.ctx)
+        check_fits(dev, m, sizes)
+        usage = wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_DST | wgpu.BufferUsage.COPY_SRC
+        self.buffers = {n: dev.create_buffer(size=s, usage=usage, label=n) for n, s in sizes.items()}
+        self.state = dev.create_buffer(size=STATE_BYTES, usage=wgpu.BufferUsage.UNIFORM | wgpu.BufferUsage.COPY_DST)
+        self.programs = {p: self._bind(p, steps) for p, steps in m["programs"].items()}
+        self.pos = 0
+
+    def _bind(self, prog: str, steps: list[dict]):
+        model, out = self.model, []
+        for i, s in enumerate(steps):
+            pipeline, layout = model.pipelines[s["kernel"]]
+            entries = [{"binding": 0, "resource": {"buffer": self.state, "offset": 0, "size": STATE_BYTES}},
+                       {"binding": 1, "resource": {"buffer": model.params_buf, "offset": model.param_offsets[(prog, i)],
+                                                   "size": UNIFORM_ALIGN}}]
+            for j, ref in enumerate(s["bind"]):
+                buf = self.buffers.get(ref) or model.weights[ref]
+                entries.append({"binding": j + 2, "resource": {"buffer": buf, "offset": 0, "size": buf.size}})
+            out.append((pipeline, model.device.create_bind_group(layout=layout, entries=entries), s["dispatch"]))
+        return out
+
+    def reset(self, pos: int = 0):
+        """Forget the sequence after `pos` tokens (the cache beyond is simply overwritten later)."""
+        self.pos = pos
+
+    def forward(self, ids: list[int]):
+        """Run the model on `ids` (appended at self.pos); afterwards logits / next_token describe the last one."""
+        if self.pos + len(ids) > self.ctx:
+            raise ContextOverflowError(f"sequence of {self.pos + len(ids)} tokens exceeds the context of {self.ctx}")
+        dev = self.model.device
+        for c0 in range(0, len(ids), self.chunk):
+            chunk = ids[c0:c0 + self.chunk]
+            T = len(chunk)
+            prog = "decode" if T == 1 else "prefill"
+            dev.queue.write_buffer(self.buffers["tokens"], 0, np.asarray(chunk, dtype=np.uint32).tobytes())
+            dev.queue.write_buffer(self.state, 0, np.array([T, self.pos, 0, 0], dtype=np.uint32).tobytes())
+            enc = dev.create_command_encoder()
+            cp = enc.begin_compute_pass()
+            for pipeline, bind_group, dispatch in self.programs[prog]:
+                cp.set_pipeline(pipeline)
+                cp.set_bind_group(0, bind_group)
+                cp.dispatch_workgroups(*(dispatch_size(d, T) for d in dispatch))
+            cp.end()
+            dev.queue.submit([enc.finish()])
+            self.pos += T
+
+    def logits(self) -> np.ndarray:
+        """(vocab,) float32 logits of the last token of the last forward."""
+        buf = self.buffers["logits"]
+        return np.frombuffer(self.model.device.queue.read_buffer(buf), dtype=np.float32).copy()
+
+    def next_token(self) -> int:
+        """Greedy next token, computed on the GPU (reads 4 bytes instead of the logits)."""
+        return int(np.frombuffer(self.model.device.queue.read_buffer(self.buffers["tokens"], 0, 4), np.uint32)[0])
