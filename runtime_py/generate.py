@@ -1,0 +1,121 @@
+"""The decode loop: prefill the prompt, then choose / feed one token at a time until EOS, a stop string or the limit.
+Mirrors web/engine.js `generate`.
+
+    for ev in generate(session, tok, prompt_ids, params, max_tokens=64): ...   # ev: Token, then one Done
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from compiler.errors import ContextOverflowError
+
+from .sampling import Sampler, SamplingParams, top_logprobs
+from .tokenizer import StreamDecoder
+
+
+@dataclass
+class Token:
+    id: int
+    text: str                                  # new text this token completes (may be "" mid UTF-8 / stop prefix)
+    top_logprobs: list[tuple[int, float]] | None = None
+
+
+@dataclass
+class Done:
+    ids: list[int]
+    text: str
+    finish_reason: str                         # "stop" (EOS or stop string) | "length"
+    timings: dict = field(default_factory=dict)
+
+
+class StopStrings:
+    """Finds stop strings in streamed text; holds back a tail that could still become one."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.text = ""       # all text so far
+        self.emitted = 0     # chars released to the caller
+
+    def feed(self, delta: str) -> tuple[str, bool]:
+        self.text += delta
+        for s in self.stops:
+            i = self.text.find(s, max(0, self.emitted - len(s)))
+            if i >= 0:
+                out = self.text[self.emitted:i]
+                self.text, self.emitted = self.text[:i], i
+                return out, True
+        hold = 0
+        for s in self.stops:  # longest suffix of text that is a proper prefix of a stop string
+            for n in range(min(len(s) - 1, len(self.text)), 0, -1):
+                if self.text.endswith(s[:n]):
+                    hold = max(hold, n)
+                    break
+        end = max(self.emitted, len(self.text) - hold)
+        out, self.emitted = self.text[self.emitted:end], end
+        return out, False
+
+    def flush(self) -> str:
+        out, self.emitted = self.text[self.emitted:], len(self.text)
+        return out
+
+
+def generate(session, tokenizer, prompt_ids: list[int], params: SamplingParams, *, max_tokens: int = 256,
+             logprobs: int = 0, eog_ids=(), should_stop=lambda: False):
+    """Yields Token events then one Done. The session is reset to position 0 first (no prefix reuse yet)."""
+    if not prompt_ids:
+        raise ContextOverflowError("empty prompt: nothing to condition on")
+    if len(prompt_ids) >= session.ctx:
+        raise ContextOverflowError(f"prompt is {len(prompt_ids)} tokens but the context holds {session.ctx} "
+                                   f"(use a shorter prompt or a larger --ctx)")
+    max_tokens = min(max_tokens, session.ctx - len(prompt_ids))
+    sampler = Sampler(params)
+    fast_greedy = params.greedy and not logprobs and params.repeat_penalty == 1 \
+        and not params.presence_penalty and not params.frequency_penalty
+    decoder, stops = StreamDecoder(tokenizer), StopStrings(params.stop)
+    history, out_ids, text = list(prompt_ids), [], []
+    eog = set(eog_ids)
+
+    t0 = time.perf_counter()
+    session.reset()
+    session.forward(prompt_ids)
+    t_first = None
+    finish, cut = "length", False
+    while len(out_ids) < max_tokens:
+        if fast_greedy:
+            tok, lp = session.next_token(), None
+        else:
+            logits = session.logits()
+            tok = sampler(logits, history)
+            lp = top_logprobs(logits, logprobs) if logprobs else None
+        if t_first is None:
+            t_first = time.perf_counter()
+        if tok in eog:
+            finish = "stop"
+            break
+        out_ids.append(tok)
+        history.append(tok)
+        delta, cut = stops.feed(decoder.push(tok))
+        text.append(delta)
+        yield Token(tok, delta, lp)
+        if cut or should_stop():
+            finish = "stop"
+            break
+        if len(out_ids) < max_tokens:
+            session.forward([tok])
+    if not cut:   # release what was held back: an unfinished UTF-8 sequence, a possible stop-string prefix
+        tail, cut = stops.feed(decoder.flush())
+        tail += "" if cut else stops.flush()
+        if tail:
+            text.append(tail)
+            yield Token(-1, tail, None)   # id -1: text released at the end, no new token
+    t_end = time.perf_counter()
+    n = len(out_ids)
+    timings = {
+        "prompt_tokens": len(prompt_ids), "generated_tokens": n,
+        "ttft_s": round((t_first or t_end) - t0, 4),
+        "prefill_tok_s": round(len(prompt_ids) / max((t_first or t_end) - t0, 1e-9), 2),
+        "decode_tok_s": round((n - 1) / (t_end - t_first), 2) if n > 1 and t_first else None,
+        "total_s": round(t_end - t0, 4),
+    }
+    yield Done(out_ids, "".join(text), finish, timings)

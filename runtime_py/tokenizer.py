@@ -1,0 +1,125 @@
+"""Text <-> token ids for the native runtime: a `tokenizers.Tokenizer` over the artifact's tokenizer.json (written by
+compiler/tokenizer.py) plus the manifest's tokenizer info, with llama.cpp's encode semantics.
+
+    tok = Tokenizer("artifact/tokenizer.json", manifest["tokenizer"])
+    ids = tok.encode(prompt)                 # BOS per info["add_bos"], control tokens in the text parsed
+    text = tok.decode(ids)
+    stream = tok.stream_decoder()
+    for id in generated: print(stream.push(id), end="")
+    print(stream.flush())
+
+info keys used: bos_id, add_bos, eog_ids (see compiler/tokenizer.py: tokenizer_info).
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+
+import tokenizers
+
+REPLACEMENT_CHAR = "\ufffd"
+
+
+class Tokenizer:
+    def __init__(self, tokenizer_json: str | os.PathLike | dict, info: dict):
+        """tokenizer_json: path to tokenizer.json, or the dict itself (as built by compiler.tokenizer)."""
+        if isinstance(tokenizer_json, dict):
+            self._json = json.dumps(tokenizer_json, ensure_ascii=False)
+        else:
+            with open(tokenizer_json, encoding="utf-8") as f:
+                self._json = f.read()
+        self._tok = tokenizers.Tokenizer.from_str(self._json)
+        self._tok_no_special = None      # built on first parse_special=False call; see _plain()
+        self._lock = threading.Lock()
+        self.info = dict(info)
+        self.bos_id: int | None = info.get("bos_id")
+        self.eos_id: int | None = info.get("eos_id")
+        self.add_bos: bool = bool(info.get("add_bos", False))
+        self.eog_ids: frozenset[int] = frozenset(info.get("eog_ids") or ([self.eos_id] if self.eos_id is not None else []))
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def _plain(self) -> tokenizers.Tokenizer:
+        # `encode_special_tokens` is a per-instance switch; flipping it on the shared instance would race with
+        # concurrent encodes (the server is threaded), so parse_special=False uses its own instance.
+        with self._lock:
+            if self._tok_no_special is None:
+                tok = tokenizers.Tokenizer.from_str(self._json)
+                tok.encode_special_tokens = True
+                self._tok_no_special = tok
+        return self._tok_no_special
+
+    def encode(self, text: str, add_special_bos: bool | None = None, parse_special: bool = True) -> list[int]:
+        """llama.cpp's `tokenize(text, add_special, parse_special)`.
+
+        add_special_bos: prepend BOS; None = the model's add_bos. A BOS is not added when the text already starts with
+        one (a chat template that writes `{{ bos_token }}`), where llama.cpp would warn and send two.
+        parse_special: control tokens written in the text (e.g. "<|im_start|>") become their ids; when False they are
+        tokenized as plain text. User-defined tokens are always matched, as in llama.cpp.
+        """
+        tok = self._tok if parse_special else self._plain()
+        ids = tok.encode(text, add_special_tokens=False).ids
+        if add_special_bos is None:
+            add_special_bos = self.add_bos
+        if add_special_bos and self.bos_id is not None and not (ids and ids[0] == self.bos_id):
+            ids = [self.bos_id] + ids
+        return ids
+
+    def decode(self, ids, skip_special: bool = False) -> str:
+        """Text of `ids`; bytes that are not valid UTF-8 become U+FFFD. skip_special drops control tokens."""
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special)
+
+    def is_eog(self, token_id: int) -> bool:
+        return token_id in self.eog_ids
+
+    def token_text(self, token_id: int) -> str | None:
+        """The vocabulary entry (as stored, e.g. 'Ġworld' or '▁world'), for debugging."""
+        return self._tok.id_to_token(token_id)
+
+    def stream_decoder(self, skip_special: bool = False) -> "StreamDecoder":
+        return StreamDecoder(self, skip_special=skip_special)
+
+
+class StreamDecoder:
+    """Incremental detokenizer: push ids one at a time, get text deltas that are always complete characters.
+
+    A token may end inside a UTF-8 sequence (byte-fallback `<0xF0>` tokens, or a byte-level BPE token holding half
+    an emoji); decoding it alone gives U+FFFD. So the tail is held back while the decoded window ends in U+FFFD and
+    released once the character completes. Concatenated deltas + flush() equal `decode(all ids)` for any stream of
+    valid UTF-8, and U+FFFD is emitted only for bytes that stay invalid (at the latest, by flush()).
+
+    Keeps only a short window of ids: the ids of the last emitted delta (`_ids[:_read]`, context for the decoder) and
+    the not-yet-emitted ones (`_ids[_read:]`).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special: bool = False):
+        self._tok = tokenizer
+        self._skip = skip_special
+        self._ids: list[int] = []
+        self._read = 0          # ids[:_read] are already emitted (kept as decoding context)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special=self._skip)
+
+    def push(self, token_id: int) -> str:
+        """Add one id; return the new text ("" while a character is still incomplete)."""
+        self._ids.append(int(token_id))
+        prefix = self._decode(self._ids[:self._read])
+        full = self._decode(self._ids)
+        if len(full) > len(prefix) and not full.endswith(REPLACEMENT_CHAR):
+            delta = full[len(prefix):]
+            # the emitted ids become the context for the next delta; older ones are no longer needed
+            self._ids = self._ids[self._read:]
+            self._read = len(self._ids)
+            return delta
+        return ""
+
+    def flush(self) -> str:
+        """Text still held back (incomplete bytes at the end of generation become U+FFFD). Resets the decoder."""
+        prefix = self._decode(self._ids[:self._read])
+        full = self._decode(self._ids)
+        self._ids, self._read = [], 0
+        return full[len(prefix):] if len(full) > len(prefix) else ""
