@@ -70,4 +70,32 @@ def ensure_artifact(model: str | None, *, progress=None, log=print) -> Path:
         log(f"compiling {gguf_path.name} -> {out}")
         out.parent.mkdir(parents=True, exist_ok=True)
         compile_model(gguf_path, out, progress=progress)
+        add_selftest(out)
     return out
+
+
+SELFTEST_TEXT = "The capital of France is"
+SELFTEST_TOLERANCE = 0.02   # |logit difference| allowed between this machine and the user's GPU/browser
+
+
+def add_selftest(art: Path):
+    """Record in the manifest the top-5 logits this machine computes for a short fixed prompt. The browser runtime
+    recomputes them after loading and refuses a GPU/browser pair that disagrees (garbage output caught up front)."""
+    import json
+
+    import numpy as np
+
+    from .model import Model
+    from .tokenizer import Tokenizer
+    model = Model(art)
+    m = model.manifest
+    ids = Tokenizer(art / m["tokenizer"]["file"], m["tokenizer"]).encode(SELFTEST_TEXT)
+    s = model.session(ctx=64)
+    s.forward(ids)
+    logits = s.logits()
+    top = np.argsort(-logits, kind="stable")[:5]
+    path = art / MANIFEST_FILE
+    data = json.loads(path.read_text())
+    data["selftest"] = {"text": SELFTEST_TEXT, "prompt_ids": ids, "top5": [[int(i), float(logits[i])] for i in top],
+                        "tolerance": SELFTEST_TOLERANCE, "device": model.device.adapter.info.get("device", "")}
+    path.write_text(json.dumps(data, indent=1))

@@ -36,9 +36,11 @@ def _bar(desc: str, unit_scale=True):
 
 def cmd_compile(a):
     from compiler.pipeline import compile_model
-    from .artifacts import resolve_gguf
+    from .artifacts import add_selftest, resolve_gguf
     out = compile_model(resolve_gguf(a.model), Path(a.output), prefill_chunk=a.prefill_chunk,
                         progress=_bar("packing", unit_scale=False))
+    if not a.no_selftest:
+        add_selftest(out)   # runs the model once here: the browser compares its own logits to these
     m = json.loads((out / "manifest.json").read_text())
     size = sum(s["bytes"] for s in m["shards"])
     print(f"wrote {out}: {len(m['kernels'])} shaders, {len(m['shards'])} shards, {size / 2**20:.1f} MiB of weights")
@@ -146,6 +148,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("model", help="path to a .gguf file or a known model name (smollm2, gemma3)")
     c.add_argument("-o", "--output", required=True, help="output directory")
     c.add_argument("--prefill-chunk", type=int, default=128, help="tokens per prefill pass (multiple of 8)")
+    c.add_argument("--no-selftest", action="store_true", help="skip recording reference logits (no GPU needed)")
     c.set_defaults(fn=cmd_compile)
 
     r = sub.add_parser("run", help="generate text")
@@ -159,7 +162,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--top-k", type=int, default=40)
     r.add_argument("--top-p", type=float, default=0.95)
     r.add_argument("--min-p", type=float, default=0.05)
-    r.add_argument("--repeat-penalty", type=float, default=1.1)
+    r.add_argument("--repeat-penalty", type=float, default=1.0, help="1 = off (llama.cpp default)")
     r.add_argument("--seed", type=int, default=None)
     r.add_argument("--stop", action="append", help="stop string (repeatable)")
     r.add_argument("--ctx", type=int, default=None, help="context length (default 2048, at most the model's)")

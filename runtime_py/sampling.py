@@ -19,7 +19,7 @@ class SamplingParams:
     top_k: int = 40             # <= 0: off
     top_p: float = 0.95         # 1: off
     min_p: float = 0.05         # 0: off
-    repeat_penalty: float = 1.1  # 1: off; llama.cpp-style divide/multiply over the last `repeat_last_n` tokens
+    repeat_penalty: float = 1.0  # 1: off; llama.cpp-style divide/multiply over the last `repeat_last_n` tokens
     repeat_last_n: int = 64
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0

@@ -1,0 +1,52 @@
+"""`kiln serve`: the FastAPI app behind the web demo and the OpenAI-compatible API.
+
+Endpoints
+    GET  /                         the demo page (web/index.html)
+    GET  /web/...                  the browser runtime (ES modules, import-mapped npm packages under /web/node_modules)
+    GET  /models.json              compiled models the demo can load: [{id, name, arch, url, bytes}]
+    GET  /models/{id}/...          artifact files (manifest.json, tokenizer.json, shaders/*.wgsl, shard-*.bin)
+    /v1/...  /health               OpenAI-compatible API on the native runtime (runtime_py/api.py)
+
+Binds 127.0.0.1 unless told otherwise. Static files are served only from their roots (no path traversal).
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from fastapi import FastAPI
+
+from .artifacts import DEFAULT_MODEL, ensure_artifact
+
+WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+
+
+def create_app(models: list[str] | None = None, *, api_key: str | None = None, ctx: int | None = None,
+               native: bool = True, log=print) -> FastAPI:
+    """models: model names / GGUF paths / artifact dirs; each is compiled on first start if needed."""
+    artifacts: dict[str, Path] = {}
+    for spec in models or [DEFAULT_MODEL]:
+        art = ensure_artifact(spec, log=log)
+        artifacts[_model_id(spec, art)] = art
+    app = FastAPI(title="kiln", docs_url=None, redoc_url=None)
+    app.state.artifacts = artifacts
+    from .static import mount_static
+    mount_static(app, WEB_DIR, artifacts)
+    if native:
+        from .api import make_router
+        app.include_router(make_router(artifacts, api_key=api_key, ctx=ctx))
+    return app
+
+
+def _model_id(spec: str, art: Path) -> str:
+    """Stable short id: the known name if one was given, else the artifact directory's name."""
+    from .artifacts import KNOWN_MODELS
+    return spec if spec in KNOWN_MODELS else art.name
+
+
+def serve(args):
+    import uvicorn
+    app = create_app(args.model, api_key=args.api_key, ctx=args.ctx,
+                     log=lambda *x: print(*x, file=sys.stderr))
+    print(f"kiln: serving on http://{args.host}:{args.port}/", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
