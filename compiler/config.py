@@ -83,5 +83,69 @@ def llama_config(m: GGUFModel, common: dict) -> ModelConfig:
     return ModelConfig(**common, rope_style="norm")
 
 
+# Gemma 3 constants the GGUF does not store; both llama.cpp (llama-model.cpp, LLM_ARCH_GEMMA3) and transformers
+# (Gemma3TextConfig defaults) assume them, so a file without the optional keys below gets these.
+GEMMA3_SWA_PERIOD = 6            # every 6th layer (5, 11, 17, ...) is global: llama.cpp's set_swa_pattern(6),
+                                 # transformers' sliding_window_pattern = 6
+GEMMA3_ROPE_BASE_LOCAL = 10000.0  # rope base of the sliding-window layers (rope_local_base_freq)
+
+
+def swa_layer_pattern(m: GGUFModel, arch: str, n_layer: int, default_period: int) -> tuple[bool, ...]:
+    """Per layer: True = sliding-window attention. `{arch}.attention.sliding_window_pattern` when the file has it
+    (a bool per layer, or a period n: layer i is global iff i % n == n - 1), else `default_period` the same way.
+    This is llama.cpp's rule: is_swa(il) = il % n < n - 1 (and n = 0 means every layer slides)."""
+    pat = m.get(f"{arch}.attention.sliding_window_pattern")
+    if isinstance(pat, (list, tuple)):
+        if len(pat) != n_layer:
+            raise UnsupportedModelError(f"{arch}.attention.sliding_window_pattern has {len(pat)} entries for "
+                                        f"{n_layer} layers")
+        return tuple(bool(v) for v in pat)
+    n = int(pat) if pat is not None else default_period
+    return tuple(n == 0 or i % n < n - 1 for i in range(n_layer))
+
+
+def gemma3_config(m: GGUFModel, common: dict) -> ModelConfig:
+    """Gemma 3 (text). Differences from llama, each read from the file where it stores them:
+    - attention: head_dim = attention.key_length (256, not n_embd / n_head); per-head RMSNorm of q and k before rope
+      (attn_q_norm / attn_k_norm); softmax scale 1/sqrt(head_dim) (transformers: query_pre_attn_scalar ** -0.5 with
+      query_pre_attn_scalar = head_dim by default; llama.cpp uses n_embd / n_head for the 27B only, whose
+      query_pre_attn_scalar differs: mirrored below, overridable by attention.scale);
+    - sliding-window attention (attention.sliding_window) on all layers but every 6th, whose rope base is
+      rope.freq_base (1e6); the sliding layers use rope.freq_base_swa if present, else 10000 (not in the file);
+    - rope "neox" (pairs i, i + d/2): convert_hf_to_gguf.py does not permute gemma's Q/K, transformers rotates halves
+      (rotate_half) and llama.cpp runs LLAMA_ROPE_TYPE_NEOX for gemma3;
+    - norms after attention and after the FFN (post_attention_norm, post_ffw_norm) added to the residual; the GGUF
+      norm weights already hold gemma's (1 + w), so every norm is a plain x * rsqrt(mean x^2 + eps) * w;
+    - embeddings scaled by sqrt(n_embd) (the tied LM head is not); FFN act gelu (tanh approximation) gated.
+    Rope scaling (the 4B+ models' linear factor 8 on the global layers) and logit soft-capping are not implemented and
+    are refused when the file asks for them (gemma3 itself sets no soft-capping)."""
+    arch, n_layer = common["arch"], common["n_layer"]
+    a = lambda k, d=None: m.get(f"{arch}.{k}", d)  # noqa: E731
+    window = int(a("attention.sliding_window", 0) or 0)
+    swa = swa_layer_pattern(m, arch, n_layer, GEMMA3_SWA_PERIOD) if window else ()
+    factor = float(a("rope.scaling.factor", 1.0) or 1.0)
+    if str(a("rope.scaling.type", "none")) not in ("none", "") and factor != 1.0:
+        raise UnsupportedModelError(f"{arch}: rope scaling ({a('rope.scaling.type')}, factor {factor}) is not "
+                                    f"supported yet")
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if float(a(key, 0.0) or 0.0):
+            raise UnsupportedModelError(f"{arch}: {key} = {a(key)} is not supported yet")
+    scale = a("attention.scale")
+    if scale is None and n_layer == 62:   # the 27B, as llama.cpp: query_pre_attn_scalar = n_embd / n_head
+        scale = 1.0 / math.sqrt(common["n_embd"] / common["n_head"])
+    return ModelConfig(
+        **common,
+        rope_style="neox",
+        rope_base_local=float(a("rope.freq_base_swa", GEMMA3_ROPE_BASE_LOCAL)) if window else 0.0,
+        sliding_window=window,
+        swa_layers=swa,
+        embed_scale=math.sqrt(common["n_embd"]),
+        attn_scale=float(scale) if scale else 0.0,   # 0 -> 1/sqrt(head_dim)
+        qk_norm="blk.0.attn_q_norm.weight" in m.tensors,
+        post_norms="blk.0.post_attention_norm.weight" in m.tensors,
+        act="gelu_tanh",
+    )
+
+
 # architecture -> config reader; the schedule builder for each lives in compiler/schedule.py
-ARCH_CONFIG = {"llama": llama_config}
+ARCH_CONFIG = {"llama": llama_config, "gemma3": gemma3_config}

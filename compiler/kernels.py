@@ -73,9 +73,11 @@ class RMSNorm(Kernel):
                                            ("eps", "f32"))
     inplace: bool = False
     wg: int = 64
+    residual: bool = False   # out += norm(x) * weight (gemma's post-norms feeding the residual stream)
 
     def bindings(self):
         if self.inplace:
+            assert not self.residual, "an in-place norm has no separate output to add to"
             return [("x", "read_write"), ("weight", "read")]
         return [("x", "read"), ("weight", "read"), ("out", "read_write")]
 

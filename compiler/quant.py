@@ -54,7 +54,8 @@ class QuantScheme:
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
-        QuantScheme.registry[cls.name] = cls
+        if "ggml_type" in cls.__dict__:   # concrete schemes only (not shared bases like _KQuant)
+            QuantScheme.registry[cls.name] = cls
 
     @classmethod
     def blocks(cls, raw: np.ndarray, rows: int, k: int) -> np.ndarray:
@@ -178,6 +179,177 @@ class Q5_0(QuantScheme):
         hi = ((qh[:, None] >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8) << 4
         q = np.concatenate([qs & 15, qs >> 4], axis=1) | hi
         return ((q.astype(np.float32) - 16) * _scales_from(packed, nb * 5, nb)[:, None]).reshape(rows, k)
+
+# ---- k-quants: 256-element super-blocks ----------------------------------------------------------------------------
+# A super-block holds 8 groups of 32 (kernels still consume 32 at a time): group j of super-block sb is global group
+# 8 * sb + j, so for a row-major (rows, K) tensor group g of row r lives in super-block (r * K/32 + g) // 8.
+# Each scheme below lists its GGUF block, then the packed regions in order; `nsb` = rows * K / 256 super-blocks.
+# In the dequantize_packed readings, arrays are shaped (nsb, 8 groups, 32) so the group structure is visible; the
+# float operations happen in the same order as gguf.quants (so the comparison is bit-exact) and as the shaders.
+QK_K = 256
+
+
+class _KQuant(QuantScheme):
+    block_size = QK_K
+
+    @classmethod
+    def blocks(cls, raw, rows, k):
+        if k % QK_K:
+            raise UnsupportedModelError(f"{cls.ggml_type.name} row length {k} is not a multiple of {QK_K}")
+        return super().blocks(raw, rows, k)
+
+
+def _bytes(packed: np.ndarray, start: int, nsb: int, n: int) -> np.ndarray:
+    """Region of n bytes per super-block starting at word `start` -> (nsb, n) uint8."""
+    return packed[start: start + nsb * n // 4].view(np.uint8).reshape(nsb, n)
+
+
+def _k4_scale_min(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K 12 scale bytes (nsb, 12) -> 6-bit (scale, min) of the 8 groups, each (nsb, 8) float32.
+    ggml's get_scale_min_k4: group j < 4: sc = s[j] & 63, m = s[j+4] & 63;
+    j >= 4: sc = (s[j+4] & 15) | (s[j-4] >> 6) << 4,  m = (s[j+4] >> 4) | (s[j] >> 6) << 4."""
+    lo, mid, hi = s[:, 0:4], s[:, 4:8], s[:, 8:12]
+    sc = np.concatenate([lo & 63, (hi & 15) | ((lo >> 6) << 4)], axis=1)
+    m = np.concatenate([mid & 63, (hi >> 4) | ((mid >> 6) << 4)], axis=1)
+    return sc.astype(np.float32), m.astype(np.float32)
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """(nsb, 128) bytes as 4 runs of 32 -> (nsb, 8, 32): group 2c = low nibbles of run c, group 2c+1 = high nibbles."""
+    qs = qs.reshape(-1, 4, 1, 32)
+    return np.concatenate([qs & 15, qs >> 4], axis=2).reshape(-1, 8, 32)
+
+
+def _crumbs(qs: np.ndarray) -> np.ndarray:
+    """(nsb, 64) bytes as 2 runs of 32 -> (nsb, 8, 32) 2-bit values: group 4h + s = bits 2s..2s+1 of run h."""
+    sh = (2 * np.arange(4, dtype=np.uint8)).reshape(1, 1, 4, 1)
+    return ((qs.reshape(-1, 2, 1, 32) >> sh) & 3).reshape(-1, 8, 32)
+
+
+def _bit_planes(qh: np.ndarray) -> np.ndarray:
+    """(nsb, 32) bytes -> (nsb, 8, 32): group j = bit j of byte l for element l."""
+    return (qh[:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1
+
+
+class Q4_K(_KQuant):
+    # block (144 B): d f16 | dmin f16 | scales u8[12] (8 x 6-bit scale, 8 x 6-bit min) | qs u8[128]
+    #   group j: run c = j // 2 of qs (32 bytes), low nibbles for even j, high for odd;
+    #   value = (d * sc[j]) * q - (dmin * m[j])
+    # packed: qs (nsb, 32) u32 | scales (nsb, 3) u32 | (d, dmin) (nsb) u32   -- 36 words, exactly the block
+    name, ggml_type, block_bytes = "q4_k", T.Q4_K, 144
+
+    @classmethod
+    def pack(cls, raw, rows, k):
+        b = cls.blocks(raw, rows, k)
+        return np.concatenate([_u32(b[:, 16:]), _u32(b[:, 4:16]), _u32(b[:, :4])])
+
+    @classmethod
+    def dequantize_packed(cls, packed, rows, k):
+        nsb = rows * k // QK_K
+        q = _nibbles(_bytes(packed, 0, nsb, 128)).astype(np.float32)
+        sc, m = _k4_scale_min(_bytes(packed, nsb * 32, nsb, 12))
+        dm = packed[nsb * 35: nsb * 36].view(np.float16).astype(np.float32).reshape(nsb, 2)
+        d, mn = (dm[:, :1] * sc)[:, :, None], (dm[:, 1:] * m)[:, :, None]
+        return (d * q - mn).reshape(rows, k)
+
+
+class Q5_K(_KQuant):
+    # block (176 B): d f16 | dmin f16 | scales u8[12] (as Q4_K) | qh u8[32] | qs u8[128] (as Q4_K)
+    #   bit j of qh[l] is bit 4 of element l of group j; value = (d * sc[j]) * q - (dmin * m[j])
+    # packed: qs (nsb, 32) u32 | qh (nsb, 8) u32 | scales (nsb, 3) u32 | (d, dmin) (nsb) u32   -- 44 words
+    name, ggml_type, block_bytes = "q5_k", T.Q5_K, 176
+
+    @classmethod
+    def pack(cls, raw, rows, k):
+        b = cls.blocks(raw, rows, k)
+        return np.concatenate([_u32(b[:, 48:]), _u32(b[:, 16:48]), _u32(b[:, 4:16]), _u32(b[:, :4])])
+
+    @classmethod
+    def dequantize_packed(cls, packed, rows, k):
+        nsb = rows * k // QK_K
+        q = _nibbles(_bytes(packed, 0, nsb, 128)) | (_bit_planes(_bytes(packed, nsb * 32, nsb, 32)) << 4)
+        sc, m = _k4_scale_min(_bytes(packed, nsb * 40, nsb, 12))
+        dm = packed[nsb * 43: nsb * 44].view(np.float16).astype(np.float32).reshape(nsb, 2)
+        d, mn = (dm[:, :1] * sc)[:, :, None], (dm[:, 1:] * m)[:, :, None]
+        return (d * q.astype(np.float32) - mn).reshape(rows, k)
+
+
+class Q6_K(_KQuant):
+    # block (210 B): ql u8[128] | qh u8[64] | scales i8[16] (one per 16 elements) | d f16
+    #   group j = 4h + r (half h, quarter r): low 4 bits from ql[64h + 32(r % 2) + l], nibble r // 2;
+    #   high 2 bits = bits 2r..2r+1 of qh[32h + l]; elements l < 16 use scales[2j], l >= 16 scales[2j + 1];
+    #   value = (d * scale) * (q - 32)
+    # packed: ql (nsb, 32) u32 | qh (nsb, 16) u32 | scales (nsb, 4) u32 | d (nsb) f16 pairs
+    name, ggml_type, block_bytes = "q6_k", T.Q6_K, 210
+
+    @classmethod
+    def pack(cls, raw, rows, k):
+        b = cls.blocks(raw, rows, k)
+        return np.concatenate([_u32(b[:, :128]), _u32(b[:, 128:192]), _u32(b[:, 192:208]),
+                               _f16_pairs(b[:, 208:].copy().view(np.uint16))])
+
+    @classmethod
+    def dequantize_packed(cls, packed, rows, k):
+        nsb = rows * k // QK_K
+        ql = _bytes(packed, 0, nsb, 128).reshape(nsb, 2, 1, 2, 32)          # (half, nibble, run, l)
+        lo = np.concatenate([ql & 15, ql >> 4], axis=2).reshape(nsb, 2, 4, 32)   # r = 2 * nibble + run
+        qh = _bytes(packed, nsb * 32, nsb, 64).reshape(nsb, 2, 1, 32)
+        hi = (qh >> (2 * np.arange(4, dtype=np.uint8)).reshape(1, 1, 4, 1)) & 3
+        q = ((lo | (hi << 4)).astype(np.int8) - np.int8(32)).reshape(nsb, 16, 16).astype(np.float32)
+        sc = _bytes(packed, nsb * 48, nsb, 16).view(np.int8).astype(np.float32)
+        d = _scales_from(packed, nsb * 52, nsb)
+        return ((d[:, None] * sc)[:, :, None] * q).reshape(rows, k)
+
+
+class Q2_K(_KQuant):
+    # block (84 B): scales u8[16] (low nibble scale, high nibble min, one per 16 elements) | qs u8[64] | d f16 | dmin f16
+    #   group j = 4h + s: bits 2s..2s+1 of qs[32h + l]; elements l < 16 use scales[2j], l >= 16 scales[2j + 1];
+    #   value = (d * sc) * q - (dmin * m)
+    # packed: qs (nsb, 16) u32 | scales (nsb, 4) u32 | (d, dmin) (nsb) u32   -- 21 words, exactly the block
+    name, ggml_type, block_bytes = "q2_k", T.Q2_K, 84
+
+    @classmethod
+    def pack(cls, raw, rows, k):
+        b = cls.blocks(raw, rows, k)
+        return np.concatenate([_u32(b[:, 16:80]), _u32(b[:, :16]), _u32(b[:, 80:])])
+
+    @classmethod
+    def dequantize_packed(cls, packed, rows, k):
+        nsb = rows * k // QK_K
+        q = _crumbs(_bytes(packed, 0, nsb, 64)).reshape(nsb, 16, 16).astype(np.float32)
+        s = _bytes(packed, nsb * 16, nsb, 16)
+        dm = packed[nsb * 20: nsb * 21].view(np.float16).astype(np.float32).reshape(nsb, 2)
+        d = (dm[:, :1] * (s & 15).astype(np.float32))[:, :, None]
+        mn = (dm[:, 1:] * (s >> 4).astype(np.float32))[:, :, None]
+        return (d * q - mn).reshape(rows, k)
+
+
+class Q3_K(_KQuant):
+    # block (110 B): hmask u8[32] | qs u8[64] | scales u8[12] (16 x 6-bit) | d f16
+    #   group j = 4h + s: low 2 bits = bits 2s..2s+1 of qs[32h + l]; bit j of hmask[l] SET means +0, CLEAR means -4;
+    #   scale i (i = 2j + l // 16) = ((b[i % 8] >> 4 (i // 8)) & 15) | ((b[8 + i % 4] >> 2 (i // 4)) & 3) << 4, minus 32;
+    #   value = (d * scale) * q
+    # packed: qs (nsb, 16) u32 | hmask (nsb, 8) u32 | scales (nsb, 3) u32 | d (nsb) f16 pairs
+    name, ggml_type, block_bytes = "q3_k", T.Q3_K, 110
+
+    @classmethod
+    def pack(cls, raw, rows, k):
+        b = cls.blocks(raw, rows, k)
+        return np.concatenate([_u32(b[:, 32:96]), _u32(b[:, :32]), _u32(b[:, 96:108]),
+                               _f16_pairs(b[:, 108:].copy().view(np.uint16))])
+
+    @classmethod
+    def dequantize_packed(cls, packed, rows, k):
+        nsb = rows * k // QK_K
+        hm = _bit_planes(_bytes(packed, nsb * 16, nsb, 32))
+        q = (_crumbs(_bytes(packed, 0, nsb, 64)).astype(np.int8) - ((hm ^ 1) << 2).astype(np.int8))
+        b = _bytes(packed, nsb * 24, nsb, 12)
+        i = np.arange(16)
+        lo = (b[:, i % 8] >> (4 * (i // 8)).astype(np.uint8)) & 15
+        hi = (b[:, 8 + i % 4] >> (2 * (i // 4)).astype(np.uint8)) & 3
+        sc = ((lo | (hi << 4)).astype(np.int8) - np.int8(32)).astype(np.float32)
+        d = _scales_from(packed, nsb * 27, nsb)
+        return ((d[:, None] * sc)[:, :, None] * q.reshape(nsb, 16, 16).astype(np.float32)).reshape(rows, k)
 
 
 def scheme_for(ggml_type: T) -> type[QuantScheme]:

@@ -18,6 +18,9 @@ from .kernels import Argmax, Attention, Embed, Kernel, Matmul, RMSNorm, RopeKV
 
 PREFILL_TILE = 8     # tokens per matmul workgroup in prefill
 MAX_WORKGROUPS = 65535
+# workgroup shape (output rows x lanes splitting K) for mat-vec and mat-mat; measured on lavapipe, where
+# 16x4 beat 8x8 / 32x2 / 64x1 for decode by 1.5-3x (see ARCHITECTURE.md, "tuning")
+MATMUL_SHAPE = {False: dict(rows=16, lanes=4), True: dict(rows=8, lanes=8)}
 
 
 def dispatch_size(dim, n_tokens: int) -> int:
@@ -73,7 +76,7 @@ class Builder:
         ur = self.W(up) if up else None
         tile = 1 if last_only else self.tile
         for i, (row0, rows) in enumerate(wr.parts):
-            k = Matmul(quant=wr.quant, tile=tile, gate=gate, residual=residual)
+            k = Matmul(quant=wr.quant, tile=tile, gate=gate, residual=residual, **MATMUL_SHAPE[tile > 1])
             if ur and ur.quant != wr.quant:
                 raise UnsupportedModelError(f"{w} and {up} have different types ({wr.quant}, {ur.quant})")
             bind = [x, wr.ref(i)] + ([ur.ref(i)] if ur else []) + [y]
@@ -134,7 +137,10 @@ class Builder:
             self.matmul("ff", blk + "ffn_down.weight", "x", residual=True)
 
     def rmsnorm_add(self, x: str, weight: str, out: str):
-        raise UnsupportedModelError("post-norm residual blocks (gemma3) are not built yet")
+        """out += rmsnorm(x) * weight: gemma's post-attention / post-FFN norm, added to the residual stream."""
+        c = self.cfg
+        self.p.add(RMSNorm(residual=True), [x, self.W(weight).ref(0), out],
+                   dict(width=c.n_embd, heads=1, stride=c.n_embd, offset=0, eps=c.rms_eps), [1, "T", 1])
 
     def head(self):
         c = self.cfg

@@ -65,7 +65,7 @@ _QWEN2 = _PreType((_QWEN2_RE,))
 # fixture in this repository.
 BPE_PRE_TYPES: dict[str, _PreType] = {
     **dict.fromkeys(["smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"], _STARCODER),
-    **dict.fromkeys(["gpt-2", "gpt2", "phi-2", "mpt", "olmo", "jais"], _GPT2),
+    **dict.fromkeys(["gpt-2", "phi-2", "mpt", "olmo", "jais"], _GPT2),
     **dict.fromkeys(["llama3", "llama-v3", "llama-bpe", "falcon3"], _LLAMA3),
     **dict.fromkeys(["dbrx", "smaug-bpe"], _PreType((_LLAMA3_RE,))),
     **dict.fromkeys(["qwen2", "deepseek-r1-qwen", "stablelm2", "megrez"], _QWEN2),
@@ -134,7 +134,7 @@ def read_meta(reader: gguf.GGUFReader) -> TokenizerMeta:
         return None if v is None or not (0 <= int(v) < n) else int(v)
 
     pre = _get(reader, "tokenizer.ggml.pre") or "default"
-    add_bos_default = spm or (not spm and BPE_PRE_TYPES.get(pre) is _LLAMA3)
+    add_bos_default = spm or BPE_PRE_TYPES.get(pre) is _LLAMA3   # llama.cpp: SPM and llama3-style BPE add BOS
     return TokenizerMeta(
         model=model, pre=pre, tokens=list(tokens), types=[int(t) for t in types],
         scores=_get(reader, "tokenizer.ggml.scores"), merges=_get(reader, "tokenizer.ggml.merges"),

@@ -1,0 +1,79 @@
+"""Run one kernel on the GPU from numpy arrays: the test-side twin of runtime_py/model.py's load + bind + dispatch.
+
+    outs = run_kernel(kernel, params={"k": 96, ...}, buffers=[x, w, y], dispatch=[5, "T/8", 1], n_tokens=13, pos0=0)
+
+The kernel is rendered with compiler.render, laid out as the runtime lays it out (binding 0 = State uniform,
+1 = Params uniform packed by runtime_py.model.pack_params, 2.. = storage buffers in `kernel.bindings()` order),
+dispatched once, and every read_write buffer is read back with the dtype and shape it was given.
+"""
+from __future__ import annotations
+
+import numpy as np
+import wgpu
+
+from compiler.kernels import Kernel
+from compiler.render import render
+from compiler.schedule import dispatch_size
+from runtime_py.device import get_device
+from runtime_py.model import STATE_BYTES, UNIFORM_ALIGN, pack_params
+
+_pipelines: dict[str, tuple] = {}   # kernel name -> (pipeline, layout); one compile per variant per process
+
+
+def _pipeline(device, kernel: Kernel):
+    if kernel.name not in _pipelines:
+        entries = [{"binding": i, "visibility": wgpu.ShaderStage.COMPUTE, "buffer": {"type": "uniform"}}
+                   for i in (0, 1)]
+        entries += [{"binding": i + 2, "visibility": wgpu.ShaderStage.COMPUTE,
+                     "buffer": {"type": "read-only-storage" if access == "read" else "storage"}}
+                    for i, (_, access) in enumerate(kernel.bindings())]
+        layout = device.create_bind_group_layout(entries=entries, label=kernel.name)
+        module = device.create_shader_module(code=render(kernel), label=kernel.name)
+        pipeline = device.create_compute_pipeline(
+            layout=device.create_pipeline_layout(bind_group_layouts=[layout]),
+            compute={"module": module, "entry_point": "main"}, label=kernel.name)
+        _pipelines[kernel.name] = (pipeline, layout)
+    return _pipelines[kernel.name]
+
+
+def run_kernel(kernel: Kernel, params: dict, buffers: list[np.ndarray], dispatch, n_tokens: int = 1,
+               pos0: int = 0) -> list[np.ndarray]:
+    """Dispatch `kernel` once; returns copies of the read_write buffers (binding order), as given dtype/shape."""
+    names = [n for n, _ in kernel.params]
+    assert set(params) == set(names), f"{kernel.name}: params {sorted(params)} != {names}"
+    bindings = kernel.bindings()
+    assert len(buffers) == len(bindings), f"{kernel.name}: {len(buffers)} buffers for {len(bindings)} bindings"
+    device = get_device()
+    pipeline, layout = _pipeline(device, kernel)
+
+    state = np.array([n_tokens, pos0, 0, 0], np.uint32).tobytes()
+    blob = pack_params({"params": kernel.params}, [params[n] for n in names])
+    uniforms = [device.create_buffer_with_data(data=state, usage=wgpu.BufferUsage.UNIFORM),
+                device.create_buffer_with_data(data=blob + b"\0" * (UNIFORM_ALIGN - len(blob)),
+                                               usage=wgpu.BufferUsage.UNIFORM)]
+    usage = wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_DST | wgpu.BufferUsage.COPY_SRC
+    storage = []
+    for a in buffers:
+        data = np.ascontiguousarray(a).tobytes()
+        data += b"\0" * (-len(data) % 16 if data else 16)   # whole vec4s; never a 0-byte binding
+        storage.append(device.create_buffer_with_data(data=data, usage=usage))
+
+    entries = [{"binding": 0, "resource": {"buffer": uniforms[0], "offset": 0, "size": STATE_BYTES}},
+               {"binding": 1, "resource": {"buffer": uniforms[1], "offset": 0, "size": UNIFORM_ALIGN}}]
+    entries += [{"binding": i + 2, "resource": {"buffer": b, "offset": 0, "size": b.size}}
+                for i, b in enumerate(storage)]
+    bind_group = device.create_bind_group(layout=layout, entries=entries)
+    enc = device.create_command_encoder()
+    cp = enc.begin_compute_pass()
+    cp.set_pipeline(pipeline)
+    cp.set_bind_group(0, bind_group)
+    cp.dispatch_workgroups(*(dispatch_size(d, n_tokens) for d in dispatch))
+    cp.end()
+    device.queue.submit([enc.finish()])
+
+    outs = []
+    for a, b, (_, access) in zip(buffers, storage, bindings):
+        if access == "read_write":
+            raw = device.queue.read_buffer(b, 0, a.nbytes) if a.nbytes else b""
+            outs.append(np.frombuffer(raw, dtype=a.dtype).reshape(a.shape).copy())
+    return outs
