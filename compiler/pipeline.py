@@ -17,7 +17,7 @@ from pathlib import Path
 from . import config as config_stage
 from .gguf_file import GGUFModel
 from .manifest import kernel_entry, program_json, write_manifest
-from .pack import WeightPacker
+from .pack import SHARD_BYTES, WeightPacker
 from .render import render
 from .schedule import activation_buffers, build_programs, PREFILL_TILE
 from .shards import ShardWriter
@@ -41,13 +41,15 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def compile_model(gguf_path, out_dir, *, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, progress=None) -> Path:
-    """progress: optional callable(done_bytes, total_bytes) for the shard-writing stage."""
+def compile_model(gguf_path, out_dir, *, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, shard_bytes: int = SHARD_BYTES,
+                  progress=None) -> Path:
+    """progress: optional callable(done_parts, total_parts) for the shard-writing stage.
+    shard_bytes: max bytes per shard file (and per tensor part)."""
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     model = GGUFModel(gguf_path)                                   # 1. read
     cfg = config_stage.read_config(model)                          # 2. config
     _debug("config", cfg.as_dict())
-    packer = WeightPacker(model, cfg)                              # 3. weights -> parts
+    packer = WeightPacker(model, cfg, shard_bytes)                 # 3. weights -> parts
     programs = build_programs(cfg, packer)                         # 4. schedule
     assert prefill_chunk % PREFILL_TILE == 0
     tok_json = build_tokenizer_json(model.reader)
@@ -64,7 +66,7 @@ def compile_model(gguf_path, out_dir, *, prefill_chunk: int = DEFAULT_PREFILL_CH
     for name, k in kernels.items():
         (tmp / "shaders" / f"{name}.wgsl").write_text(render(k))
 
-    writer = ShardWriter(tmp)                                      # 6. shards
+    writer = ShardWriter(tmp, shard_bytes)                         # 6. shards
     total = sum(len(r.parts) for r in packer.refs.values())
     weights, done = {}, 0
     for name, ref in packer.refs.items():
