@@ -33,7 +33,8 @@ def create_app(models: list[str] | None = None, *, api_key: str | None = None, c
     from .static import mount_static
     mount_static(app, WEB_DIR, artifacts)
     if native:
-        from .api import make_router
+        from .api import install_error_handlers, make_router
+        install_error_handlers(app)   # OpenAI-shaped errors for every route, not only /v1
         app.include_router(make_router(artifacts, api_key=api_key, ctx=ctx))
     return app
 
