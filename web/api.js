@@ -1,0 +1,228 @@
+// The page-side API, shaped like OpenAI's chat completions (as WebLLM's is). The engine itself runs in worker.js.
+//
+//   import {createEngine} from "/web/api.js";
+//   const engine = await createEngine("/models/smollm2/", {onProgress: (p) => ..., onDeviceLost: (msg) => ...});
+//   engine.selftest      // {ok, max_diff, tolerance, ...}: check it before trusting the output (see engine.js)
+//   for await (const chunk of await engine.chat.completions.create({messages, stream: true, temperature: 0.7,
+//       top_p, top_k, min_p, repetition_penalty, presence_penalty, frequency_penalty, seed, stop, max_tokens})) {
+//     out += chunk.choices[0]?.delta?.content ?? "";
+//   }
+//   engine.interrupt();  // ends the running generation after its current token (finish_reason "stop")
+//
+// Also engine.completions.create({prompt, ...}) (raw text, no chat template; `prompt` may be token ids).
+// Streams end with a chunk carrying `usage` (always sent) and `kiln: {prompt_ids, ids, timings}` with
+// timings {ttft_s, prefill_tok_s, decode_tok_s, total_s}; non-streaming responses carry both too.
+// Leaving a `for await` early interrupts that request. Errors are the classes exported by device.js.
+
+import {DeviceLostError, ERRORS, KilnError} from "./device.js";
+
+export * from "./device.js";
+
+function libUrls() {
+  // Import maps don't apply inside workers: resolve the bare names here, with the page's import map.
+  const resolve = (name, fallback) => {
+    try {
+      return import.meta.resolve(name);
+    } catch {
+      return new URL(fallback, import.meta.url).href;
+    }
+  };
+  return {tokenizers: resolve("@huggingface/tokenizers", "./node_modules/@huggingface/tokenizers/dist/tokenizers.mjs"),
+          jinja: resolve("@huggingface/jinja", "./node_modules/@huggingface/jinja/dist/index.js")};
+}
+
+const toError = ({name, message}) => new (ERRORS[name] || KilnError)(message);
+
+/** Sampling fields of an OpenAI-style request -> runtime SamplingParams fields (unset ones keep their defaults). */
+function samplingParams(req) {
+  const p = {};
+  const copy = {temperature: "temperature", top_p: "top_p", top_k: "top_k", min_p: "min_p", seed: "seed",
+                repetition_penalty: "repeat_penalty", repeat_penalty: "repeat_penalty", repeat_last_n: "repeat_last_n",
+                presence_penalty: "presence_penalty", frequency_penalty: "frequency_penalty"};
+  for (const [from, to] of Object.entries(copy)) if (req[from] !== undefined && req[from] !== null) p[to] = req[from];
+  if (req.stop) p.stop = Array.isArray(req.stop) ? req.stop : [req.stop];
+  return p;
+}
+
+/** A queue the worker fills and a `for await` drains. */
+class Stream {
+  constructor(onReturn) {
+    this.items = [];
+    this.waiting = null;
+    this.ended = false;
+    this.error = null;
+    this.onReturn = onReturn;
+  }
+
+  push(item) { this.items.push(item); this._wake(); }
+  end(error = null) { this.ended = true; this.error = error; this._wake(); }
+  _wake() { if (this.waiting) { this.waiting(); this.waiting = null; } }
+
+  async* [Symbol.asyncIterator]() {
+    try {
+      for (;;) {
+        if (this.items.length) { yield this.items.shift(); continue; }
+        if (this.ended) { if (this.error) throw this.error; return; }
+        await new Promise((r) => { this.waiting = r; });
+      }
+    } finally {
+      if (!this.ended) this.onReturn();   // the consumer left early: stop generating
+    }
+  }
+}
+
+class Engine {
+  constructor(worker, info, model) {
+    this.worker = worker;
+    this.info = info;
+    this.model = model;
+    this.selftest = info.selftest;
+    this.lost = null;
+    this.onDeviceLost = null;
+    this._next = 0;
+    this._active = new Map();   // request id -> handlers
+    this.chat = {completions: {create: (req) => this._create(req, "chat")}};
+    this.completions = {create: (req) => this._create(req, "text")};
+  }
+
+  _onMessage(msg) {
+    if (msg.type === "lost") {
+      this.lost = msg.message;
+      for (const h of this._active.values()) h.fail(new DeviceLostError(msg.message));
+      this._active.clear();
+      this.onDeviceLost?.(msg.message);
+      return;
+    }
+    const h = this._active.get(msg.id);
+    if (!h) return;
+    if (msg.type === "token") h.token(msg.token);
+    else if (msg.type === "done") { this._active.delete(msg.id); h.done(msg.done); }
+    else if (msg.type === "error") { this._active.delete(msg.id); h.fail(toError(msg.error)); }
+  }
+
+  /** kind "chat" (messages) or "text" (prompt). Resolves to an async iterable of chunks when stream is set. */
+  async _create(req, kind) {
+    if (this.lost) throw new DeviceLostError(this.lost);
+    if (kind === "chat" && !(Array.isArray(req.messages) && req.messages.length)) {
+      throw new TypeError("chat.completions.create: `messages` must be a non-empty array of {role, content}");
+    }
+    if (kind === "text" && !(typeof req.prompt === "string" || Array.isArray(req.prompt))) {
+      throw new TypeError("completions.create: `prompt` must be a string or an array of token ids");
+    }
+    const id = `${kind === "chat" ? "chatcmpl" : "cmpl"}-${++this._next}`;
+    const created = Math.floor(Date.now() / 1000);
+    const model = req.model || this.model;
+    const topN = kind === "chat" ? (req.logprobs ? (req.top_logprobs ?? 0) || 1 : 0) : (req.logprobs ?? 0);
+    const request = {params: samplingParams(req), max_tokens: req.max_tokens ?? 256, logprobs: topN};
+    if (kind === "chat") request.messages = req.messages; else request.prompt = req.prompt;
+
+    const base = {id, object: kind === "chat" ? "chat.completion.chunk" : "text_completion", created, model};
+    const logprobsOf = (t) => (t.top_logprobs ? {content: [{token: t.piece, logprob: t.top_logprobs.find(
+      ([i]) => i === t.id)?.[1] ?? null, top_logprobs: t.top_logprobs.map(([, lp, token]) => ({token, logprob: lp}))}]}
+      : null);
+    const choice = (t) => (kind === "chat"
+      ? {index: 0, delta: {content: t.text}, logprobs: logprobsOf(t), finish_reason: null}
+      : {index: 0, text: t.text, logprobs: logprobsOf(t), finish_reason: null});
+    const usageOf = (d) => ({prompt_tokens: d.prompt_ids.length, completion_tokens: d.ids.length,
+                             total_tokens: d.prompt_ids.length + d.ids.length});
+
+    const sent = new Promise((resolve, reject) => {
+      const stream = req.stream ? new Stream(() => this.interrupt(id)) : null;
+      const text = [], logprobs = [];
+      let first = true;
+      this._active.set(id, {
+        token: (t) => {
+          if (stream) {
+            const c = choice(t);
+            if (first && kind === "chat") c.delta.role = "assistant";
+            first = false;
+            stream.push({...base, choices: [c]});
+          } else {
+            text.push(t.text);
+            if (t.top_logprobs) logprobs.push(...logprobsOf(t).content);
+          }
+        },
+        done: (d) => {
+          const kiln = {prompt_ids: d.prompt_ids, ids: d.ids, timings: d.timings};
+          if (stream) {
+            const c = kind === "chat" ? {index: 0, delta: {}, logprobs: null, finish_reason: d.finish_reason}
+              : {index: 0, text: "", logprobs: null, finish_reason: d.finish_reason};
+            stream.push({...base, choices: [c]});
+            stream.push({...base, choices: [], usage: usageOf(d), kiln});
+            stream.end();
+          } else {
+            const lp = logprobs.length ? {content: logprobs} : null;
+            const c = kind === "chat"
+              ? {index: 0, message: {role: "assistant", content: text.join("")}, logprobs: lp, finish_reason: d.finish_reason}
+              : {index: 0, text: text.join(""), logprobs: lp, finish_reason: d.finish_reason};
+            resolve({...base, object: kind === "chat" ? "chat.completion" : "text_completion", choices: [c],
+                     usage: usageOf(d), kiln});
+          }
+        },
+        fail: (e) => (stream ? stream.end(e) : reject(e)),
+      });
+      if (stream) resolve(stream);
+    });
+    this.worker.postMessage({type: "generate", id, request});
+    return sent;
+  }
+
+  /** Stop the running (and queued) generations after their current token; their streams end normally. */
+  interrupt(id = null) {
+    const ids = id ? [id] : [...this._active.keys()];
+    if (ids.length) this.worker.postMessage({type: "interrupt", ids});
+  }
+
+  /** Frees the GPU device and the worker. */
+  unload() {
+    this.worker.postMessage({type: "unload"});
+    this.worker.terminate();
+  }
+
+  /** Destroys the device as a driver reset would, to exercise the device-lost path (tests, demo). */
+  simulateDeviceLoss() { this.worker.postMessage({type: "debug:lose-device"}); }
+}
+
+/**
+ * Loads the compiled model at `modelUrl` (the directory holding manifest.json) in a new worker.
+ * options: onProgress({phase: "manifest"|"download"|"compile"|"selftest", loaded, total, fromCache, note}),
+ *          onDeviceLost(message), ctx (context tokens, default 2048), selftest: "report" (default) | "strict"
+ *          (reject with SelfTestError on mismatch) | "off".
+ */
+export async function createEngine(modelUrl, {onProgress = () => {}, onDeviceLost = null, ctx = null,
+                                              selftest = "report", model = null} = {}) {
+  const worker = new Worker(new URL("./worker.js", import.meta.url), {type: "module", name: "kiln"});
+  const url = new URL(modelUrl, globalThis.location.href).href;
+  let engine = null;
+  const info = await new Promise((resolve, reject) => {
+    worker.onmessage = ({data: msg}) => {
+      if (engine) return engine._onMessage(msg);
+      if (msg.type === "progress") onProgress(msg.progress);
+      else if (msg.type === "loaded") resolve(msg.info);
+      else if (msg.type === "load-error") reject(toError(msg.error));
+      else if (msg.type === "lost") reject(new DeviceLostError(msg.message));
+    };
+    worker.onerror = (e) => reject(new KilnError(`the engine worker failed to start: ${e.message || "script error"}`));
+    worker.postMessage({type: "load", modelUrl: url, libs: libUrls(), options: {ctx, selftest}});
+  }).catch((e) => { worker.terminate(); throw e; });
+  engine = new Engine(worker, info, model || info.name);
+  engine.onDeviceLost = onDeviceLost;
+  worker.onerror = (e) => {   // an uncaught error in the worker: nothing it was doing will finish
+    for (const h of engine._active.values()) h.fail(new KilnError(`the engine worker failed: ${e.message}`));
+    engine._active.clear();
+  };
+  if (selftest === "strict" && !info.selftest.ok) {
+    engine.unload();
+    throw new ERRORS.SelfTestError(selftestMessage(info.selftest));
+  }
+  return engine;
+}
+
+/** One line explaining a failed self-test. */
+export function selftestMessage(st) {
+  if (st.ok) return st.skipped ? `self-test skipped: ${st.skipped}` : `self-test passed (max |Δlogit| ${st.max_diff.toExponential(1)})`;
+  const worst = st.rows.map(([id, want, got]) => `token ${id}: ${want.toFixed(3)} expected, ${Number(got).toFixed(3)} here`);
+  return `self-test FAILED: this GPU/browser computes different logits than the reference (${st.reference_device || "native"}): ` +
+    `max |Δlogit| ${st.max_diff} > ${st.tolerance}; argmax ${st.argmax} (expected ${st.expected_argmax}). ` +
+    `Output is likely to be wrong. ${worst.slice(0, 2).join("; ")}`;
+}

@@ -1,0 +1,378 @@
+// Load a compiled artifact onto the GPU and replay its programs. Mirrors runtime_py/model.py step for step, and
+// `generate` mirrors runtime_py/generate.py.
+//
+//   Model    — what every sequence shares: device, pipelines, weight buffers, the per-step uniform buffer.
+//   Session  — one sequence: activation buffers, its KV cache, bind groups; `forward(ids)` runs prefill or decode.
+//
+// Nothing here knows the architecture: the manifest's programs say which kernel runs on which buffers.
+
+import {bufferBytes, ContextOverflowError, DeviceLostError, getAdapter, getDevice, adapterName} from "./device.js";
+import {fetchManifest, loadShards} from "./loader.js";
+import {Sampler, topLogprobs} from "./sampler.js";
+
+export const UNIFORM_ALIGN = 256;   // minUniformBufferOffsetAlignment's default (and maximum)
+export const STATE_BYTES = 16;      // struct State { n_tokens, pos0, pad, pad }
+export const DEFAULT_CTX = 2048;
+
+/** Reference evaluation of a dispatch entry: compiler/schedule.py `dispatch_size`. */
+export function dispatchSize(dim, nTokens) {
+  if (typeof dim === "number") return dim;
+  const div = dim.includes("/") ? parseInt(dim.slice(2), 10) : 1;
+  return Math.ceil(nTokens / div);
+}
+
+/** One step's uniform values as u32 words (f32 params bit-cast), like runtime_py.model.pack_params. */
+export function packParams(kernel, values) {
+  const buf = new ArrayBuffer(4 * kernel.params.length);
+  const u32 = new Uint32Array(buf), f32 = new Float32Array(buf);
+  kernel.params.forEach(([, type], i) => { if (type === "f32") f32[i] = values[i]; else u32[i] = values[i]; });
+  return u32;
+}
+
+export const sessionCtx = (manifest, ctx) => Math.min(ctx || DEFAULT_CTX, manifest.config.context_length);
+
+export class Model {
+  /**
+   * Everything a user waits for, in order: manifest -> adapter and limit checks (before any download) -> device ->
+   * shaders compiling while the shards download, verify and upload -> uniforms.
+   * onProgress({phase, ...}); onLost(message) when the device goes away later.
+   */
+  static async load(baseUrl, {ctx = null, onProgress = () => {}, onLost = () => {}, signal} = {}) {
+    baseUrl = new URL(baseUrl, globalThis.location?.href).href;
+    if (!baseUrl.endsWith("/")) baseUrl += "/";
+    onProgress({phase: "manifest"});
+    const manifest = await fetchManifest(baseUrl);
+    const adapter = await getAdapter();
+    const device = await getDevice(adapter, manifest, bufferBytes(manifest, sessionCtx(manifest, ctx)));
+    const model = new Model(baseUrl, manifest, device, adapterName(adapter));
+    device.lost.then((info) => {
+      if (model.disposed) return;
+      model.lost = `the GPU device was lost (${info.reason || "unknown"}${info.message ? `: ${info.message}` : ""}). ` +
+        "Reload the page to start again.";
+      onLost(model.lost);
+    });
+    device.addEventListener?.("uncapturederror", (e) => console.error(`kiln: WebGPU error: ${e.error.message}`));
+    try {
+      const compiling = model._compile();
+      compiling.catch(() => {});   // awaited below; don't report it as unhandled while the download runs
+      await loadShards(baseUrl, manifest, {signal, onProgress, onShard: (i, bytes) => model._upload(i, bytes)});
+      onProgress({phase: "compile"});
+      model.pipelines = await compiling;
+      [model.paramsBuf, model.paramOffsets] = model._params();
+    } catch (e) {
+      model.destroy();             // free what was uploaded; not a device loss
+      throw e;
+    }
+    return model;
+  }
+
+  constructor(baseUrl, manifest, device, adapter) {
+    Object.assign(this, {baseUrl, manifest, device, adapter, config: manifest.config});
+    this.weights = new Map();   // "tensor#part" -> GPUBuffer
+    this.disposed = false;
+    this.lost = null;
+    this._byShard = new Map();
+    for (const [name, w] of Object.entries(manifest.weights)) {
+      w.parts.forEach((p, i) => {
+        if (!this._byShard.has(p.shard)) this._byShard.set(p.shard, []);
+        this._byShard.get(p.shard).push([`${name}#${i}`, p]);
+      });
+    }
+  }
+
+  // -- load ---------------------------------------------------------------------------------------------------
+  async _compile() {
+    const entries = Object.entries(this.manifest.kernels);
+    const pipelines = await Promise.all(entries.map(([name, k]) => this._pipeline(name, k)));
+    return new Map(entries.map(([name], i) => [name, pipelines[i]]));
+  }
+
+  async _pipeline(name, k) {
+    const url = new URL(k.file, this.baseUrl).href;
+    const r = await fetch(url);
+    if (!r.ok) throw new Error(`${url}: HTTP ${r.status} (shader missing from the artifact)`);
+    const code = await r.text();
+    const dev = this.device;
+    const entries = [{binding: 0, visibility: GPUShaderStage.COMPUTE, buffer: {type: "uniform"}},
+                     {binding: 1, visibility: GPUShaderStage.COMPUTE, buffer: {type: "uniform"}}];
+    k.bindings.forEach(([, access], i) => entries.push({binding: i + 2, visibility: GPUShaderStage.COMPUTE,
+      buffer: {type: access === "read" ? "read-only-storage" : "storage"}}));
+    const layout = dev.createBindGroupLayout({entries, label: name});
+    const module = dev.createShaderModule({code, label: name});
+    try {
+      const pipeline = await dev.createComputePipelineAsync({
+        layout: dev.createPipelineLayout({bindGroupLayouts: [layout]}), compute: {module, entryPoint: "main"},
+        label: name});
+      return {pipeline, layout};
+    } catch (e) {
+      const info = await module.getCompilationInfo();
+      const msgs = info.messages.map((m) => `${m.type} ${m.lineNum}:${m.linePos} ${m.message}`).join("; ");
+      throw new Error(`shader ${name} failed to compile on ${this.adapter}: ${e.message} ${msgs}`);
+    }
+  }
+
+  _upload(shardIndex, bytes) {
+    for (const [ref, p] of this._byShard.get(shardIndex) || []) {
+      const buf = this.device.createBuffer({size: Math.max(16, p.bytes), label: ref,
+                                            usage: GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_DST});
+      this.device.queue.writeBuffer(buf, 0, bytes, p.offset, p.bytes);
+      this.weights.set(ref, buf);
+    }
+  }
+
+  /** Every step's uniform values in one buffer, UNIFORM_ALIGN apart; shared by all sessions. */
+  _params() {
+    const offsets = new Map();
+    let n = 0;
+    for (const steps of Object.values(this.manifest.programs)) n += steps.length;
+    const all = new Uint32Array(n * UNIFORM_ALIGN / 4);
+    let i = 0;
+    for (const [prog, steps] of Object.entries(this.manifest.programs)) {
+      steps.forEach((s, j) => {
+        offsets.set(`${prog}/${j}`, i * UNIFORM_ALIGN);
+        all.set(packParams(this.manifest.kernels[s.kernel], s.params), i * UNIFORM_ALIGN / 4);
+        i++;
+      });
+    }
+    const buf = this.device.createBuffer({size: all.byteLength, usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST,
+                                          label: "params"});
+    this.device.queue.writeBuffer(buf, 0, all);
+    return [buf, offsets];
+  }
+
+  session(ctx = null) { return new Session(this, ctx); }
+
+  destroy() {
+    this.disposed = true;
+    this.device.destroy();
+  }
+}
+
+export class Session {
+  /** One sequence on the GPU: its KV cache and activations. `pos` = tokens already in the cache. */
+  constructor(model, ctx = null) {
+    this.model = model;
+    const m = model.manifest, dev = model.device;
+    if (ctx !== null && ctx < 1) throw new ContextOverflowError(`context length must be at least 1 token (got ${ctx})`);
+    this.ctx = sessionCtx(m, ctx);
+    this.chunk = m.limits.prefill_chunk;
+    const usage = GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_DST | GPUBufferUsage.COPY_SRC;
+    this.buffers = new Map(Object.entries(bufferBytes(m, this.ctx)).map(
+      ([name, size]) => [name, dev.createBuffer({size, usage, label: name})]));
+    this.state = dev.createBuffer({size: STATE_BYTES, usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST});
+    // readback staging: the logits (vocab f32) and the argmax token (tokens[0])
+    this.logitsRead = dev.createBuffer({size: this.buffers.get("logits").size,
+                                        usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST});
+    this.tokenRead = dev.createBuffer({size: 4, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST});
+    this.programs = Object.fromEntries(Object.entries(m.programs).map(([p, steps]) => [p, this._bind(p, steps)]));
+    this.pos = 0;
+  }
+
+  _bind(prog, steps) {
+    const model = this.model;
+    return steps.map((s, i) => {
+      const {pipeline, layout} = model.pipelines.get(s.kernel);
+      const entries = [
+        {binding: 0, resource: {buffer: this.state, offset: 0, size: STATE_BYTES}},
+        {binding: 1, resource: {buffer: model.paramsBuf, offset: model.paramOffsets.get(`${prog}/${i}`),
+                                size: UNIFORM_ALIGN}}];
+      s.bind.forEach((ref, j) => {
+        const buffer = this.buffers.get(ref) || model.weights.get(ref);
+        if (!buffer) throw new Error(`step ${prog}[${i}] binds unknown buffer ${ref}`);
+        entries.push({binding: j + 2, resource: {buffer, offset: 0, size: buffer.size}});
+      });
+      return [pipeline, model.device.createBindGroup({layout, entries, label: `${prog}[${i}]`}), s.dispatch];
+    });
+  }
+
+  /** Forget the sequence after `pos` tokens (the cache beyond is simply overwritten later). */
+  reset(pos = 0) { this.pos = pos; }
+
+  /** Run the model on `ids` (appended at this.pos); afterwards logits() / nextToken() describe the last one. */
+  forward(ids) {
+    if (this.model.lost) throw new DeviceLostError(this.model.lost);
+    if (this.pos + ids.length > this.ctx) {
+      throw new ContextOverflowError(`sequence of ${this.pos + ids.length} tokens exceeds the context of ${this.ctx}`);
+    }
+    const dev = this.model.device;
+    for (let c0 = 0; c0 < ids.length; c0 += this.chunk) {
+      const chunk = ids.slice(c0, c0 + this.chunk);
+      const T = chunk.length;
+      const prog = T === 1 ? "decode" : "prefill";
+      dev.queue.writeBuffer(this.buffers.get("tokens"), 0, new Uint32Array(chunk));
+      dev.queue.writeBuffer(this.state, 0, new Uint32Array([T, this.pos, 0, 0]));
+      const enc = dev.createCommandEncoder();
+      const cp = enc.beginComputePass();
+      for (const [pipeline, bindGroup, dispatch] of this.programs[prog]) {
+        cp.setPipeline(pipeline);
+        cp.setBindGroup(0, bindGroup);
+        cp.dispatchWorkgroups(...dispatch.map((d) => dispatchSize(d, T)));
+      }
+      cp.end();
+      dev.queue.submit([enc.finish()]);
+      this.pos += T;
+    }
+  }
+
+  async _read(src, staging, size) {
+    const enc = this.model.device.createCommandEncoder();
+    enc.copyBufferToBuffer(src, 0, staging, 0, size);
+    this.model.device.queue.submit([enc.finish()]);
+    try {
+      await staging.mapAsync(GPUMapMode.READ, 0, size);
+    } catch (e) {
+      throw new DeviceLostError(this.model.lost || `reading from the GPU failed: ${e.message}`);
+    }
+    const out = staging.getMappedRange(0, size).slice(0);
+    staging.unmap();
+    return out;
+  }
+
+  /** (vocab,) float32 logits of the last token of the last forward. */
+  async logits() {
+    return new Float32Array(await this._read(this.buffers.get("logits"), this.logitsRead, this.logitsRead.size));
+  }
+
+  /** Greedy next token, computed on the GPU (reads 4 bytes instead of the logits). */
+  async nextToken() {
+    return new Uint32Array(await this._read(this.buffers.get("tokens"), this.tokenRead, 4))[0];
+  }
+
+  destroy() {
+    for (const b of this.buffers.values()) b.destroy();
+    for (const b of [this.state, this.logitsRead, this.tokenRead]) b.destroy();
+  }
+}
+
+// -- the decode loop (runtime_py/generate.py) --------------------------------------------------------------------
+
+/** Finds stop strings in streamed text; holds back a tail that could still become one. */
+export class StopStrings {
+  constructor(stops) {
+    this.stops = (stops || []).filter(Boolean);
+    this.text = "";      // all text so far
+    this.emitted = 0;    // chars released to the caller
+  }
+
+  feed(delta) {
+    this.text += delta;
+    // the earliest stop wins, whichever string it is (one delta may complete several)
+    const hits = this.stops.map((s) => this.text.indexOf(s, Math.max(0, this.emitted - s.length))).filter((i) => i >= 0);
+    if (hits.length) {
+      const i = Math.min(...hits);
+      const out = this.text.slice(this.emitted, i);
+      [this.text, this.emitted] = [this.text.slice(0, i), i];
+      return [out, true];
+    }
+    let hold = 0;
+    for (const s of this.stops) {   // longest suffix of text that is a proper prefix of a stop string
+      for (let n = Math.min(s.length - 1, this.text.length); n > 0; n--) {
+        if (this.text.endsWith(s.slice(0, n))) { hold = Math.max(hold, n); break; }
+      }
+    }
+    const end = Math.max(this.emitted, this.text.length - hold);
+    const out = this.text.slice(this.emitted, end);
+    this.emitted = end;
+    return [out, false];
+  }
+
+  flush() {
+    const out = this.text.slice(this.emitted);
+    this.emitted = this.text.length;
+    return out;
+  }
+}
+
+const now = () => performance.now() / 1000;
+const round = (x, d) => Math.round(x * 10 ** d) / 10 ** d;
+
+/**
+ * Yields {type: "token", id, text, top_logprobs} events then one {type: "done", ids, text, finish_reason, timings}.
+ * The session is reset to position 0 first (no prefix reuse yet). Same order of operations as generate.py.
+ */
+export async function* generate(session, tokenizer, promptIds, params, {maxTokens = 256, logprobs = 0, eogIds = [],
+                                                                        shouldStop = () => false} = {}) {
+  if (!promptIds.length) throw new ContextOverflowError("empty prompt: nothing to condition on");
+  if (promptIds.length >= session.ctx) {
+    throw new ContextOverflowError(`prompt is ${promptIds.length} tokens but the context holds ${session.ctx} ` +
+      "(use a shorter prompt or a larger context)");
+  }
+  maxTokens = Math.min(maxTokens, session.ctx - promptIds.length);
+  const sampler = new Sampler(params);
+  const fastGreedy = params.greedy && !logprobs && params.repeat_penalty === 1 && !params.presence_penalty &&
+    !params.frequency_penalty;
+  const decoder = tokenizer.streamDecoder(), stops = new StopStrings(params.stop);
+  const history = [...promptIds], outIds = [], text = [];
+  const eog = new Set(eogIds);
+
+  const t0 = now();
+  session.reset();
+  session.forward(promptIds);
+  let tFirst = null, finish = "length", cut = false;
+  while (outIds.length < maxTokens) {
+    let tok, lp = null;
+    if (fastGreedy) {
+      tok = await session.nextToken();
+    } else {
+      const logits = await session.logits();
+      tok = sampler.sample(logits, history);
+      if (logprobs) lp = topLogprobs(logits, logprobs);
+    }
+    if (tFirst === null) tFirst = now();
+    if (eog.has(tok)) { finish = "stop"; break; }
+    outIds.push(tok);
+    history.push(tok);
+    let delta;
+    [delta, cut] = stops.feed(decoder.push(tok));
+    text.push(delta);
+    yield {type: "token", id: tok, text: delta, top_logprobs: lp};
+    if (cut || shouldStop()) { finish = "stop"; break; }
+    if (outIds.length < maxTokens) session.forward([tok]);
+  }
+  if (!cut) {   // release what was held back: an unfinished UTF-8 sequence, a possible stop-string prefix
+    let tail;
+    [tail, cut] = stops.feed(decoder.flush());
+    tail += cut ? "" : stops.flush();
+    if (cut) finish = "stop";
+    if (tail) {
+      text.push(tail);
+      yield {type: "token", id: -1, text: tail, top_logprobs: null};   // id -1: text released at the end
+    }
+  }
+  const tEnd = now(), n = outIds.length;
+  const timings = {
+    prompt_tokens: promptIds.length, generated_tokens: n,
+    ttft_s: round((tFirst ?? tEnd) - t0, 4),
+    prefill_tok_s: round(promptIds.length / Math.max((tFirst ?? tEnd) - t0, 1e-9), 2),
+    decode_tok_s: n > 1 && tFirst !== null ? round((n - 1) / (tEnd - tFirst), 2) : null,
+    total_s: round(tEnd - t0, 4),
+  };
+  yield {type: "done", ids: outIds, text: text.join(""), finish_reason: finish, timings};
+}
+
+// -- load-time self-test ---------------------------------------------------------------------------------------
+
+/**
+ * Recompute manifest.selftest's top-5 logits on this GPU/browser (runtime_py/artifacts.py `add_selftest` recorded
+ * them natively). {ok, max_diff, tolerance, rows: [[id, expected, got]], argmax, expected_argmax} or {skipped}.
+ */
+export async function selftest(model) {
+  const st = model.manifest.selftest;
+  if (!st) return {ok: true, skipped: "the manifest has no selftest (compiled with --no-selftest)"};
+  const s = model.session(Math.max(64, st.prompt_ids.length + 1));
+  try {
+    s.forward(st.prompt_ids);
+    const logits = await s.logits();
+    const argmax = await s.nextToken();
+    const rows = st.top5.map(([id, want]) => [id, want, logits[id]]);
+    const maxDiff = Math.max(...rows.map(([, want, got]) => Math.abs(got - want)));
+    // the argmax may differ from the reference only between two logits the tolerance can't tell apart
+    const want = st.top5[0][0];
+    const argmaxOk = argmax === want || Math.abs(logits[argmax] - logits[want]) <= st.tolerance;
+    const ok = maxDiff <= st.tolerance && argmaxOk;   // false for NaN too
+    return {ok, max_diff: maxDiff, tolerance: st.tolerance, rows, argmax, expected_argmax: st.top5[0][0],
+            reference_device: st.device || "", text: st.text};
+  } finally {
+    s.destroy();
+  }
+}

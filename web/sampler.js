@@ -1,0 +1,167 @@
+// Next-token choice from logits. Mirrors runtime_py/sampling.py line for line, including the random generator, so the
+// same seed gives the same tokens natively and in the browser.
+//
+// Order (llama.cpp's default chain): penalties -> top-k -> top-p -> min-p -> temperature -> draw.
+// top-p and min-p look at the untempered distribution, as llama.cpp does; temperature 0 means greedy.
+// Arithmetic is float64 like numpy's, and sums over many terms use numpy's pairwise summation, so the two runtimes
+// agree bit for bit except where Math.exp and the C library's exp differ in the last place.
+
+export class SamplingParams {
+  constructor({temperature = 0.7, top_k = 40, top_p = 0.95, min_p = 0.05, repeat_penalty = 1.0, repeat_last_n = 64,
+               presence_penalty = 0.0, frequency_penalty = 0.0, seed = null, stop = []} = {}) {
+    Object.assign(this, {temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, presence_penalty,
+                         frequency_penalty, seed, stop});
+  }
+
+  validate() {
+    const checks = [
+      [this.temperature >= 0, "temperature must be >= 0"],
+      [0 < this.top_p && this.top_p <= 1, "top_p must be in (0, 1]"],
+      [0 <= this.min_p && this.min_p <= 1, "min_p must be in [0, 1]"],
+      [this.repeat_penalty > 0, "repeat_penalty must be > 0"],
+      [-2 <= this.presence_penalty && this.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"],
+      [-2 <= this.frequency_penalty && this.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"],
+    ];
+    for (const [ok, msg] of checks) if (!ok) throw new RangeError(msg);
+    return this;
+  }
+
+  get greedy() { return this.temperature === 0; }
+}
+
+export const GREEDY = new SamplingParams({temperature: 0, top_k: 0, top_p: 1, min_p: 0, repeat_penalty: 1});
+
+/** Tiny 32-bit PRNG, chosen because Python computes it bit-identically; see runtime_py/sampling.py. */
+export class Mulberry32 {
+  constructor(seed) { this.a = seed >>> 0; }
+
+  next() {
+    this.a = (this.a + 0x6D2B79F5) >>> 0;
+    let t = this.a;
+    t = Math.imul(t ^ (t >>> 15), t | 1) >>> 0;
+    t = (((t + Math.imul(t ^ (t >>> 7), t | 61)) >>> 0) ^ t) >>> 0;
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  }
+}
+
+/** numpy's pairwise summation (numpy/_core/src/umath/loops_utils.h.src), so sums round exactly as np.sum does. */
+export function pairwiseSum(a, lo = 0, n = a.length - lo) {
+  if (n < 8) {
+    let s = -0.0;
+    for (let i = 0; i < n; i++) s += a[lo + i];
+    return s;
+  }
+  if (n <= 128) {
+    const r = [a[lo], a[lo + 1], a[lo + 2], a[lo + 3], a[lo + 4], a[lo + 5], a[lo + 6], a[lo + 7]];
+    let i = 8;
+    for (; i < n - (n % 8); i += 8) for (let j = 0; j < 8; j++) r[j] += a[lo + i + j];
+    let s = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
+    for (; i < n; i++) s += a[lo + i];
+    return s;
+  }
+  let n2 = Math.floor(n / 2);
+  n2 -= n2 % 8;
+  return pairwiseSum(a, lo, n2) + pairwiseSum(a, lo + n2, n - n2);
+}
+
+function cumsum(a) {
+  const out = new Float64Array(a.length);
+  let s = 0;
+  for (let i = 0; i < a.length; i++) out[i] = s += a[i];
+  return out;
+}
+
+/** np.searchsorted(a, v, side): first i with a[i] >= v ("left") or a[i] > v ("right"). */
+function searchsorted(a, v, side = "left") {
+  let lo = 0, hi = a.length;
+  while (lo < hi) {
+    const mid = (lo + hi) >>> 1;
+    if (side === "left" ? a[mid] < v : a[mid] <= v) lo = mid + 1; else hi = mid;
+  }
+  return lo;
+}
+
+function argmax(a) {
+  let best = 0;
+  for (let i = 1; i < a.length; i++) if (a[i] > a[best]) best = i;
+  return best;
+}
+
+/** The first k of np.argsort(-x, kind="stable"): indices by value descending, ties by index; O(n) for small k. */
+export function topOrder(x, k = x.length) {
+  const n = x.length;
+  k = Math.min(k, n);
+  let idx;
+  if (k >= n / 4) {
+    idx = Array.from({length: n}, (_, i) => i);
+  } else {   // threshold = k-th largest value; keep everything above it and the first tied ones
+    const vals = Float64Array.from(x).sort();
+    const thr = vals[n - k];
+    idx = [];
+    let ties = k;
+    for (let i = 0; i < n; i++) if (x[i] > thr) ties--;
+    for (let i = 0; i < n; i++) {
+      if (x[i] > thr) idx.push(i);
+      else if (x[i] === thr && ties > 0) { idx.push(i); ties--; }
+    }
+  }
+  idx.sort((i, j) => (x[j] - x[i]) || (i - j));
+  return idx.slice(0, k);
+}
+
+export class Sampler {
+  constructor(params) {
+    this.p = params.validate();
+    const seed = params.seed ?? crypto.getRandomValues(new Uint32Array(1))[0];
+    this.rng = new Mulberry32(seed);
+  }
+
+  applyPenalties(logits, history) {
+    const p = this.p;
+    const recent = p.repeat_last_n > 0 ? history.slice(-p.repeat_last_n) : [];
+    if (!recent.length || (p.repeat_penalty === 1 && !p.presence_penalty && !p.frequency_penalty)) return logits;
+    logits = Float64Array.from(logits);
+    const counts = new Map();
+    for (const id of recent) counts.set(id, (counts.get(id) || 0) + 1);
+    for (const [id, count] of counts) {
+      let sel = logits[id];
+      sel = sel > 0 ? sel / p.repeat_penalty : sel * p.repeat_penalty;
+      sel -= count * p.frequency_penalty + p.presence_penalty;
+      logits[id] = sel;
+    }
+    return logits;
+  }
+
+  /** logits: Float32Array (vocab,); history: prompt + generated ids. Returns the chosen id. */
+  sample(logits, history) {
+    const p = this.p;
+    logits = this.applyPenalties(Float64Array.from(logits), history);
+    if (p.greedy) return argmax(logits);
+    let order = topOrder(logits, p.top_k > 0 ? p.top_k : logits.length);   // candidates, best first
+    let cand = Float64Array.from(order, (i) => logits[i]);
+    let probs = cand.map((c) => Math.exp(c - cand[0]));
+    const total = pairwiseSum(probs);
+    probs = probs.map((q) => q / total);
+    if (p.top_p < 1) {
+      const keep = searchsorted(cumsum(probs), p.top_p) + 1;               // smallest prefix with mass >= top_p
+      [order, cand, probs] = [order.slice(0, keep), cand.slice(0, keep), probs.slice(0, keep)];
+    }
+    if (p.min_p > 0) {
+      const keep = probs.filter((q) => q >= p.min_p * probs[0]).length;
+      [order, cand] = [order.slice(0, keep), cand.slice(0, keep)];
+    }
+    const w = cand.map((c) => Math.exp((c - cand[0]) / p.temperature));
+    const cdf = cumsum(w);
+    const r = this.rng.next() * cdf[cdf.length - 1];
+    return order[Math.min(searchsorted(cdf, r, "right"), order.length - 1)];
+  }
+}
+
+/** The model's own top-k [token id, log-probability], before any sampling adjustment (as OpenAI reports). */
+export function topLogprobs(logits, k = 5) {
+  const x = Float64Array.from(logits);
+  let m = -Infinity;
+  for (const v of x) if (v > m) m = v;
+  const lse = m + Math.log(pairwiseSum(x.map((v) => Math.exp(v - m))));
+  return topOrder(x, k).map((i) => [i, x[i] - lse]);
+}

@@ -1,0 +1,111 @@
+// The engine's home: a module Web Worker holding the GPU device, the model, the tokenizer and one session, so
+// downloads, hashing, shader compilation and the decode loop never block the page. api.js is its only client.
+//
+// Messages in:   {type: "load", modelUrl, libs: {tokenizers, jinja}, options: {ctx, selftest}}
+//                {type: "generate", id, request: {prompt | messages, params, max_tokens, logprobs}}
+//                {type: "interrupt", ids}     stop these requests after their current token
+//                {type: "unload"}             destroy the device (not reported as a loss)
+//                {type: "debug:lose-device"}  destroy the device as a driver reset would (tests, demo)
+// Messages out:  {type: "progress", progress} | {type: "loaded", info} | {type: "load-error", error}
+//                {type: "token", id, token} | {type: "done", id, done} | {type: "error", id, error}
+//                {type: "lost", message}
+// Errors travel as {name, message}; api.js turns them back into the classes of device.js.
+
+import {renderChat} from "./chat.js";
+import {DeviceLostError} from "./device.js";
+import {Model, generate, selftest} from "./engine.js";
+import {SamplingParams} from "./sampler.js";
+import {Tokenizer} from "./tokenizer.js";
+
+let model = null, tokenizer = null, session = null, jinja = null;
+const interrupted = new Set();
+let queue = Promise.resolve();   // requests run one at a time, in arrival order
+
+const post = (msg) => self.postMessage(msg);
+const errorJson = (e) => ({name: e?.name || "Error", message: e?.message || String(e)});
+
+async function load({modelUrl, libs, options = {}}) {
+  const t0 = performance.now();
+  const [tokLib, jinjaLib] = await Promise.all([import(libs.tokenizers), import(libs.jinja)]);
+  jinja = jinjaLib;
+  const onProgress = (progress) => post({type: "progress", progress});
+  model = await Model.load(modelUrl, {ctx: options.ctx, onProgress,
+                                      onLost: (message) => post({type: "lost", message})});
+  const m = model.manifest;
+  tokenizer = await Tokenizer.load(tokLib, new URL(m.tokenizer.file, model.baseUrl).href, m.tokenizer);
+  let st = {ok: true, skipped: "disabled"};
+  if (options.selftest !== "off") {
+    onProgress({phase: "selftest"});
+    st = await selftest(model);
+  }
+  session = model.session(options.ctx);
+  return {
+    name: m.model.name, arch: m.model.arch, url: model.baseUrl, adapter: model.adapter, ctx: session.ctx,
+    weights_bytes: m.shards.reduce((s, x) => s + x.bytes, 0), kernels: Object.keys(m.kernels).length,
+    dispatches_per_token: m.programs.decode.length, selftest: st,
+    load_s: Math.round(performance.now() - t0) / 1000,
+  };
+}
+
+/** The prompt ids of a request: chat messages through the template, a text prompt, or ids as they are. */
+function promptIds(request) {
+  if (request.messages) {
+    const info = tokenizer.info, m = model.manifest;
+    const text = renderChat(jinja, m.chat_template ?? null, request.messages,
+                            {bos_token: info.bos_token || "", eos_token: info.eos_token || "", arch: m.model.arch});
+    return tokenizer.encode(text);
+  }
+  if (Array.isArray(request.prompt)) return request.prompt.map(Number);
+  return tokenizer.encode(String(request.prompt ?? ""));
+}
+
+async function run(id, request) {
+  if (!session) throw new Error("no model loaded");
+  if (model.lost) throw new DeviceLostError(model.lost);
+  const ids = promptIds(request);
+  if (interrupted.has(id)) {   // stopped while it waited in the queue
+    post({type: "done", id, done: {type: "done", ids: [], text: "", finish_reason: "stop", timings: {}, prompt_ids: ids}});
+    return;
+  }
+  const params = new SamplingParams(request.params || {});
+  const events = generate(session, tokenizer, ids, params, {
+    maxTokens: request.max_tokens ?? 256, logprobs: request.logprobs || 0, eogIds: [...tokenizer.eog_ids],
+    shouldStop: () => interrupted.has(id)});
+  for await (const ev of events) {
+    if (ev.type === "token") {
+      const token = {...ev, piece: ev.id >= 0 && request.logprobs ? tokenizer.decode([ev.id]) : undefined};
+      if (ev.top_logprobs) token.top_logprobs = ev.top_logprobs.map(([i, lp]) => [i, lp, tokenizer.decode([i])]);
+      post({type: "token", id, token});
+    } else {
+      post({type: "done", id, done: {...ev, prompt_ids: ids}});
+    }
+  }
+}
+
+self.onmessage = async ({data: msg}) => {
+  switch (msg.type) {
+    case "load":
+      try {
+        post({type: "loaded", info: await load(msg)});
+      } catch (e) {
+        console.error(e);
+        post({type: "load-error", error: errorJson(e)});
+      }
+      break;
+    case "generate":
+      queue = queue.then(() => run(msg.id, msg.request)).catch((e) => post({type: "error", id: msg.id,
+                                                                            error: errorJson(e)}))
+        .finally(() => interrupted.delete(msg.id));
+      break;
+    case "interrupt":
+      for (const id of msg.ids) interrupted.add(id);
+      break;
+    case "unload":
+      model?.destroy();
+      model = session = null;
+      break;
+    case "debug:lose-device":
+      model?.device.destroy();   // model.disposed stays false, so device.lost reports it like a driver reset
+      break;
+  }
+};
