@@ -113,6 +113,5 @@ def top_logprobs(logits: np.ndarray, k: int = 5) -> list[tuple[int, float]]:
     x = np.asarray(logits, dtype=np.float64)
     m = x.max()
     lse = m + np.log(np.exp(x - m).sum())
-    idx = np.argpartition(-x, k)[:k]
-    idx = idx[np.argsort(-x[idx], kind="stable")]
+    idx = np.argsort(-x, kind="stable")[:k]   # ties in index order, as web/sampler.js
     return [(int(i), float(x[i] - lse)) for i in idx]
