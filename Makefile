@@ -33,7 +33,7 @@ $(VENV)/.installed: pyproject.toml
 
 # npm packages the browser runtime imports (tokenizer, jinja), served to the page through an import map
 web:
-	@if [ -f web/package.json ]; then cd web && npm install --no-audit --no-fund --silent; fi
+	@if [ -f web/package.json ]; then cd web && npm ci --no-audit --no-fund --silent; fi
 
 # set up, then chat with the default model (SmolLM2-135M-Instruct Q4_1) on this machine's GPU (or CPU Vulkan)
 demo: setup
@@ -60,6 +60,11 @@ test-e2e: setup
 bench: setup
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) tests/bench.py
+
+# perplexity of the model and its `kiln compile --quant` variants on a fixed text, next to llama.cpp (MODELS=smollm2,gemma3)
+quality: venv
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) tests/quality.py --models $${MODELS:-smollm2}
 
 # web demo + OpenAI-compatible API on http://127.0.0.1:8000
 serve: setup

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from .errors import UnsupportedModelError
+from .errors import GGUFError, UnsupportedModelError
 from .gguf_file import GGUFModel
 
 
@@ -59,9 +59,20 @@ def read_config(m: GGUFModel) -> ModelConfig:
     if arch not in ARCH_CONFIG:
         raise UnsupportedModelError(
             f"architecture '{arch}' is not supported (supported: {', '.join(sorted(ARCH_CONFIG))})")
+    try:   # a corrupt value of the wrong kind (a string, a list, 0 heads) fails here as a GGUFError, not a traceback
+        cfg = _read_config(m, arch)
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError) as e:
+        raise GGUFError(f"{m.path}: corrupt {arch} metadata ({type(e).__name__}: {e})") from None
+    check_config(m, cfg)
+    return cfg
+
+
+def _read_config(m: GGUFModel, arch: str) -> ModelConfig:
     a = lambda k, d=None: m.get(f"{arch}.{k}", d)  # noqa: E731
     req = lambda k: m.require(f"{arch}.{k}")  # noqa: E731
     n_embd, n_head = int(req("embedding_length")), int(req("attention.head_count"))
+    if n_head <= 0:
+        raise GGUFError(f"{m.path}: corrupt metadata: {arch}.attention.head_count = {n_head}")
     head_dim = int(a("attention.key_length", n_embd // n_head))
     vocab = int(a("vocab_size", 0) or len(m.require("tokenizer.ggml.tokens")))
     common = dict(
@@ -76,6 +87,34 @@ def read_config(m: GGUFModel) -> ModelConfig:
         tied_output="output.weight" not in m.tensors,
     )
     return ARCH_CONFIG[arch](m, common)
+
+
+def check_config(m: GGUFModel, c: ModelConfig):
+    """Metadata that contradicts itself or the tensors' shapes means a corrupt file (a flipped byte in a count): fail
+    here with the field's name instead of compiling a model that computes garbage or crashes later."""
+    def bad(msg):
+        return GGUFError(f"{m.path}: corrupt metadata: {msg}")
+    for k in ("n_layer", "n_embd", "n_head", "n_kv_head", "head_dim", "n_ff", "vocab", "context_length", "rope_dim"):
+        if getattr(c, k) <= 0:
+            raise bad(f"{k} = {getattr(c, k)}")
+    if c.n_head % c.n_kv_head:
+        raise bad(f"{c.n_head} heads are not a multiple of {c.n_kv_head} KV heads")
+    if c.rope_dim > c.head_dim or c.rope_dim % 2:
+        raise bad(f"rope dimension {c.rope_dim} does not fit head_dim {c.head_dim}")
+    if not (math.isfinite(c.rms_eps) and 0 < c.rms_eps < 1) or not (math.isfinite(c.rope_base) and c.rope_base > 0):
+        raise bad(f"rms epsilon {c.rms_eps} / rope base {c.rope_base} out of range")
+    q_dim, kv_dim = c.n_head * c.head_dim, c.n_kv_head * c.head_dim
+    expect = {"token_embd.weight": (c.vocab, c.n_embd), "blk.0.attn_norm.weight": (c.n_embd,),
+              "blk.0.attn_q.weight": (q_dim, c.n_embd), "blk.0.attn_k.weight": (kv_dim, c.n_embd),
+              "blk.0.attn_v.weight": (kv_dim, c.n_embd), "blk.0.attn_output.weight": (c.n_embd, q_dim),
+              "blk.0.ffn_gate.weight": (c.n_ff, c.n_embd), "blk.0.ffn_down.weight": (c.n_embd, c.n_ff)}
+    for name, shape in expect.items():   # numpy order (rows, K); a tensor the file lacks fails later, by name
+        t = m.tensors.get(name)
+        if t is not None and t.shape != shape:
+            raise bad(f"tensor {name} has shape {list(t.shape)} but the metadata implies {list(shape)}")
+    blocks = {n.split(".")[1] for n in m.tensors if n.startswith("blk.")}
+    if blocks and len(blocks) != c.n_layer:
+        raise bad(f"block_count = {c.n_layer} but the file has tensors for {len(blocks)} blocks")
 
 
 def llama_config(m: GGUFModel, common: dict) -> ModelConfig:

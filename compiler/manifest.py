@@ -1,15 +1,16 @@
 """Stage 7 — the manifest: everything a runtime needs to run the model, as versioned JSON.
 
 manifest.json (format "kiln", version MANIFEST_VERSION):
-  model       {name, arch, source: {file, bytes, sha256}}
+  model       {name, arch, source: {file, bytes, sha256}, requant: null | scheme (`kiln compile --quant`)}
   config      ModelConfig fields (compiler/config.py)
   tokenizer   {file: "tokenizer.json", bos_id, eos_id, add_bos, eog_ids}; chat_template: str | null
-  limits      {prefill_chunk: T, storage_buffers_per_stage, max_part_bytes}
+  limits      {prefill_chunk: T, score_chunk: tokens per `score` pass, storage_buffers_per_stage, max_part_bytes}
   buffers     {name: {shape: [int | "T" | "ctx", ...], dtype: "f32" | "u32"}}       activations and KV cache
   weights     {name: {quant, shape: [rows, K], parts: [{row0, rows, shard, offset, bytes}]}}
+  weight_bytes_by_quant {quant: packed bytes}                                         summary of `weights`
   shards      [{file, bytes, sha256}]                                                  see compiler/shards.py
   kernels     {name: {file: "shaders/<name>.wgsl", params: [[name, "u32"|"f32"]], bindings: [[name, access]]}}
-  programs    {prefill: [step], decode: [step]}                                        see compiler/schedule.py
+  programs    {prefill, decode, score: [step]}                                           see compiler/schedule.py
   selftest    optional {prompt_ids, top5: [[id, logit]], tolerance}: written by `kiln compile` after a native run
 """
 from __future__ import annotations

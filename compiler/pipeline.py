@@ -19,11 +19,11 @@ from .gguf_file import GGUFModel
 from .manifest import kernel_entry, program_json, write_manifest
 from .pack import SHARD_BYTES, WeightPacker
 from .render import render
-from .schedule import activation_buffers, build_programs, PREFILL_TILE
+from .schedule import activation_buffers, build_programs, score_chunk, PREFILL_TILE
 from .shards import ShardWriter
 from .tokenizer import build_tokenizer_json, tokenizer_info
 
-COMPILER_VERSION = "1"
+COMPILER_VERSION = "2"   # 2: the `score` program
 DEFAULT_PREFILL_CHUNK = 128
 
 
@@ -41,17 +41,26 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _bytes_by_quant(weights: dict) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for w in weights.values():
+        out[w["quant"]] = out.get(w["quant"], 0) + sum(p["bytes"] for p in w["parts"])
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
 def compile_model(gguf_path, out_dir, *, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, shard_bytes: int = SHARD_BYTES,
-                  progress=None) -> Path:
+                  progress=None, requant: str | None = None) -> Path:
     """progress: optional callable(done_parts, total_parts) for the shard-writing stage.
-    shard_bytes: max bytes per shard file (and per tensor part)."""
+    shard_bytes: max bytes per shard file (and per tensor part).
+    requant: re-quantize every F32/F16/Q8_0 matrix into this scheme ("q8_0", "q4g32", ...; see compiler/quant.py)."""
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     model = GGUFModel(gguf_path)                                   # 1. read
     cfg = config_stage.read_config(model)                          # 2. config
     _debug("config", cfg.as_dict())
-    packer = WeightPacker(model, cfg, shard_bytes)                 # 3. weights -> parts
+    packer = WeightPacker(model, cfg, shard_bytes, requant)        # 3. weights -> parts
     programs = build_programs(cfg, packer)                         # 4. schedule
     assert prefill_chunk % PREFILL_TILE == 0
+    score_tokens = score_chunk(cfg.vocab, prefill_chunk)
     tok_json = build_tokenizer_json(model.reader)
     tok_info = tokenizer_info(model.reader)
 
@@ -84,15 +93,18 @@ def compile_model(gguf_path, out_dir, *, prefill_chunk: int = DEFAULT_PREFILL_CH
     storage_per_stage = max(len(k.bindings()) for k in kernels.values())
     manifest = {                                                   # 7. manifest
         "model": {"name": cfg.name, "arch": cfg.arch,
-                  "source": {"file": gguf_path.name, "bytes": model.file_bytes, "sha256": file_sha256(gguf_path)}},
+                  "source": {"file": gguf_path.name, "bytes": model.file_bytes, "sha256": file_sha256(gguf_path)},
+                  "requant": requant},
         "compiler_version": COMPILER_VERSION,
         "config": cfg.as_dict(),
         "tokenizer": {"file": "tokenizer.json", **{k: v for k, v in tok_info.items() if k != "chat_template"}},
         "chat_template": tok_info.get("chat_template"),
-        "limits": {"prefill_chunk": prefill_chunk, "storage_buffers_per_stage": storage_per_stage,
+        "limits": {"prefill_chunk": prefill_chunk, "score_chunk": score_tokens,
+                   "storage_buffers_per_stage": storage_per_stage,
                    "max_part_bytes": max(p["bytes"] for w in weights.values() for p in w["parts"])},
-        "buffers": activation_buffers(cfg),
+        "buffers": activation_buffers(cfg, score_tokens),
         "weights": weights,
+        "weight_bytes_by_quant": _bytes_by_quant(weights),
         "shards": shards,
         "kernels": {n: kernel_entry(k) for n, k in kernels.items()},
         "programs": {n: program_json(p) for n, p in programs.items()},

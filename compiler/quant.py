@@ -352,6 +352,110 @@ class Q3_K(_KQuant):
         return ((d[:, None] * sc)[:, :, None] * q.reshape(nsb, 16, 16).astype(np.float32)).reshape(rows, k)
 
 
+# ---- kiln's own schemes: re-quantization targets (`kiln compile --quant`) ---------------------------------------------
+# Not GGUF types, so they are not in QuantScheme.registry (which maps GGUF tensor types); KILN_SCHEMES holds them.
+# `raw` for these schemes is kiln-defined and row-major (the packer slices it by rows), made by `quantize(floats)`.
+
+
+class _Q4G(QuantScheme):
+    """Symmetric 4-bit integers with one f16 scale per `group` consecutive weights of a row (q4g32, q4g64, q4g128).
+
+    quantize: per group d = f16(max |w| / 7); q = clamp(round(w / d), -8, 7) (0 where d == 0); value = d * q.
+    A row of K weights has ceil(K / group) groups; the last one is shorter when K is not a multiple of `group`
+    (SmolLM2's K = 576 with group 128), so any K that is a multiple of 32 works.
+    raw row (bytes):  qs: K / 32 runs of 16 bytes | d: ceil(K / group) f16
+        run j holds weights 32j .. 32j + 31 as q + 8: byte i = weight 32j + i (low nibble), 32j + i + 16 (high nibble)
+        -- the nibble order of GGUF's Q4_0, so the kernels read a run exactly like a Q4_0 block.
+    packed:  qs (rows * K / 32, 4) u32 | d (rows * ceil(K / group)) f16 pairs
+        weight (r, c): run r * K/32 + c // 32; scale r * ceil(K / group) + c // group.
+    """
+    group: ClassVar[int]
+    block_size = 32          # kernels' granularity: K must be a multiple of 32
+
+    @classmethod
+    def groups_per_row(cls, k: int) -> int:
+        return -(-k // cls.group)
+
+    @classmethod
+    def row_bytes(cls, k: int) -> int:
+        return k // 2 + 2 * cls.groups_per_row(k)
+
+    @classmethod
+    def quantize(cls, w: np.ndarray) -> np.ndarray:
+        """(rows, K) floats -> raw uint8 (rows * row_bytes(K),)."""
+        w = np.asarray(w, np.float32)
+        rows, k = w.shape
+        if k % GROUP:
+            raise UnsupportedModelError(f"row length {k} is not a multiple of {GROUP}")
+        ng = cls.groups_per_row(k)
+        pad = np.zeros((rows, ng * cls.group), np.float32)
+        pad[:, :k] = w
+        g = pad.reshape(rows, ng, cls.group)
+        d = (np.abs(g).max(axis=2) / np.float32(7)).astype(np.float16)
+        df = d.astype(np.float32)[:, :, None]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            q = np.where(df > 0, np.clip(np.round(g / df), -8, 7), 0).astype(np.int8)
+        u = (q.reshape(rows, -1)[:, :k] + 8).astype(np.uint8).reshape(rows, k // 32, 2, 16)
+        qs = (u[:, :, 0] | (u[:, :, 1] << 4)).reshape(rows, k // 2)
+        return np.concatenate([qs, d.view(np.uint8).reshape(rows, 2 * ng)], axis=1).reshape(-1)
+
+    @classmethod
+    def pack(cls, raw, rows, k):
+        b = np.ascontiguousarray(raw, dtype=np.uint8).reshape(rows, cls.row_bytes(k))
+        return np.concatenate([_u32(b[:, :k // 2]), _f16_pairs(b[:, k // 2:].copy().view(np.uint16))])
+
+    @classmethod
+    def dequantize_packed(cls, packed, rows, k):
+        nb, ng = rows * k // 32, cls.groups_per_row(k)
+        qs = packed[: nb * 4].view(np.uint8).reshape(nb, 16)
+        q = (np.concatenate([qs & 15, qs >> 4], axis=1).astype(np.float32) - 8).reshape(rows, k)
+        d = _scales_from(packed, nb * 4, rows * ng).reshape(rows, ng)
+        return q * np.repeat(d, cls.group, axis=1)[:, :k]
+
+    @classmethod
+    def packed_words(cls, rows, k):
+        return rows * k // 8 + -(-rows * cls.groups_per_row(k) // 2)
+
+
+class Q4G32(_Q4G):
+    name, group = "q4g32", 32
+
+
+class Q4G64(_Q4G):
+    name, group = "q4g64", 64
+
+
+class Q4G128(_Q4G):
+    name, group = "q4g128", 128
+
+
+KILN_SCHEMES: dict[str, type[QuantScheme]] = {s.name: s for s in (Q4G32, Q4G64, Q4G128)}
+REQUANT_SOURCES = (T.F32, T.F16, T.Q8_0)   # matrix types `--quant` re-quantizes (lower-bit types stay as they are)
+REQUANT_TARGETS = ("q8_0", *KILN_SCHEMES)
+
+
+def requant_scheme(name: str) -> type[QuantScheme]:
+    """The scheme `kiln compile --quant NAME` re-quantizes into."""
+    if name == "q8_0":
+        return Q8_0
+    if name in KILN_SCHEMES:
+        return KILN_SCHEMES[name]
+    raise UnsupportedModelError(f"unknown --quant scheme {name!r} (choose from {', '.join(REQUANT_TARGETS)})")
+
+
+def requantize(scheme: type[QuantScheme], w: np.ndarray) -> np.ndarray:
+    """(rows, K) float32 -> the raw bytes `scheme.pack` takes."""
+    if scheme is Q8_0:
+        from gguf.quants import quantize
+        return np.ascontiguousarray(quantize(np.asarray(w, np.float32), T.Q8_0)).view(np.uint8).reshape(-1)
+    return scheme.quantize(w)
+
+
+def scheme_named(name: str) -> type[QuantScheme]:
+    """Any scheme by its manifest name: a GGUF type's or kiln's own."""
+    return QuantScheme.registry.get(name) or KILN_SCHEMES[name]
+
+
 def scheme_for(ggml_type: T) -> type[QuantScheme]:
     for s in QuantScheme.registry.values():
         if s.ggml_type == ggml_type:

@@ -1,7 +1,9 @@
 """Stage 4 — the op schedule: which kernel runs when, on which buffers, with which uniforms and dispatch sizes.
 
 A *program* is a flat list of steps the runtimes replay verbatim: no model logic lives in runtime_py/ or web/.
-Two programs per model: `prefill` (T <= prefill_chunk tokens, mat-mat kernels) and `decode` (T = 1, mat-vec kernels).
+Three programs per model: `prefill` (T <= prefill_chunk tokens, mat-mat kernels), `decode` (T = 1, mat-vec kernels)
+and `score` (prefill whose LM head writes the logits of every token, T <= limits.score_chunk, into `logits_all`: what
+perplexity needs; see runtime_py/quality.py).
 
 Step (JSON):
     {"kernel": name, "bind": [buffer refs, binding 2..], "params": [values, Params order], "dispatch": [x, y, z]}
@@ -21,6 +23,13 @@ MAX_WORKGROUPS = 65535
 # workgroup shape (output rows x lanes splitting K) for mat-vec and mat-mat; measured on lavapipe, where
 # 16x4 beat 8x8 / 32x2 / 64x1 for decode by 1.5-3x (see ARCHITECTURE.md, "tuning")
 MATMUL_SHAPE = {False: dict(rows=16, lanes=4), True: dict(rows=8, lanes=8)}
+SCORE_BYTES = 16 << 20   # the score program's (score_chunk, vocab) f32 logits buffer stays under this
+
+
+def score_chunk(vocab: int, prefill_chunk: int) -> int:
+    """Tokens per `score` pass: at most 64 and the prefill chunk, logits_all <= SCORE_BYTES (Gemma 3: 16 tokens)."""
+    fit = SCORE_BYTES // (4 * vocab) // PREFILL_TILE * PREFILL_TILE
+    return max(1, min(64, prefill_chunk, fit or 1))
 
 
 def dispatch_size(dim, n_tokens: int) -> int:
@@ -65,8 +74,8 @@ class Program:
 class Builder:
     """Emits one program for one phase. `tile` = tokens per matmul workgroup (1 for decode)."""
 
-    def __init__(self, cfg: ModelConfig, weights, tile: int):
-        self.cfg, self.W, self.tile = cfg, weights, tile
+    def __init__(self, cfg: ModelConfig, weights, tile: int, score: bool = False):
+        self.cfg, self.W, self.tile, self.score = cfg, weights, tile, score
         self.p = Program()
 
     # -- helpers: one per kernel family ------------------------------------------------------------------------
@@ -146,6 +155,9 @@ class Builder:
         c = self.cfg
         self.rmsnorm("x", "output_norm.weight", "xn", width=c.n_embd)
         out = "token_embd.weight" if c.tied_output else "output.weight"
+        if self.score:   # every token's logits, no sampling
+            self.matmul("xn", out, "logits_all", n_stride=c.vocab)
+            return
         self.matmul("xn", out, "logits", last_only=True, n_stride=c.vocab)
         self.p.add(Argmax(), ["logits", "tokens"], dict(n=c.vocab), [1, 1, 1])
 
@@ -158,8 +170,9 @@ class Builder:
         return self.p
 
 
-def activation_buffers(cfg: ModelConfig) -> dict[str, dict]:
-    """Activation and KV buffers. Shapes use the symbols T (prefill chunk) and ctx (context, chosen at load)."""
+def activation_buffers(cfg: ModelConfig, score_tokens: int | None = None) -> dict[str, dict]:
+    """Activation and KV buffers. Shapes use the symbols T (prefill chunk) and ctx (context, chosen at load).
+    score_tokens: the score program's chunk (adds `logits_all`)."""
     q_dim, kv_dim = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
     bufs = {
         "tokens": {"shape": ["T"], "dtype": "u32"},                       # (T,) input ids; argmax writes [0]
@@ -170,6 +183,8 @@ def activation_buffers(cfg: ModelConfig) -> dict[str, dict]:
         "ff": {"shape": ["T", cfg.n_ff], "dtype": "f32"},                 # (T, n_ff)
         "logits": {"shape": [cfg.vocab], "dtype": "f32"},                 # (vocab,) last token only
     }
+    if score_tokens:
+        bufs["logits_all"] = {"shape": [score_tokens, cfg.vocab], "dtype": "f32"}   # (score_chunk, vocab): score
     for L in range(cfg.n_layer):
         bufs[f"k_cache.{L}"] = {"shape": ["ctx", cfg.n_kv_head, cfg.head_dim], "dtype": "f32"}
         bufs[f"v_cache.{L}"] = {"shape": ["ctx", cfg.n_kv_head, cfg.head_dim], "dtype": "f32"}
@@ -179,4 +194,5 @@ def activation_buffers(cfg: ModelConfig) -> dict[str, dict]:
 def build_programs(cfg: ModelConfig, weights) -> dict[str, Program]:
     """weights: callable name -> WeightRef (records which tensors the schedule uses)."""
     return {"prefill": Builder(cfg, weights, PREFILL_TILE).build(),
-            "decode": Builder(cfg, weights, 1).build()}
+            "decode": Builder(cfg, weights, 1).build(),
+            "score": Builder(cfg, weights, PREFILL_TILE, score=True).build()}

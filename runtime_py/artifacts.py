@@ -11,7 +11,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from compiler.errors import GGUFError, KilnError
+from compiler.errors import ArtifactError, GGUFError, KilnError
 from compiler.manifest import MANIFEST_FILE
 from compiler.pipeline import COMPILER_VERSION, compile_model
 
@@ -71,8 +71,12 @@ def fingerprint(path: Path) -> str:
 
 def ensure_artifact(model: str | None, *, progress=None, log=print) -> Path:
     """Artifact directory for MODEL, compiling into the cache on first use."""
-    if model and (Path(model) / MANIFEST_FILE).exists():
-        return Path(model)
+    if model and Path(model).is_dir():
+        if (Path(model) / MANIFEST_FILE).exists():
+            return Path(model)
+        if model not in KNOWN_MODELS:
+            raise ArtifactError(f"{model}: no {MANIFEST_FILE} in this directory, so it is not a compiled kiln artifact "
+                                f"(an interrupted compile leaves none; run `kiln compile MODEL.gguf -o {model}`)")
     gguf_path = resolve_gguf(model)
     out = cache_root() / "artifacts" / f"{gguf_path.stem}-{fingerprint(gguf_path)}"
     if not (out / MANIFEST_FILE).exists():

@@ -1,6 +1,6 @@
 """kiln command line.
 
-    kiln compile MODEL.gguf -o DIR          GGUF -> WGSL + shards + manifest
+    kiln compile MODEL.gguf -o DIR          GGUF -> WGSL + shards + manifest  [--quant q8_0|q4g32|q4g64|q4g128]
     kiln run [MODEL] --prompt TEXT [--chat] [sampling flags] [--json]
     kiln inspect MODEL.gguf [--ctx N]       architecture, parameters, tensor types, memory
     kiln serve [--host H] [--port P]        web demo + OpenAI-compatible API
@@ -16,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 from compiler.errors import KilnError
+from compiler.quant import REQUANT_TARGETS
 
 
 def _bar(desc: str, unit_scale=True):
@@ -37,8 +38,12 @@ def _bar(desc: str, unit_scale=True):
 def cmd_compile(a):
     from compiler.pipeline import compile_model
     from .artifacts import add_selftest, resolve_gguf
-    out = compile_model(resolve_gguf(a.model), Path(a.output), prefill_chunk=a.prefill_chunk,
-                        progress=_bar("packing", unit_scale=False))
+    target = Path(a.output)
+    # compile replaces the output directory: never one that holds something other than a kiln artifact
+    if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not (target / "manifest.json").exists())):
+        raise KilnError(f"{target}: exists and is not a kiln artifact directory; choose a new or empty directory")
+    out = compile_model(resolve_gguf(a.model), target, prefill_chunk=a.prefill_chunk,
+                        progress=_bar("packing", unit_scale=False), requant=a.quant)
     if not a.no_selftest:
         add_selftest(out)   # runs the model once here: the browser compares its own logits to these
     m = json.loads((out / "manifest.json").read_text())
@@ -78,11 +83,12 @@ def build_prompt(tok, manifest, prompt: str, chat: bool, system: str | None, tem
 
 def cmd_run(a):
     from .generate import Done, generate
+    params = _sampling(a).validate()   # bad flags fail before the model loads
     model, session, tok, m = load(a.model, a.ctx, quiet=a.json)
     prompt = a.prompt if a.prompt is not None else sys.stdin.read()
     ids = build_prompt(tok, m, prompt, a.chat, a.system, a.chat_template)
     tops, done = [], None
-    for ev in generate(session, tok, ids, _sampling(a), max_tokens=a.max_tokens, logprobs=5 if a.json else 0,
+    for ev in generate(session, tok, ids, params, max_tokens=a.max_tokens, logprobs=5 if a.json else 0,
                        eog_ids=tok.eog_ids):
         if isinstance(ev, Done):
             done = ev
@@ -109,10 +115,13 @@ def cmd_inspect(a):
     g = GGUFModel(resolve_gguf(a.model))
     cfg = read_config(g)
     n_params = sum(int(__import__("math").prod(t.shape)) for t in g.tensors.values())
+    from compiler.pack import tensor_types
     types = Counter()
-    for t in g.tensors.values():
-        types[t.ggml_type.name] += t.n_bytes
-    weights = sum(t.n_bytes for t in g.tensors.values())
+    for kind, nbytes in tensor_types(g, a.quant).values():   # as packed, after --quant re-quantization
+        types[kind] += nbytes
+    weights = sum(types.values())
+    if a.ctx is not None and a.ctx < 1:
+        raise KilnError(f"--ctx must be at least 1 (got {a.ctx})")
     ctx = a.ctx or cfg.context_length
     kv = cfg.kv_cache_bytes(ctx)
     info = {"file": str(g.path), "architecture": cfg.arch, "name": cfg.name, "parameters": n_params,
@@ -149,6 +158,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", required=True, help="output directory")
     c.add_argument("--prefill-chunk", type=int, default=128, help="tokens per prefill pass (multiple of 8)")
     c.add_argument("--no-selftest", action="store_true", help="skip recording reference logits (no GPU needed)")
+    c.add_argument("--quant", choices=REQUANT_TARGETS, default=None,
+                   help="re-quantize every F32/F16/Q8_0 matrix: q8_0, or int4 with one f16 scale per 32/64/128 weights")
     c.set_defaults(fn=cmd_compile)
 
     r = sub.add_parser("run", help="generate text")
@@ -166,13 +177,15 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=None)
     r.add_argument("--stop", action="append", help="stop string (repeatable)")
     r.add_argument("--ctx", type=int, default=None, help="context length (default 2048, at most the model's)")
-    r.add_argument("--json", action="store_true", help="print one JSON object: prompt_ids, ids, text, "
-                                                       "top_logprobs, timings")
+    r.add_argument("--json", action="store_true", help="print one JSON object: model, prompt_ids, ids, text, "
+                                                       "finish_reason, top_logprobs, timings (schema: "
+                                                       "tests/gpu/test_cli.py)")
     r.set_defaults(fn=cmd_run)
 
     i = sub.add_parser("inspect", help="describe a GGUF model and its memory needs")
     i.add_argument("model", nargs="?", default=None)
     i.add_argument("--ctx", type=int, default=None)
+    i.add_argument("--quant", choices=REQUANT_TARGETS, default=None, help="show sizes after `compile --quant`")
     i.add_argument("--json", action="store_true")
     i.set_defaults(fn=cmd_inspect)
 
@@ -198,6 +211,9 @@ def main(argv=None):
         sys.exit(130)
     except BrokenPipeError:
         sys.exit(0)
+    except OSError as e:   # unreadable / unwritable paths the user named (--chat-template, -o, ...)
+        print(f"kiln: error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,10 @@ def get_adapter():
         import wgpu
         adapter = wgpu.gpu.request_adapter_sync(power_preference="high-performance")
     except Exception as e:  # wgpu raises RuntimeError when no backend/adapter exists
-        raise NoAdapterError(f"{NO_ADAPTER_HELP} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+        # its first line is "Request adapter failed (3): Validation Error"; the last says what was tried, e.g.
+        # "No suitable graphics adapter found; ... vulkan drivers/libraries could not be loaded, ..."
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        raise NoAdapterError(f"{NO_ADAPTER_HELP} (wgpu: {lines[-1] if lines else type(e).__name__})") from None
     if adapter is None:
         raise NoAdapterError(NO_ADAPTER_HELP)
     return adapter

@@ -39,12 +39,13 @@ class StopStrings:
 
     def feed(self, delta: str) -> tuple[str, bool]:
         self.text += delta
-        for s in self.stops:
-            i = self.text.find(s, max(0, self.emitted - len(s)))
-            if i >= 0:
-                out = self.text[self.emitted:i]
-                self.text, self.emitted = self.text[:i], i
-                return out, True
+        # the earliest stop wins, whichever string it is (one delta may complete several)
+        hits = [i for s in self.stops if (i := self.text.find(s, max(0, self.emitted - len(s)))) >= 0]
+        if hits:
+            i = min(hits)
+            out = self.text[self.emitted:i]
+            self.text, self.emitted = self.text[:i], i
+            return out, True
         hold = 0
         for s in self.stops:  # longest suffix of text that is a proper prefix of a stop string
             for n in range(min(len(s) - 1, len(self.text)), 0, -1):
@@ -106,6 +107,7 @@ def generate(session, tokenizer, prompt_ids: list[int], params: SamplingParams, 
     if not cut:   # release what was held back: an unfinished UTF-8 sequence, a possible stop-string prefix
         tail, cut = stops.feed(decoder.flush())
         tail += "" if cut else stops.flush()
+        finish = "stop" if cut else finish
         if tail:
             text.append(tail)
             yield Token(-1, tail, None)   # id -1: text released at the end, no new token

@@ -125,6 +125,8 @@ class Session:
     def __init__(self, model: Model, ctx: int | None = None):
         self.model = model
         m, dev = model.manifest, model.device
+        if ctx is not None and ctx < 1:
+            raise ContextOverflowError(f"context length must be at least 1 token (got {ctx})")
         self.ctx = min(ctx or DEFAULT_CTX, model.config["context_length"])
         self.chunk = m["limits"]["prefill_chunk"]
         sizes = buffer_bytes(m, self.ctx)
@@ -181,3 +183,33 @@ class Session:
     def next_token(self) -> int:
         """Greedy next token, computed on the GPU (reads 4 bytes instead of the logits)."""
         return int(np.frombuffer(self.model.device.queue.read_buffer(self.buffers["tokens"], 0, 4), np.uint32)[0])
+
+    def score_chunks(self, ids: list[int]):
+        """Run the `score` program on `ids` (appended at self.pos), limits.score_chunk tokens at a time; yields each
+        chunk's (T, vocab) float32 logits: row i predicts the token after ids[c0 + i]."""
+        m, dev = self.model.manifest, self.model.device
+        if "score" not in self.programs:
+            raise ArtifactError("this artifact has no `score` program (compiled by an older kiln); recompile the model")
+        if self.pos + len(ids) > self.ctx:
+            raise ContextOverflowError(f"sequence of {self.pos + len(ids)} tokens exceeds the context of {self.ctx}")
+        step, vocab = m["limits"]["score_chunk"], self.model.config["vocab"]
+        for c0 in range(0, len(ids), step):
+            chunk = ids[c0:c0 + step]
+            T = len(chunk)
+            dev.queue.write_buffer(self.buffers["tokens"], 0, np.asarray(chunk, dtype=np.uint32).tobytes())
+            dev.queue.write_buffer(self.state, 0, np.array([T, self.pos, 0, 0], dtype=np.uint32).tobytes())
+            enc = dev.create_command_encoder()
+            cp = enc.begin_compute_pass()
+            for pipeline, bind_group, dispatch in self.programs["score"]:
+                cp.set_pipeline(pipeline)
+                cp.set_bind_group(0, bind_group)
+                cp.dispatch_workgroups(*(dispatch_size(d, T) for d in dispatch))
+            cp.end()
+            dev.queue.submit([enc.finish()])
+            self.pos += T
+            raw = dev.queue.read_buffer(self.buffers["logits_all"], 0, T * vocab * 4)
+            yield np.frombuffer(raw, dtype=np.float32).reshape(T, vocab).copy()
+
+    def score(self, ids: list[int]) -> np.ndarray:
+        """(len(ids), vocab) float32 logits of every token of `ids` (see score_chunks; mind the size for big vocabs)."""
+        return np.concatenate(list(self.score_chunks(ids)))
