@@ -56,6 +56,22 @@ class Matmul(Kernel):
 
 
 @dataclass(frozen=True)
+class MatmulTokens(Kernel):
+    """Prefill mat-mat with one invocation per (row, token): no reduction, no barrier (see matmul_tt.wgsl.j2)."""
+    template: ClassVar[str] = "matmul_tt"
+    params: ClassVar[tuple[Param, ...]] = Matmul.params
+    quant: str
+    tokens: int = 8     # tokens per workgroup (the SIMD lanes on CPU adapters)
+    rows: int = 8       # output rows per workgroup
+    gate: str | None = None
+    residual: bool = False
+
+    def bindings(self):
+        w = [("w", "read")] + ([("w_up", "read")] if self.gate else [])
+        return [("x", "read"), *w, ("y", "read_write")]
+
+
+@dataclass(frozen=True)
 class Embed(Kernel):
     template: ClassVar[str] = "embed"
     params: ClassVar[tuple[Param, ...]] = (("k", "u32"), ("rows", "u32"), ("row0", "u32"), ("scale", "f32"))

@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 
 from .config import ModelConfig
 from .errors import UnsupportedModelError
-from .kernels import Argmax, Attention, Embed, Kernel, Matmul, RMSNorm, RopeKV
+from .kernels import Argmax, Attention, Embed, Kernel, Matmul, MatmulTokens, RMSNorm, RopeKV
 
 PREFILL_TILE = 8     # tokens per matmul workgroup in prefill
 MAX_WORKGROUPS = 65535
-# workgroup shape (output rows x lanes splitting K) for mat-vec and mat-mat; measured on lavapipe, where
-# 16x4 beat 8x8 / 32x2 / 64x1 for decode by 1.5-3x (see ARCHITECTURE.md, "tuning")
-MATMUL_SHAPE = {False: dict(rows=16, lanes=4), True: dict(rows=8, lanes=8)}
+# mat-vec workgroup shape (output rows x lanes splitting K); measured on lavapipe, where 16x4 beat 8x8 / 32x2 / 64x1
+# for decode by 1.5-3x (see ARCHITECTURE.md, "tuning")
+MATMUL_SHAPE = dict(rows=16, lanes=4)
 SCORE_BYTES = 16 << 20   # the score program's (score_chunk, vocab) f32 logits buffer stays under this
 
 
@@ -85,7 +85,10 @@ class Builder:
         ur = self.W(up) if up else None
         tile = 1 if last_only else self.tile
         for i, (row0, rows) in enumerate(wr.parts):
-            k = Matmul(quant=wr.quant, tile=tile, gate=gate, residual=residual, **MATMUL_SHAPE[tile > 1])
+            if tile > 1:   # prefill: one invocation per (row, token); 2x the k-split tile kernel on lavapipe
+                k = MatmulTokens(quant=wr.quant, tokens=tile, gate=gate, residual=residual)
+            else:
+                k = Matmul(quant=wr.quant, tile=1, gate=gate, residual=residual, **MATMUL_SHAPE)
             if ur and ur.quant != wr.quant:
                 raise UnsupportedModelError(f"{w} and {up} have different types ({wr.quant}, {ur.quant})")
             bind = [x, wr.ref(i)] + ([ur.ref(i)] if ur else []) + [y]

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from gguf.quants import dequantize
 
-from compiler.kernels import Embed, Matmul
+from compiler.kernels import Embed, Matmul, MatmulTokens
 from compiler.quant import QK_K, QuantScheme, scheme_for
 from runtime_py.device import NoAdapterError, get_device
 
@@ -68,9 +68,12 @@ def check_matmul(name, tile, T, weights, rng, *, gate=None, up=None, residual=Fa
     bufs = [x, s.pack(raw, rows, k)] + ([s.pack(up[0], rows, k)] if gate else [])
     n_stride = n_stride or rows
     y0 = rng.standard_normal((T, n_stride)).astype(f32)
-    kern = Matmul(quant=name, tile=tile, gate=gate, residual=residual)
+    if tile == "tt":   # what prefill runs: one invocation per (row, token), 8 tokens per workgroup
+        kern, per_wg = MatmulTokens(quant=name, gate=gate, residual=residual), 8
+    else:
+        kern, per_wg = Matmul(quant=name, tile=tile, gate=gate, residual=residual), tile
     (y,) = run_kernel(kern, dict(k=k, rows=rows, n_offset=n_offset, n_stride=n_stride, last_only=0),
-                      bufs + [y0], [-(-rows // kern.rows), f"T/{tile}", 1], n_tokens=T)
+                      bufs + [y0], [-(-rows // kern.rows), f"T/{per_wg}", 1], n_tokens=T)
     r = x.astype(f64) @ w.T
     if gate == "gelu_tanh":
         g = r
@@ -104,7 +107,7 @@ def test_embed_random(name, rng):
 
 
 @pytest.mark.parametrize("T,rows,K", [(1, 5, 256), (13, 37, 512)])
-@pytest.mark.parametrize("tile", [1, 8])
+@pytest.mark.parametrize("tile", [1, 8, "tt"])
 @pytest.mark.parametrize("name", K_SCHEMES)
 def test_matmul_random(name, tile, T, rows, K, rng):
     check_matmul(name, tile, T, random_weights(name, rows, K, rng), rng)
@@ -149,7 +152,7 @@ def test_embed_real(gemma, tensor, kind, rng):
     check_embed(name, w, [0, 39, 17, 5], rng)
 
 
-@pytest.mark.parametrize("tile", [1, 8])
+@pytest.mark.parametrize("tile", [1, 8, "tt"])
 @pytest.mark.parametrize("tensor,kind", REAL)
 def test_matmul_real(gemma, tensor, kind, tile, rng):
     name, w = real_weights(gemma, tensor, 101, 37)
