@@ -61,6 +61,14 @@ uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
 """
 
 
+def run_async(coro):
+    """asyncio.run in a thread of its own: Playwright's sync API (tests/e2e, same session) keeps an event loop
+    running in the main thread, where asyncio.run refuses to start."""
+    import concurrent.futures
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
 def _env() -> dict:
     env = dict(os.environ, KILN_SLOTS=str(SLOTS), KILN_QUEUE=str(QUEUE))
     env.setdefault("XDG_RUNTIME_DIR", f"/tmp/kiln-xdg-{os.getuid()}")
@@ -310,7 +318,7 @@ def test_16_concurrent_streams_equal_sequential_greedy(server):
 
     async def run():
         return await asyncio.gather(*[_stream(server.url, p, n) for p in PROMPTS])
-    results = asyncio.run(run())
+    results = run_async(run())
     wall = time.perf_counter() - t0
     refs = [reference_ids(p, n) for p in PROMPTS]             # sequential, in this process, one after another
     for p, res, ref in zip(PROMPTS, results, refs):
@@ -327,13 +335,13 @@ def test_disconnecting_clients_free_their_slots(server, http):
     if server.health()["models"][MODEL]["sessions"] < SLOTS:   # run alone: allocate every slot's KV cache first
         async def warm():
             await asyncio.gather(*[_stream(server.url, p, 1) for p in PROMPTS[:SLOTS]])
-        asyncio.run(warm())
+        run_async(warm())
         server.wait_idle()
     rss0 = server.rss()
 
     async def leave():
         return await asyncio.gather(*[_stream(server.url, p, 500, stop_after=2) for p in PROMPTS[:8]])
-    results = asyncio.run(leave())
+    results = run_async(leave())
     assert all(r["left"] for r in results)
     with pytest.raises(httpx.ReadTimeout):                    # a non-streaming client that gives up waiting
         httpx.post(server.url + "/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=2,
@@ -366,7 +374,7 @@ def test_full_queue_gets_503_and_recovers(server, http):
             finally:
                 for s in streams:                             # all of them leave
                     await s.__aexit__(None, None, None)
-    over, over_chat = asyncio.run(run())
+    over, over_chat = run_async(run())
     assert_error(over, 503, code="server_overloaded")
     assert over.headers.get("retry-after")
     assert_error(over_chat, 503)
