@@ -66,9 +66,7 @@ class MatmulTokens(Kernel):
     gate: str | None = None
     residual: bool = False
 
-    def bindings(self):
-        w = [("w", "read")] + ([("w_up", "read")] if self.gate else [])
-        return [("x", "read"), *w, ("y", "read_write")]
+    bindings = Matmul.bindings   # same buffers as the k-split kernel
 
 
 @dataclass(frozen=True)

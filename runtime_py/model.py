@@ -158,22 +158,24 @@ class Session:
         """Run the model on `ids` (appended at self.pos); afterwards logits / next_token describe the last one."""
         if self.pos + len(ids) > self.ctx:
             raise ContextOverflowError(f"sequence of {self.pos + len(ids)} tokens exceeds the context of {self.ctx}")
-        dev = self.model.device
         for c0 in range(0, len(ids), self.chunk):
             chunk = ids[c0:c0 + self.chunk]
-            T = len(chunk)
-            prog = "decode" if T == 1 else "prefill"
-            dev.queue.write_buffer(self.buffers["tokens"], 0, np.asarray(chunk, dtype=np.uint32).tobytes())
-            dev.queue.write_buffer(self.state, 0, np.array([T, self.pos, 0, 0], dtype=np.uint32).tobytes())
-            enc = dev.create_command_encoder()
-            cp = enc.begin_compute_pass()
-            for pipeline, bind_group, dispatch in self.programs[prog]:
-                cp.set_pipeline(pipeline)
-                cp.set_bind_group(0, bind_group)
-                cp.dispatch_workgroups(*(dispatch_size(d, T) for d in dispatch))
-            cp.end()
-            dev.queue.submit([enc.finish()])
-            self.pos += T
+            self._run("decode" if len(chunk) == 1 else "prefill", chunk)
+
+    def _run(self, prog: str, chunk: list[int]):
+        """One submit: write the chunk's ids and the State, replay program `prog`, advance pos."""
+        dev, T = self.model.device, len(chunk)
+        dev.queue.write_buffer(self.buffers["tokens"], 0, np.asarray(chunk, dtype=np.uint32).tobytes())
+        dev.queue.write_buffer(self.state, 0, np.array([T, self.pos, 0, 0], dtype=np.uint32).tobytes())
+        enc = dev.create_command_encoder()
+        cp = enc.begin_compute_pass()
+        for pipeline, bind_group, dispatch in self.programs[prog]:
+            cp.set_pipeline(pipeline)
+            cp.set_bind_group(0, bind_group)
+            cp.dispatch_workgroups(*(dispatch_size(d, T) for d in dispatch))
+        cp.end()
+        dev.queue.submit([enc.finish()])
+        self.pos += T
 
     def logits(self) -> np.ndarray:
         """(vocab,) float32 logits of the last token of the last forward."""
@@ -196,17 +198,7 @@ class Session:
         for c0 in range(0, len(ids), step):
             chunk = ids[c0:c0 + step]
             T = len(chunk)
-            dev.queue.write_buffer(self.buffers["tokens"], 0, np.asarray(chunk, dtype=np.uint32).tobytes())
-            dev.queue.write_buffer(self.state, 0, np.array([T, self.pos, 0, 0], dtype=np.uint32).tobytes())
-            enc = dev.create_command_encoder()
-            cp = enc.begin_compute_pass()
-            for pipeline, bind_group, dispatch in self.programs["score"]:
-                cp.set_pipeline(pipeline)
-                cp.set_bind_group(0, bind_group)
-                cp.dispatch_workgroups(*(dispatch_size(d, T) for d in dispatch))
-            cp.end()
-            dev.queue.submit([enc.finish()])
-            self.pos += T
+            self._run("score", chunk)
             raw = dev.queue.read_buffer(self.buffers["logits_all"], 0, T * vocab * 4)
             yield np.frombuffer(raw, dtype=np.float32).reshape(T, vocab).copy()
 
