@@ -4,11 +4,16 @@ A kernel instance is (template, compile-time fields). Its fields are the jinja2 
 cache key and the .wgsl file name, and `params` / `bindings` describe its uniform struct and storage bindings in the
 order the template declares them (binding 0 = State, 1 = Params, 2.. = storage). Anything that varies per call (sizes,
 offsets, eps) is a uniform, not a template field, so a whole model needs only a handful of distinct shaders.
+A kernel with a `quant` field also hands its template `quant`, the scheme's declared layout (compiler/quant), which the
+`_quant_*.wgsl.j2` reader renders its word offsets from. `features` names the optional WebGPU features its WGSL needs
+(e.g. "shader-f16"); the compiler writes their union into the manifest, and the runtimes request exactly those.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 from typing import ClassVar
+
+from .quant import scheme_named
 
 # uniform field types: "u32" | "f32"
 Param = tuple[str, str]
@@ -18,6 +23,7 @@ Param = tuple[str, str]
 class Kernel:
     template: ClassVar[str]
     params: ClassVar[tuple[Param, ...]]
+    features: ClassVar[tuple[str, ...]] = ()   # optional WebGPU features the WGSL needs (none so far: f32 + core only)
 
     @property
     def name(self) -> str:
@@ -34,17 +40,19 @@ class Kernel:
         raise TypeError(f"{type(self).__name__} must define bindings()")
 
     def context(self) -> dict:
-        return {"k": self, "fields": asdict(self)}
+        ctx = {"k": self, "fields": asdict(self)}
+        if hasattr(self, "quant"):
+            ctx["quant"] = scheme_named(self.quant).layout()
+        return ctx
 
 
 @dataclass(frozen=True)
 class Matmul(Kernel):
-    """y (+)= act(x @ W^T): quantized mat-vec (tile 1, decode) and mat-mat (tile > 1, prefill)."""
+    """y (+)= act(x @ W^T), one token per workgroup row: decode, and the LM head on the last token (last_only)."""
     template: ClassVar[str] = "matmul"
     params: ClassVar[tuple[Param, ...]] = (("k", "u32"), ("rows", "u32"), ("n_offset", "u32"), ("n_stride", "u32"),
                                            ("last_only", "u32"))
     quant: str
-    tile: int = 1
     rows: int = 8       # output rows per workgroup
     lanes: int = 8      # threads splitting K for one row (power of two)
     gate: str | None = None   # None | "silu" | "gelu_tanh": y = act(x W^T) * (x U^T)
@@ -59,7 +67,7 @@ class Matmul(Kernel):
 class MatmulTokens(Kernel):
     """Prefill mat-mat with one invocation per (row, token): no reduction, no barrier (see matmul_tt.wgsl.j2)."""
     template: ClassVar[str] = "matmul_tt"
-    params: ClassVar[tuple[Param, ...]] = Matmul.params
+    params: ClassVar[tuple[Param, ...]] = Matmul.params[:4]   # no last_only: the LM head uses the mat-vec kernel
     quant: str
     tokens: int = 8     # tokens per workgroup (the SIMD lanes on CPU adapters)
     rows: int = 8       # output rows per workgroup

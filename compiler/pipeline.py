@@ -1,10 +1,19 @@
-"""The compiler, top to bottom: GGUF -> config -> packed weights -> schedule -> WGSL -> shards -> manifest.
+"""The compiler, top to bottom: `STAGES`, run in order by `compile_model`.
 
     compile_model("model.gguf", "out/")   writes out/{manifest.json, tokenizer.json, shaders/*.wgsl, shard-*.bin}
 
-Each stage is one module, in this order. The artifact is built in a temporary sibling directory and renamed into place
-at the end, so an interrupted compile never leaves a half-written artifact that looks whole.
-KILN_DEBUG=1 prints each stage's result (and every rendered shader).
+    1 read      gguf_file.py   GGUFModel: the memory-mapped file, every tensor checked to lie inside it
+    2 config    config.py      ModelConfig from the metadata; tokenizer.py: tokenizer.json + token ids
+    3 plan      plan.py        WeightPlan: every tensor's scheme, shape and row parts, sized by formula (nothing packed)
+    4 schedule  schedule.py    the programs (prefill, decode, score): kernel steps binding planned parts + activations
+    5 render    render.py      one .wgsl per distinct kernel of the programs (kernels.py dataclass -> shaders/*.j2)
+    6 shards    shards.py      every part the programs bind, packed once (pack.py, quant/) and appended to a shard
+    7 manifest  manifest.py    manifest.json: config, tokenizer, buffers, weights -> parts, shards, kernels, programs
+
+Each stage reads what earlier stages left on the `Compilation` and adds its own result; the types they share are in
+ir.py. KILN_DEBUG=1 prints every stage's output as it finishes (programs step by step, every rendered shader).
+The artifact is built in a temporary sibling directory and renamed into place at the end, so an interrupted compile
+never leaves a half-written artifact that looks whole.
 """
 from __future__ import annotations
 
@@ -12,25 +21,46 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import config as config_stage
 from .gguf_file import GGUFModel
-from .manifest import kernel_entry, program_json, write_manifest
-from .pack import SHARD_BYTES, WeightPacker
-from .render import render
-from .schedule import activation_buffers, build_programs, score_chunk, PREFILL_TILE
-from .shards import ShardWriter
+from .ir import SHARD_BYTES, Program
+from .kernels import Kernel
+from .manifest import bytes_by_quant, kernel_entry, kernel_features, program_json, write_manifest
+from .plan import WeightPlan, plan_weights
+from .render import render as render_kernel
+from .schedule import PREFILL_TILE, activation_buffers, build_programs, score_chunk
+from .shards import write_shards
 from .tokenizer import build_tokenizer_json, tokenizer_info
 
-COMPILER_VERSION = "2"   # 2: the `score` program
+COMPILER_VERSION = "3"   # 2: the `score` program; 3: manifest `features`, buffers[].programs, matmul_tt without last_only
 DEFAULT_PREFILL_CHUNK = 128
 
 
-def _debug(stage: str, obj):
-    if os.environ.get("KILN_DEBUG"):
-        text = obj if isinstance(obj, str) else json.dumps(obj, indent=1, default=str)
-        print(f"== {stage} ==\n{text[:20000]}")
+@dataclass
+class Compilation:
+    """What the stages hand each other: the inputs, then each stage's result in stage order."""
+    gguf_path: Path
+    out: Path                          # the (temporary) artifact directory the writing stages fill
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+    shard_bytes: int = SHARD_BYTES
+    requant: str | None = None
+    progress: Callable | None = None
+    model: GGUFModel | None = None            # 1 read
+    cfg: config_stage.ModelConfig | None = None   # 2 config
+    tokenizer: dict | None = None             #   (tokenizer.json) and tokenizer_info
+    tokenizer_info: dict | None = None
+    plan: WeightPlan | None = None            # 3 plan
+    programs: dict[str, Program] | None = None   # 4 schedule
+    buffers: dict | None = None
+    score_tokens: int = 0
+    kernels: dict[str, Kernel] | None = None  # 5 render
+    weights: dict | None = None               # 6 shards
+    shards: list | None = None
+    manifest: dict | None = None              # 7 manifest
 
 
 def file_sha256(path: Path) -> str:
@@ -41,76 +71,107 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _bytes_by_quant(weights: dict) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for w in weights.values():
-        out[w["quant"]] = out.get(w["quant"], 0) + sum(p["bytes"] for p in w["parts"])
-    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+# -- the stages: each returns what KILN_DEBUG=1 prints --------------------------------------------------------------
+def read(c: Compilation):
+    c.model = GGUFModel(c.gguf_path)
+    return {"file": str(c.gguf_path), "bytes": c.model.file_bytes, "tensors": len(c.model.tensors)}
+
+
+def config(c: Compilation):
+    c.cfg = config_stage.read_config(c.model)
+    c.tokenizer = build_tokenizer_json(c.model.reader)     # before the slow stages: an unsupported tokenizer fails fast
+    c.tokenizer_info = tokenizer_info(c.model.reader)
+    return {"config": c.cfg.as_dict(), "tokenizer": {k: v for k, v in c.tokenizer_info.items() if k != "chat_template"}}
+
+
+def plan(c: Compilation):
+    c.plan = plan_weights(c.model, c.cfg, c.shard_bytes, c.requant)
+    return {n: f"{r.quant} ({r.rows}, {r.k}) parts {list(r.parts)}" for n, r in c.plan.refs.items()}
+
+
+def schedule(c: Compilation):
+    assert c.prefill_chunk % PREFILL_TILE == 0
+    c.programs = build_programs(c.cfg, c.plan)
+    c.score_tokens = score_chunk(c.cfg.vocab, c.prefill_chunk)
+    c.buffers = activation_buffers(c.cfg, c.programs, c.score_tokens)
+    steps = [f"{p}[{i}] {json.dumps(s)}" for p, prog in c.programs.items() for i, s in enumerate(program_json(prog))]
+    return "\n".join(steps) + "\nbuffers " + json.dumps(c.buffers)
+
+
+def render(c: Compilation):
+    c.kernels = {}
+    for prog in c.programs.values():
+        for s in prog.steps:
+            c.kernels.setdefault(s.kernel.name, s.kernel)
+    (c.out / "shaders").mkdir(parents=True)
+    for name, k in c.kernels.items():
+        (c.out / "shaders" / f"{name}.wgsl").write_text(render_kernel(k))   # prints each shader under KILN_DEBUG
+    return list(c.kernels)
+
+
+def shards(c: Compilation):
+    c.weights, c.shards = write_shards(c.model, c.plan, c.programs, c.out, c.shard_bytes, c.progress)
+    return {"weights": c.weights, "shards": c.shards}
+
+
+def manifest(c: Compilation):
+    (c.out / "tokenizer.json").write_text(json.dumps(c.tokenizer, ensure_ascii=False))
+    cfg, kernels = c.cfg, c.kernels.values()
+    c.manifest = {
+        "model": {"name": cfg.name, "arch": cfg.arch,
+                  "source": {"file": c.gguf_path.name, "bytes": c.model.file_bytes,
+                             "sha256": file_sha256(c.gguf_path)},
+                  "requant": c.requant},
+        "compiler_version": COMPILER_VERSION,
+        "config": cfg.as_dict(),
+        "tokenizer": {"file": "tokenizer.json", **{k: v for k, v in c.tokenizer_info.items() if k != "chat_template"}},
+        "chat_template": c.tokenizer_info.get("chat_template"),
+        "limits": {"prefill_chunk": c.prefill_chunk, "score_chunk": c.score_tokens,
+                   "storage_buffers_per_stage": max(len(k.bindings()) for k in kernels),
+                   "max_part_bytes": max(p["bytes"] for w in c.weights.values() for p in w["parts"])},
+        "features": kernel_features(kernels),
+        "buffers": c.buffers,
+        "weights": c.weights,
+        "weight_bytes_by_quant": bytes_by_quant(c.weights),
+        "shards": c.shards,
+        "kernels": {n: kernel_entry(k) for n, k in c.kernels.items()},
+        "programs": {n: program_json(p) for n, p in c.programs.items()},
+    }
+    write_manifest(c.out, c.manifest)
+    return {k: v for k, v in c.manifest.items() if k not in ("programs", "weights", "buffers")}
+
+
+STAGES: list[tuple[str, Callable[[Compilation], object]]] = [
+    ("read", read),
+    ("config", config),
+    ("plan", plan),
+    ("schedule", schedule),
+    ("render", render),
+    ("shards", shards),
+    ("manifest", manifest),
+]
+
+
+def run_stages(c: Compilation, until: str | None = None) -> Compilation:
+    """Runs STAGES in order (up to and including `until`), printing each one's output under KILN_DEBUG=1."""
+    for name, stage in STAGES:
+        out = stage(c)
+        if os.environ.get("KILN_DEBUG"):
+            print(f"== {name} ==\n{out if isinstance(out, str) else json.dumps(out, indent=1, default=str)}")
+        if name == until:
+            break
+    return c
 
 
 def compile_model(gguf_path, out_dir, *, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, shard_bytes: int = SHARD_BYTES,
                   progress=None, requant: str | None = None) -> Path:
     """progress: optional callable(done_parts, total_parts) for the shard-writing stage.
     shard_bytes: max bytes per shard file (and per tensor part).
-    requant: re-quantize every F32/F16/Q8_0 matrix into this scheme ("q8_0", "q4g32", ...; see compiler/quant.py)."""
+    requant: re-quantize every F32/F16/Q8_0 matrix into this scheme ("q8_0", "q4g32", ...; see compiler/quant/)."""
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
-    model = GGUFModel(gguf_path)                                   # 1. read
-    cfg = config_stage.read_config(model)                          # 2. config
-    _debug("config", cfg.as_dict())
-    packer = WeightPacker(model, cfg, shard_bytes, requant)        # 3. weights -> parts
-    programs = build_programs(cfg, packer)                         # 4. schedule
-    assert prefill_chunk % PREFILL_TILE == 0
-    score_tokens = score_chunk(cfg.vocab, prefill_chunk)
-    tok_json = build_tokenizer_json(model.reader)
-    tok_info = tokenizer_info(model.reader)
-
     tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "shaders").mkdir(parents=True)
-
-    kernels = {}                                                   # 5. render WGSL
-    for prog in programs.values():
-        for s in prog.steps:
-            kernels.setdefault(s["kernel"].name, s["kernel"])
-    for name, k in kernels.items():
-        (tmp / "shaders" / f"{name}.wgsl").write_text(render(k))
-
-    writer = ShardWriter(tmp, shard_bytes)                         # 6. shards
-    total = sum(len(r.parts) for r in packer.refs.values())
-    weights, done = {}, 0
-    for name, ref in packer.refs.items():
-        parts = []
-        for i, words in packer.packed_parts(name):
-            row0, rows = ref.parts[i]
-            parts.append({"row0": row0, "rows": rows, **writer.add(words)})
-            done += 1
-            if progress:
-                progress(done, total)
-        weights[name] = {"quant": ref.quant, "shape": [ref.rows, ref.k], "parts": parts}
-    shards = writer.finish()
-
-    (tmp / "tokenizer.json").write_text(json.dumps(tok_json, ensure_ascii=False))
-    storage_per_stage = max(len(k.bindings()) for k in kernels.values())
-    manifest = {                                                   # 7. manifest
-        "model": {"name": cfg.name, "arch": cfg.arch,
-                  "source": {"file": gguf_path.name, "bytes": model.file_bytes, "sha256": file_sha256(gguf_path)},
-                  "requant": requant},
-        "compiler_version": COMPILER_VERSION,
-        "config": cfg.as_dict(),
-        "tokenizer": {"file": "tokenizer.json", **{k: v for k, v in tok_info.items() if k != "chat_template"}},
-        "chat_template": tok_info.get("chat_template"),
-        "limits": {"prefill_chunk": prefill_chunk, "score_chunk": score_tokens,
-                   "storage_buffers_per_stage": storage_per_stage,
-                   "max_part_bytes": max(p["bytes"] for w in weights.values() for p in w["parts"])},
-        "buffers": activation_buffers(cfg, score_tokens),
-        "weights": weights,
-        "weight_bytes_by_quant": _bytes_by_quant(weights),
-        "shards": shards,
-        "kernels": {n: kernel_entry(k) for n, k in kernels.items()},
-        "programs": {n: program_json(p) for n, p in programs.items()},
-    }
-    _debug("manifest (programs elided)", {k: v for k, v in manifest.items() if k != "programs"})
-    write_manifest(tmp, manifest)
+    shutil.rmtree(tmp, ignore_errors=True)   # the render stage creates it
+    run_stages(Compilation(gguf_path, tmp, prefill_chunk, shard_bytes, requant, progress))
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     return out_dir

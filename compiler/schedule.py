@@ -5,21 +5,19 @@ Three programs per model: `prefill` (T <= prefill_chunk tokens, mat-mat kernels)
 and `score` (prefill whose LM head writes the logits of every token, T <= limits.score_chunk, into `logits_all`: what
 perplexity needs; see runtime_py/quality.py).
 
-Step (JSON):
-    {"kernel": name, "bind": [buffer refs, binding 2..], "params": [values, Params order], "dispatch": [x, y, z]}
-A buffer ref is an activation buffer name from `buffers` (e.g. "x", "k_cache.3") or a weight part "tensor#part".
-A dispatch entry is an int, or "T/n" meaning ceil(T / n) with T = tokens in this forward (see `dispatch_size`).
+Steps and programs are compiler/ir.py's `Step` / `Program`. The weights come from the plan (stage 3): the builder calls
+`plan(name)` for a tensor's WeightRef and binds its parts ("tensor#part"); activations are the buffers of
+`activation_buffers`, each listed in the manifest with the programs that bind it (`logits_all`: score only), so a
+runtime allocates a buffer only when it first runs a program that needs it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from .config import ModelConfig
 from .errors import UnsupportedModelError
-from .kernels import Argmax, Attention, Embed, Kernel, Matmul, MatmulTokens, RMSNorm, RopeKV
+from .ir import Program, dispatch_size  # noqa: F401  (dispatch_size: runtimes import it from here)
+from .kernels import Argmax, Attention, Embed, Matmul, MatmulTokens, RMSNorm, RopeKV
 
 PREFILL_TILE = 8     # tokens per matmul workgroup in prefill
-MAX_WORKGROUPS = 65535
 # mat-vec workgroup shape (output rows x lanes splitting K); measured on lavapipe, where 16x4 beat 8x8 / 32x2 / 64x1
 # for decode by 1.5-3x (see ARCHITECTURE.md, "tuning")
 MATMUL_SHAPE = dict(rows=16, lanes=4)
@@ -32,47 +30,9 @@ def score_chunk(vocab: int, prefill_chunk: int) -> int:
     return max(1, min(64, prefill_chunk, fit or 1))
 
 
-def dispatch_size(dim, n_tokens: int) -> int:
-    """Reference evaluation of a dispatch entry; runtime_py and web/ implement exactly this."""
-    if isinstance(dim, int):
-        return dim
-    assert dim.startswith("T"), dim
-    div = int(dim[2:]) if "/" in dim else 1
-    return -(-n_tokens // div)
-
-
-@dataclass
-class WeightRef:
-    """What the schedule needs to know of a packed weight: its quant and its row parts."""
-    name: str
-    quant: str
-    rows: int
-    k: int
-    parts: list[tuple[int, int]]   # (row0, rows) per part
-
-    def ref(self, part: int) -> str:
-        return f"{self.name}#{part}"
-
-
-@dataclass
-class Program:
-    steps: list[dict] = field(default_factory=list)
-
-    def add(self, kernel: Kernel, bind: list[str], params: dict, dispatch: list):
-        names = [n for n, _ in kernel.params]
-        if set(params) != set(names):
-            raise AssertionError(f"{kernel.name}: params {sorted(params)} != {names}")
-        if len(bind) != len(kernel.bindings()):
-            raise AssertionError(f"{kernel.name}: {len(bind)} buffers for {len(kernel.bindings())} bindings")
-        for d in dispatch:
-            if isinstance(d, int) and d > MAX_WORKGROUPS:
-                raise UnsupportedModelError(f"{kernel.name}: {d} workgroups exceed {MAX_WORKGROUPS} per dimension")
-        self.steps.append({"kernel": kernel, "bind": bind, "params": [params[n] for n in names],
-                           "dispatch": dispatch})
-
-
 class Builder:
-    """Emits one program for one phase. `tile` = tokens per matmul workgroup (1 for decode)."""
+    """Emits one program for one phase. `tile` = tokens per matmul workgroup (1 for decode).
+    weights: the plan, a callable name -> WeightRef (compiler/plan.py)."""
 
     def __init__(self, cfg: ModelConfig, weights, tile: int, score: bool = False):
         self.cfg, self.W, self.tile, self.score = cfg, weights, tile, score
@@ -88,13 +48,14 @@ class Builder:
             if tile > 1:   # prefill: one invocation per (row, token); 2x the k-split tile kernel on lavapipe
                 k = MatmulTokens(quant=wr.quant, tokens=tile, gate=gate, residual=residual)
             else:
-                k = Matmul(quant=wr.quant, tile=1, gate=gate, residual=residual, **MATMUL_SHAPE)
+                k = Matmul(quant=wr.quant, gate=gate, residual=residual, **MATMUL_SHAPE)
             if ur and ur.quant != wr.quant:
                 raise UnsupportedModelError(f"{w} and {up} have different types ({wr.quant}, {ur.quant})")
             bind = [x, wr.ref(i)] + ([ur.ref(i)] if ur else []) + [y]
-            self.p.add(k, bind, dict(k=wr.k, rows=rows, n_offset=n_offset + row0,
-                                     n_stride=n_stride or wr.rows, last_only=int(last_only)),
-                       [-(-rows // k.rows), 1 if last_only else f"T/{tile}", 1])
+            params = dict(k=wr.k, rows=rows, n_offset=n_offset + row0, n_stride=n_stride or wr.rows)
+            if isinstance(k, Matmul):
+                params["last_only"] = int(last_only)
+            self.p.add(k, bind, params, [-(-rows // k.rows), 1 if last_only else f"T/{tile}", 1])
 
     def rmsnorm(self, x: str, weight: str, out: str | None, *, width: int, heads=1, stride=None, offset=0):
         k = RMSNorm(inplace=out is None)
@@ -173,9 +134,10 @@ class Builder:
         return self.p
 
 
-def activation_buffers(cfg: ModelConfig, score_tokens: int | None = None) -> dict[str, dict]:
-    """Activation and KV buffers. Shapes use the symbols T (prefill chunk) and ctx (context, chosen at load).
-    score_tokens: the score program's chunk (adds `logits_all`)."""
+def activation_buffers(cfg: ModelConfig, programs: dict[str, Program], score_tokens: int | None = None) -> dict:
+    """Activation and KV buffers: {name: {shape, dtype, programs}}. Shapes use the symbols T (prefill chunk) and ctx
+    (context, chosen at load); `programs` lists the programs that bind the buffer (a runtime allocates it when it
+    first runs one of them). score_tokens: the score program's chunk (adds `logits_all`)."""
     q_dim, kv_dim = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
     bufs = {
         "tokens": {"shape": ["T"], "dtype": "u32"},                       # (T,) input ids; argmax writes [0]
@@ -191,11 +153,23 @@ def activation_buffers(cfg: ModelConfig, score_tokens: int | None = None) -> dic
     for L in range(cfg.n_layer):
         bufs[f"k_cache.{L}"] = {"shape": ["ctx", cfg.n_kv_head, cfg.head_dim], "dtype": "f32"}
         bufs[f"v_cache.{L}"] = {"shape": ["ctx", cfg.n_kv_head, cfg.head_dim], "dtype": "f32"}
+    used = buffer_programs(programs)
+    for name, b in bufs.items():
+        b["programs"] = used.get(name, [])
     return bufs
 
 
+def buffer_programs(programs: dict[str, Program]) -> dict[str, list[str]]:
+    """{activation buffer: [programs that bind it]}, in program order."""
+    out: dict[str, list[str]] = {}
+    for name, prog in programs.items():
+        for ref in dict.fromkeys(r for s in prog.steps for r in s.bind if "#" not in r):
+            out.setdefault(ref, []).append(name)
+    return out
+
+
 def build_programs(cfg: ModelConfig, weights) -> dict[str, Program]:
-    """weights: callable name -> WeightRef (records which tensors the schedule uses)."""
+    """weights: the plan, callable name -> WeightRef."""
     return {"prefill": Builder(cfg, weights, PREFILL_TILE).build(),
             "decode": Builder(cfg, weights, 1).build(),
             "score": Builder(cfg, weights, PREFILL_TILE, score=True).build()}

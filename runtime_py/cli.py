@@ -115,7 +115,7 @@ def cmd_inspect(a):
     g = GGUFModel(resolve_gguf(a.model))
     cfg = read_config(g)
     n_params = sum(int(__import__("math").prod(t.shape)) for t in g.tensors.values())
-    from compiler.pack import tensor_types
+    from compiler.plan import tensor_types
     types = Counter()
     for kind, nbytes in tensor_types(g, a.quant).values():   # as packed, after --quant re-quantization
         types[kind] += nbytes

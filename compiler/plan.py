@@ -1,0 +1,99 @@
+"""Stage 3 — plan weights: what every tensor becomes on the GPU, by formula, before anything is packed.
+
+For every GGUF tensor (and the few constants the compiler computes, e.g. RoPE's inv_freq) the plan fixes the scheme it
+is packed as, its (rows, K) shape and its row *parts*: consecutive row ranges whose packed bytes each fit in one shard
+(<= shard_bytes, which is also below the 128 MiB storage-binding limit every WebGPU adapter grants). Sizes come from
+`QuantScheme.packed_words` -- a formula of the scheme's declared regions -- so no data is read or packed here; the pack
+stage (pack.py, called by shards.py) packs each part exactly once. A split tensor is invisible to kernels: the schedule
+runs a kernel once per part with the part's row offset.
+
+With `requant` (a scheme name, `kiln compile --quant`), every F32 / F16 / Q8_0 matrix (2-D; never norms or other 1-D
+tensors) is planned in that scheme; pack.py re-quantizes it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import ModelConfig
+from .errors import UnsupportedModelError
+from .gguf_file import GGUFModel
+from .ir import SHARD_BYTES, WeightRef
+from .quant import F32, REQUANT_SOURCES, QuantScheme, requant_scheme, scheme_for
+
+
+def rope_inv_freq(base: float, dim: int) -> np.ndarray:
+    """(dim/2,) f32 — as transformers computes it: 1 / base ** (arange(0, dim, 2) / dim), in float32."""
+    exps = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    return (np.float32(1.0) / (np.float32(base) ** exps)).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a planned weight's bytes come from: a GGUF tensor (its scheme) or a computed constant."""
+    scheme: type[QuantScheme]   # as stored in the GGUF (F32 for constants)
+    constant: np.ndarray | None = None
+
+
+class WeightPlan:
+    """{name: WeightRef} for every tensor of the model; `plan(name)` is what the schedule calls. A tensor whose type
+    kiln cannot read is refused when (and only when) the schedule asks for it, with the type named."""
+
+    def __init__(self, refs: dict[str, WeightRef], sources: dict[str, Source], refused: dict[str, Exception]):
+        self.refs, self.sources, self.refused = refs, sources, refused
+
+    def __call__(self, name: str) -> WeightRef:
+        if name in self.refused:
+            raise self.refused[name]
+        return self.refs[name]
+
+    def scheme(self, name: str) -> type[QuantScheme]:
+        return QuantScheme.registry[self.refs[name].quant]
+
+
+def _target(ggml_type, ndim: int, requant: type[QuantScheme] | None) -> type[QuantScheme]:
+    """The scheme a tensor of this type and rank is packed as."""
+    if requant and ndim == 2 and ggml_type in REQUANT_SOURCES:
+        return requant
+    return scheme_for(ggml_type)
+
+
+def _parts(scheme: type[QuantScheme], rows: int, k: int, max_part_bytes: int) -> tuple[tuple[int, int], ...]:
+    row_bytes = scheme.packed_words(1, k) * 4
+    per_part = max(1, max_part_bytes // row_bytes)
+    return tuple((r0, min(per_part, rows - r0)) for r0 in range(0, rows, per_part))
+
+
+def plan_weights(m: GGUFModel, cfg: ModelConfig, shard_bytes: int = SHARD_BYTES,
+                 requant: str | None = None) -> WeightPlan:
+    target = requant_scheme(requant) if requant else None
+    refs, sources, refused = {}, {}, {}
+    constants = {"rope_inv_freq": rope_inv_freq(cfg.rope_base, cfg.rope_dim)}
+    if cfg.rope_base_local:
+        constants["rope_inv_freq_local"] = rope_inv_freq(cfg.rope_base_local, cfg.rope_dim)
+    for name, a in constants.items():
+        refs[name] = WeightRef(name, F32.name, 1, a.size, _parts(F32, 1, a.size, shard_bytes))
+        sources[name] = Source(F32, a)
+    for name, t in m.tensors.items():
+        rows, k = (1, t.shape[0]) if len(t.shape) == 1 else (t.shape[0], t.shape[1])
+        try:
+            scheme = _target(t.ggml_type, len(t.shape), target)
+            refs[name] = WeightRef(name, scheme.name, rows, k, _parts(scheme, rows, k, shard_bytes))
+            sources[name] = Source(scheme_for(t.ggml_type))
+        except UnsupportedModelError as e:
+            refused[name] = e
+    return WeightPlan(refs, sources, refused)
+
+
+def tensor_types(m: GGUFModel, requant: str | None = None) -> dict[str, tuple[str, int]]:
+    """{tensor: (type, bytes)} as the GPU will hold it (`kiln inspect --quant`): GGUF type names (Q8_0, ...) for
+    tensors kept as they are, the scheme name in capitals (Q8_0, Q4G32, ...) for re-quantized ones."""
+    scheme = requant_scheme(requant) if requant else None
+    out = {}
+    for name, t in m.tensors.items():
+        if scheme and len(t.shape) == 2 and t.ggml_type in REQUANT_SOURCES:
+            out[name] = (scheme.name.upper(), scheme.packed_words(t.shape[0], t.shape[1]) * 4)
+        else:
+            out[name] = (t.ggml_type.name, t.n_bytes)
+    return out
