@@ -106,10 +106,15 @@ ACT = {"silu": lambda g: g * np.exp(-np.logaddexp(0.0, -g)),   # g * sigmoid(g),
 
 
 def matmul_kernel(tile, quant, gate=None, residual=False):
-    """tile 1 / 8: the k-split Matmul (decode, LM head); "tt": MatmulTokens, what prefill runs (8 tokens per group)."""
+    """tile 1: the k-split Matmul (decode, LM head); "tt": MatmulTokens, what prefill runs (8 tokens per group)."""
     if tile == "tt":
         return MatmulTokens(quant=quant, gate=gate, residual=residual), 8
-    return Matmul(quant=quant, tile=tile, gate=gate, residual=residual), tile
+    return Matmul(quant=quant, gate=gate, residual=residual), 1
+
+
+def mm_params(kernel, **p) -> dict:
+    """The matmul uniforms `kernel` declares (MatmulTokens has no last_only)."""
+    return {n: p.get(n, 0) for n, _ in kernel.params}
 
 
 def check_matmul(quant, tile, T, rows, K, rng, *, gate=None, residual=False, n_offset=0, n_stride=None,
@@ -125,7 +130,7 @@ def check_matmul(quant, tile, T, rows, K, rng, *, gate=None, residual=False, n_o
     n_stride = n_stride or rows
     y0 = rng.standard_normal((T + 1, n_stride)).astype(f32)   # row T: past the tokens, must stay as is
     k, per_wg = matmul_kernel(tile, quant, gate, residual)
-    (y,) = run_kernel(k, dict(k=K, rows=rows, n_offset=n_offset, n_stride=n_stride, last_only=last_only),
+    (y,) = run_kernel(k, mm_params(k, k=K, rows=rows, n_offset=n_offset, n_stride=n_stride, last_only=last_only),
                       bufs + [y0], [-(-rows // k.rows), 1 if last_only else f"T/{per_wg}", 1], n_tokens=T)
 
     x = bufs[0].astype(f64)[-1:] if last_only else bufs[0].astype(f64)
@@ -142,19 +147,19 @@ def check_matmul(quant, tile, T, rows, K, rng, *, gate=None, residual=False, n_o
 
 
 @pytest.mark.parametrize("T,rows,K", [(1, 1, 32), (3, 7, 96), (13, 37, 576)])
-@pytest.mark.parametrize("tile", [1, 8, "tt"])
+@pytest.mark.parametrize("tile", [1, "tt"])
 @pytest.mark.parametrize("quant", SCHEMES)
 def test_matmul(quant, tile, T, rows, K, rng):
     check_matmul(quant, tile, T, rows, K, rng)
 
 
-@pytest.mark.parametrize("tile", [1, 8, "tt"])
+@pytest.mark.parametrize("tile", [1, "tt"])
 @pytest.mark.parametrize("quant", SCHEMES)
 def test_matmul_residual(quant, tile, rng):
     check_matmul(quant, tile, 13, 37, 96, rng, residual=True)
 
 
-@pytest.mark.parametrize("tile", [1, 8, "tt"])
+@pytest.mark.parametrize("tile", [1, "tt"])
 @pytest.mark.parametrize("gate", ["silu", "gelu_tanh"])
 @pytest.mark.parametrize("quant", SCHEMES)
 def test_matmul_gate(quant, gate, tile, rng):
@@ -162,18 +167,18 @@ def test_matmul_gate(quant, gate, tile, rng):
 
 
 def test_matmul_gate_residual(rng):
-    check_matmul("q4_1", 8, 3, 7, 96, rng, gate="silu", residual=True)
+    check_matmul("q4_1", 1, 3, 7, 96, rng, gate="silu", residual=True)
     check_matmul("q4_1", "tt", 3, 7, 96, rng, gate="silu", residual=True)
 
 
-@pytest.mark.parametrize("tile", [1, 8, "tt"])
+@pytest.mark.parametrize("tile", [1, "tt"])
 @pytest.mark.parametrize("quant", ["f32", "q8_0", "q5_0"])
 def test_matmul_offset_stride(quant, tile, rng):
     # one tensor's output columns inside a wider row, as q/k/v write into the fused qkv buffer
     check_matmul(quant, tile, 3, 37, 96, rng, n_offset=5, n_stride=50)
 
 
-@pytest.mark.parametrize("tile", [1, 8, "tt"])
+@pytest.mark.parametrize("tile", [1, "tt"])
 def test_matmul_split_parts(tile, rng):
     # a tensor split by rows runs once per part with n_offset = row0; together they make the whole product
     scheme, T, rows, K = QuantScheme.registry["q4_0"], 5, 37, 96
@@ -182,19 +187,18 @@ def test_matmul_split_parts(tile, rng):
     y = rng.standard_normal((T, rows)).astype(f32)
     k, per_wg = matmul_kernel(tile, "q4_0")
     for row0, n in [(0, 20), (20, 17)]:
-        (y,) = run_kernel(k, dict(k=K, rows=n, n_offset=row0, n_stride=rows, last_only=0),
+        (y,) = run_kernel(k, mm_params(k, k=K, rows=n, n_offset=row0, n_stride=rows),
                           [x, pack(scheme, raw, rows, K, row0, n), y], [-(-n // k.rows), f"T/{per_wg}", 1], n_tokens=T)
     assert_close(y, x.astype(f64) @ w.T, what=k.name)
 
 
-@pytest.mark.parametrize("tile", [1, 8])
 @pytest.mark.parametrize("quant", ["f16", "q8_0", "q4_1"])
 @pytest.mark.parametrize("T", [1, 13])
-def test_matmul_last_only(quant, tile, T, rng):
-    check_matmul(quant, tile, T, 37, 96, rng, last_only=1)
+def test_matmul_last_only(quant, T, rng):
+    check_matmul(quant, 1, T, 37, 96, rng, last_only=1)   # the LM head: mat-vec on token T-1 only
 
 
-@pytest.mark.parametrize("tile", [1, 8, "tt"])
+@pytest.mark.parametrize("tile", [1, "tt"])
 def test_matmul_real_q4_1_blocks(tile, rng, smollm2):
     t = smollm2.tensor("blk.0.ffn_gate.weight")
     assert t.ggml_type.name == "Q4_1"

@@ -1,5 +1,5 @@
 """kiln's q4gN weight readers (shaders/_quant_q4g*.wgsl.j2) inside the matmul and embed kernels, against float64 numpy
-on `dequantize_packed` of the same packed words (compiler/quant.py, _Q4G): decode (tile 1) and prefill (tile 8),
+on `dequantize_packed` of the same packed words (compiler/quant/q4g.py, _Q4G): decode (Matmul) and prefill (MatmulTokens),
 gated (two readers in one shader), residual, and K values with a partial last scale group (576 with group 128,
 96 with group 64 / 128). Output buffers start random, so writes outside the output region are caught too.
 """
@@ -10,7 +10,7 @@ import zlib
 import numpy as np
 import pytest
 
-from compiler.kernels import Embed, Matmul
+from compiler.kernels import Embed, Matmul, MatmulTokens
 from compiler.quant import KILN_SCHEMES
 from runtime_py.device import NoAdapterError, get_device
 
@@ -51,8 +51,8 @@ def assert_close(got, want, rel=1e-4, what=""):
 @pytest.mark.parametrize("T,rows,K,tile,gate,residual", [
     (1, 7, 96, 1, None, False),          # K < group for q4g64 / q4g128: one partial group
     (13, 37, 576, 1, None, False),       # SmolLM2's K: 4.5 groups of 128
-    (13, 37, 576, 8, None, False),
-    (5, 19, 1024, 8, "silu", False),
+    (13, 37, 576, "tt", None, False),
+    (5, 19, 1024, "tt", "silu", False),
     (3, 21, 640, 1, "gelu_tanh", True),  # Gemma 3's K (5 groups of 128)
 ])
 @pytest.mark.parametrize("quant", Q4G)
@@ -63,9 +63,12 @@ def test_matmul_q4g(quant, T, rows, K, tile, gate, residual, rng):
         up, u = weights(quant, rows, K, rng)
         bufs.append(up)
     y0 = rng.standard_normal((T + 1, rows)).astype(f32)   # row T: past the tokens, must stay as is
-    k = Matmul(quant=quant, tile=tile, gate=gate, residual=residual)
-    (y,) = run_kernel(k, dict(k=K, rows=rows, n_offset=0, n_stride=rows, last_only=0), bufs + [y0],
-                      [-(-rows // k.rows), f"T/{tile}", 1], n_tokens=T)
+    if tile == "tt":   # what prefill runs: one invocation per (row, token), 8 tokens per workgroup
+        k, params, per_wg = MatmulTokens(quant=quant, gate=gate, residual=residual), {}, 8
+    else:
+        k, params, per_wg = Matmul(quant=quant, gate=gate, residual=residual), {"last_only": 0}, 1
+    (y,) = run_kernel(k, dict(k=K, rows=rows, n_offset=0, n_stride=rows, **params), bufs + [y0],
+                      [-(-rows // k.rows), f"T/{per_wg}", 1], n_tokens=T)
     x = bufs[0].astype(f64)
     r = x @ w.T
     if gate == "silu":
