@@ -17,13 +17,14 @@ from .quant import scheme_named
 
 # uniform field types: "u32" | "f32"
 Param = tuple[str, str]
+OPTIONAL_FEATURES = ("shader-f16", "subgroups")   # the WebGPU features a kernel may declare (runtimes request them)
 
 
 @dataclass(frozen=True)
 class Kernel:
     template: ClassVar[str]
     params: ClassVar[tuple[Param, ...]]
-    features: ClassVar[tuple[str, ...]] = ()   # optional WebGPU features the WGSL needs (none so far: f32 + core only)
+    features: ClassVar[tuple[str, ...]] = ()   # of OPTIONAL_FEATURES, those the WGSL needs (none so far: core only)
 
     @property
     def name(self) -> str:

@@ -32,7 +32,7 @@ from .kernels import Kernel
 from .manifest import bytes_by_quant, kernel_entry, kernel_features, program_json, write_manifest
 from .plan import WeightPlan, plan_weights
 from .render import render as render_kernel
-from .schedule import PREFILL_TILE, activation_buffers, build_programs, score_chunk
+from .schedule import PREFILL_TILE, activation_buffers, buffer_programs, build_programs, score_chunk
 from .shards import write_shards
 from .tokenizer import build_tokenizer_json, tokenizer_info
 
@@ -93,7 +93,9 @@ def schedule(c: Compilation):
     assert c.prefill_chunk % PREFILL_TILE == 0
     c.programs = build_programs(c.cfg, c.plan)
     c.score_tokens = score_chunk(c.cfg.vocab, c.prefill_chunk)
-    c.buffers = activation_buffers(c.cfg, c.programs, c.score_tokens)
+    c.buffers = activation_buffers(c.cfg, c.score_tokens)
+    bound = buffer_programs(c.programs)
+    assert {n: b["programs"] for n, b in c.buffers.items()} == bound, "activation_buffers' programs != the programs'"
     steps = [f"{p}[{i}] {json.dumps(s)}" for p, prog in c.programs.items() for i, s in enumerate(program_json(prog))]
     return "\n".join(steps) + "\nbuffers " + json.dumps(c.buffers)
 

@@ -134,28 +134,31 @@ class Builder:
         return self.p
 
 
-def activation_buffers(cfg: ModelConfig, programs: dict[str, Program], score_tokens: int | None = None) -> dict:
+PROGRAMS = ("prefill", "decode", "score")
+GENERATE = ("prefill", "decode")   # what a generating session runs; `score` only runs where perplexity is measured
+
+
+def activation_buffers(cfg: ModelConfig, score_tokens: int | None = None) -> dict:
     """Activation and KV buffers: {name: {shape, dtype, programs}}. Shapes use the symbols T (prefill chunk) and ctx
-    (context, chosen at load); `programs` lists the programs that bind the buffer (a runtime allocates it when it
-    first runs one of them). score_tokens: the score program's chunk (adds `logits_all`)."""
+    (context, chosen at load); `programs` lists the programs that bind the buffer, so a runtime allocates a buffer
+    when it first runs one of them (the pipeline checks the list against the programs: `buffer_programs`).
+    score_tokens: the score program's chunk (adds `logits_all`)."""
     q_dim, kv_dim = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+    every, gen = list(PROGRAMS), list(GENERATE)
     bufs = {
-        "tokens": {"shape": ["T"], "dtype": "u32"},                       # (T,) input ids; argmax writes [0]
-        "x": {"shape": ["T", cfg.n_embd], "dtype": "f32"},                # (T, D) residual stream
-        "xn": {"shape": ["T", cfg.n_embd], "dtype": "f32"},               # (T, D) normed / scratch
-        "qkv": {"shape": ["T", q_dim + 2 * kv_dim], "dtype": "f32"},      # (T, (n_head + 2 n_kv) hd)
-        "attn": {"shape": ["T", q_dim], "dtype": "f32"},                  # (T, n_head hd)
-        "ff": {"shape": ["T", cfg.n_ff], "dtype": "f32"},                 # (T, n_ff)
-        "logits": {"shape": [cfg.vocab], "dtype": "f32"},                 # (vocab,) last token only
+        "tokens": {"shape": ["T"], "dtype": "u32", "programs": every},                    # (T,) ids; argmax writes [0]
+        "x": {"shape": ["T", cfg.n_embd], "dtype": "f32", "programs": every},             # (T, D) residual stream
+        "xn": {"shape": ["T", cfg.n_embd], "dtype": "f32", "programs": every},            # (T, D) normed / scratch
+        "qkv": {"shape": ["T", q_dim + 2 * kv_dim], "dtype": "f32", "programs": every},   # (T, (n_head + 2 n_kv) hd)
+        "attn": {"shape": ["T", q_dim], "dtype": "f32", "programs": every},               # (T, n_head hd)
+        "ff": {"shape": ["T", cfg.n_ff], "dtype": "f32", "programs": every},              # (T, n_ff)
+        "logits": {"shape": [cfg.vocab], "dtype": "f32", "programs": gen},                # (vocab,) last token only
     }
-    if score_tokens:
-        bufs["logits_all"] = {"shape": [score_tokens, cfg.vocab], "dtype": "f32"}   # (score_chunk, vocab): score
+    if score_tokens:   # (score_chunk, vocab): every token's logits, score only (12-16 MiB: not in generating sessions)
+        bufs["logits_all"] = {"shape": [score_tokens, cfg.vocab], "dtype": "f32", "programs": ["score"]}
     for L in range(cfg.n_layer):
-        bufs[f"k_cache.{L}"] = {"shape": ["ctx", cfg.n_kv_head, cfg.head_dim], "dtype": "f32"}
-        bufs[f"v_cache.{L}"] = {"shape": ["ctx", cfg.n_kv_head, cfg.head_dim], "dtype": "f32"}
-    used = buffer_programs(programs)
-    for name, b in bufs.items():
-        b["programs"] = used.get(name, [])
+        bufs[f"k_cache.{L}"] = {"shape": ["ctx", cfg.n_kv_head, cfg.head_dim], "dtype": "f32", "programs": every}
+        bufs[f"v_cache.{L}"] = {"shape": ["ctx", cfg.n_kv_head, cfg.head_dim], "dtype": "f32", "programs": every}
     return bufs
 
 
@@ -170,6 +173,7 @@ def buffer_programs(programs: dict[str, Program]) -> dict[str, list[str]]:
 
 def build_programs(cfg: ModelConfig, weights) -> dict[str, Program]:
     """weights: the plan, callable name -> WeightRef."""
+    # keys: PROGRAMS
     return {"prefill": Builder(cfg, weights, PREFILL_TILE).build(),
             "decode": Builder(cfg, weights, 1).build(),
             "score": Builder(cfg, weights, PREFILL_TILE, score=True).build()}

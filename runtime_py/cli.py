@@ -122,13 +122,19 @@ def cmd_inspect(a):
     weights = sum(types.values())
     if a.ctx is not None and a.ctx < 1:
         raise KilnError(f"--ctx must be at least 1 (got {a.ctx})")
-    ctx = a.ctx or cfg.context_length
+    from compiler.pipeline import DEFAULT_PREFILL_CHUNK
+    from compiler.schedule import activation_buffers, score_chunk
+    from .model import DEFAULT_CTX, session_buffer_bytes
+    ctx = min(a.ctx or DEFAULT_CTX, cfg.context_length)   # the context `kiln run` gives a session
     kv = cfg.kv_cache_bytes(ctx)
+    bufs = {"limits": {"prefill_chunk": DEFAULT_PREFILL_CHUNK},
+            "buffers": activation_buffers(cfg, score_chunk(cfg.vocab, DEFAULT_PREFILL_CHUNK))}
+    act = sum(session_buffer_bytes(bufs, ctx).values()) - kv   # every other buffer a generating session allocates
     info = {"file": str(g.path), "architecture": cfg.arch, "name": cfg.name, "parameters": n_params,
             "layers": cfg.n_layer, "n_embd": cfg.n_embd, "heads": cfg.n_head, "kv_heads": cfg.n_kv_head,
             "head_dim": cfg.head_dim, "n_ff": cfg.n_ff, "vocab": cfg.vocab, "context_length": cfg.context_length,
             "tensor_bytes_by_type": dict(types), "weights_bytes": weights, "ctx": ctx, "kv_cache_bytes_f32": kv,
-            "total_gpu_bytes": weights + kv}
+            "activation_bytes": act, "total_gpu_bytes": weights + kv + act}
     if a.json:
         print(json.dumps(info, indent=1))
         return
@@ -140,7 +146,8 @@ def cmd_inspect(a):
     print(f"  weights on GPU      {weights / 2**20:9.2f} MiB (stays quantized)")
     print(f"  KV cache @ ctx {ctx:<5d} {kv / 2**20:9.2f} MiB (2 x {cfg.n_layer} layers x {cfg.n_kv_head} kv heads x "
           f"{cfg.head_dim} x {ctx} x 4 B)")
-    print(f"  total               {(weights + kv) / 2**20:9.2f} MiB")
+    print(f"  activations         {act / 2**20:9.2f} MiB (prefill chunk {DEFAULT_PREFILL_CHUNK}, logits)")
+    print(f"  total               {(weights + kv + act) / 2**20:9.2f} MiB")
 
 
 def cmd_serve(a):
@@ -184,7 +191,7 @@ def parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("inspect", help="describe a GGUF model and its memory needs")
     i.add_argument("model", nargs="?", default=None)
-    i.add_argument("--ctx", type=int, default=None)
+    i.add_argument("--ctx", type=int, default=None, help="context length (default 2048, at most the model's, as run)")
     i.add_argument("--quant", choices=REQUANT_TARGETS, default=None, help="show sizes after `compile --quant`")
     i.add_argument("--json", action="store_true")
     i.set_defaults(fn=cmd_inspect)

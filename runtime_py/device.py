@@ -9,6 +9,7 @@ import os
 import tempfile
 
 from compiler.errors import KilnError, ModelTooLargeError
+from compiler.kernels import OPTIONAL_FEATURES
 
 NO_ADAPTER_HELP = ("no WebGPU adapter found. On Debian/Ubuntu install a Vulkan driver: "
                    "`sudo apt-get install -y mesa-vulkan-drivers libvulkan1` (CPU fallback: lavapipe), "
@@ -17,6 +18,10 @@ NO_ADAPTER_HELP = ("no WebGPU adapter found. On Debian/Ubuntu install a Vulkan d
 
 class NoAdapterError(KilnError):
     pass
+
+
+class FeatureMissingError(KilnError):
+    """The artifact's kernels need a WebGPU feature the adapter lacks (web/device.js: FeatureMissingError)."""
 
 
 _device = None
@@ -55,12 +60,17 @@ def get_device():
                                       "max-storage-buffers-per-shader-stage", "max-compute-workgroup-storage-size",
                                       "max-compute-invocations-per-workgroup", "max-compute-workgroup-size-x",
                                       "max-compute-workgroup-size-y") if k in lim}
-        _device = adapter.request_device_sync(required_limits=wanted, label="kiln")
+        features = [f for f in OPTIONAL_FEATURES if f in adapter.features]   # whatever an artifact may declare
+        _device = adapter.request_device_sync(required_features=features, required_limits=wanted, label="kiln")
     return _device
 
 
 def check_fits(device, manifest: dict, buffer_bytes: dict[str, int]):
     """Raise ModelTooLargeError, naming the limit, before any allocation when the artifact cannot run here."""
+    missing = [f for f in manifest.get("features", []) if f not in device.features]
+    if missing:
+        raise FeatureMissingError(f"this model's shaders need WebGPU feature(s) {', '.join(missing)}, which the "
+                                  "adapter does not offer; use an artifact compiled for f32")
     lim = device.limits
     need_bind = max([p["bytes"] for w in manifest["weights"].values() for p in w["parts"]] + list(buffer_bytes.values()))
     max_bind = min(lim["max-storage-buffer-binding-size"], lim["max-buffer-size"])

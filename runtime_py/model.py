@@ -15,13 +15,20 @@ import wgpu
 
 from compiler.errors import ArtifactError, ContextOverflowError
 from compiler.manifest import read_manifest
-from compiler.schedule import dispatch_size
+from compiler.schedule import GENERATE, dispatch_size
 
 from .device import check_fits, get_device
 
 UNIFORM_ALIGN = 256          # minUniformBufferOffsetAlignment's default (and maximum)
 STATE_BYTES = 16             # struct State { n_tokens, pos0, pad, pad }
 DEFAULT_CTX = 2048
+
+
+def session_buffer_bytes(manifest: dict, ctx: int, programs=GENERATE) -> dict[str, int]:
+    """The buffers a session allocates to run `programs` (a generating session: prefill + decode), with their sizes.
+    A buffer bound only by other programs (`logits_all`: score) is allocated when one of those first runs."""
+    sizes = buffer_bytes(manifest, ctx)
+    return {n: sizes[n] for n, b in manifest["buffers"].items() if set(b.get("programs", programs)) & set(programs)}
 
 
 def buffer_bytes(manifest: dict, ctx: int) -> dict[str, int]:
@@ -129,13 +136,26 @@ class Session:
             raise ContextOverflowError(f"context length must be at least 1 token (got {ctx})")
         self.ctx = min(ctx or DEFAULT_CTX, model.config["context_length"])
         self.chunk = m["limits"]["prefill_chunk"]
-        sizes = buffer_bytes(m, self.ctx)
-        check_fits(dev, m, sizes)
-        usage = wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_DST | wgpu.BufferUsage.COPY_SRC
-        self.buffers = {n: dev.create_buffer(size=s, usage=usage, label=n) for n, s in sizes.items()}
+        check_fits(dev, m, buffer_bytes(m, self.ctx))
+        self.buffers, self.programs = {}, {}
         self.state = dev.create_buffer(size=STATE_BYTES, usage=wgpu.BufferUsage.UNIFORM | wgpu.BufferUsage.COPY_DST)
-        self.programs = {p: self._bind(p, steps) for p, steps in m["programs"].items()}
+        for prog in GENERATE:   # bound now; `score` (and its logits_all) on the first score_chunks
+            self._program(prog)
         self.pos = 0
+
+    def _program(self, prog: str):
+        """Program `prog` bound to this session, allocating the buffers it needs on its first use."""
+        if prog not in self.programs:
+            m, dev = self.model.manifest, self.model.device
+            if prog not in m["programs"]:
+                raise ArtifactError(f"this artifact has no `{prog}` program (compiled by an older kiln); "
+                                    "recompile the model")
+            usage = wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_DST | wgpu.BufferUsage.COPY_SRC
+            for n, size in session_buffer_bytes(m, self.ctx, (prog,)).items():
+                if n not in self.buffers:
+                    self.buffers[n] = dev.create_buffer(size=size, usage=usage, label=n)
+            self.programs[prog] = self._bind(prog, m["programs"][prog])
+        return self.programs[prog]
 
     def _bind(self, prog: str, steps: list[dict]):
         model, out = self.model, []
@@ -169,7 +189,7 @@ class Session:
         dev.queue.write_buffer(self.state, 0, np.array([T, self.pos, 0, 0], dtype=np.uint32).tobytes())
         enc = dev.create_command_encoder()
         cp = enc.begin_compute_pass()
-        for pipeline, bind_group, dispatch in self.programs[prog]:
+        for pipeline, bind_group, dispatch in self._program(prog):
             cp.set_pipeline(pipeline)
             cp.set_bind_group(0, bind_group)
             cp.dispatch_workgroups(*(dispatch_size(d, T) for d in dispatch))
@@ -190,8 +210,7 @@ class Session:
         """Run the `score` program on `ids` (appended at self.pos), limits.score_chunk tokens at a time; yields each
         chunk's (T, vocab) float32 logits: row i predicts the token after ids[c0 + i]."""
         m, dev = self.model.manifest, self.model.device
-        if "score" not in self.programs:
-            raise ArtifactError("this artifact has no `score` program (compiled by an older kiln); recompile the model")
+        self._program("score")   # first score: allocates logits_all, binds the program
         if self.pos + len(ids) > self.ctx:
             raise ContextOverflowError(f"sequence of {self.pos + len(ids)} tokens exceeds the context of {self.ctx}")
         step, vocab = m["limits"]["score_chunk"], self.model.config["vocab"]

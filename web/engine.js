@@ -31,6 +31,17 @@ export function packParams(kernel, values) {
 
 export const sessionCtx = (manifest, ctx) => Math.min(ctx || DEFAULT_CTX, manifest.config.context_length);
 
+/** What a generating session runs (compiler/schedule.py GENERATE); `score` is not run in the browser. */
+export const GENERATE = ["prefill", "decode"];
+
+/** The buffers a session allocates to run `programs`, with their sizes, like runtime_py.model.session_buffer_bytes. */
+export function sessionBufferBytes(manifest, ctx, programs = GENERATE) {
+  const sizes = bufferBytes(manifest, ctx);
+  return Object.fromEntries(Object.entries(manifest.buffers)
+    .filter(([, b]) => (b.programs || programs).some((p) => programs.includes(p)))
+    .map(([name]) => [name, sizes[name]]));
+}
+
 export class Model {
   /**
    * Everything a user waits for, in order: manifest -> adapter and limit checks (before any download) -> device ->
@@ -156,16 +167,28 @@ export class Session {
     if (ctx !== null && ctx < 1) throw new ContextOverflowError(`context length must be at least 1 token (got ${ctx})`);
     this.ctx = sessionCtx(m, ctx);
     this.chunk = m.limits.prefill_chunk;
-    const usage = GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_DST | GPUBufferUsage.COPY_SRC;
-    this.buffers = new Map(Object.entries(bufferBytes(m, this.ctx)).map(
-      ([name, size]) => [name, dev.createBuffer({size, usage, label: name})]));
+    this.buffers = new Map();
+    this.programs = {};
     this.state = dev.createBuffer({size: STATE_BYTES, usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST});
+    for (const prog of GENERATE) this._program(prog);
     // readback staging: the logits (vocab f32) and the argmax token (tokens[0])
     this.logitsRead = dev.createBuffer({size: this.buffers.get("logits").size,
                                         usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST});
     this.tokenRead = dev.createBuffer({size: 4, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST});
-    this.programs = Object.fromEntries(Object.entries(m.programs).map(([p, steps]) => [p, this._bind(p, steps)]));
     this.pos = 0;
+  }
+
+  /** Program `prog` bound to this session, allocating the buffers it needs on its first use. */
+  _program(prog) {
+    if (!this.programs[prog]) {
+      const m = this.model.manifest, dev = this.model.device;
+      const usage = GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_DST | GPUBufferUsage.COPY_SRC;
+      for (const [name, size] of Object.entries(sessionBufferBytes(m, this.ctx, [prog]))) {
+        if (!this.buffers.has(name)) this.buffers.set(name, dev.createBuffer({size, usage, label: name}));
+      }
+      this.programs[prog] = this._bind(prog, m.programs[prog]);
+    }
+    return this.programs[prog];
   }
 
   _bind(prog, steps) {
@@ -203,7 +226,7 @@ export class Session {
       dev.queue.writeBuffer(this.state, 0, new Uint32Array([T, this.pos, 0, 0]));
       const enc = dev.createCommandEncoder();
       const cp = enc.beginComputePass();
-      for (const [pipeline, bindGroup, dispatch] of this.programs[prog]) {
+      for (const [pipeline, bindGroup, dispatch] of this._program(prog)) {
         cp.setPipeline(pipeline);
         cp.setBindGroup(0, bindGroup);
         cp.dispatchWorkgroups(...dispatch.map((d) => dispatchSize(d, T)));

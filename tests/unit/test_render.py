@@ -183,3 +183,29 @@ def test_golden_snapshot():
             first = f"\nfirst difference, in {changed[0]}:\n" + "\n".join(list(diff)[:30])
         pytest.fail(f"compiler output differs from {GOLDEN.name}/: added {added}, removed {removed}, changed "
                     f"{changed}. If intended, update the snapshot: {UPDATE_CMD}{first}")
+
+
+# -- what the manifest says about kernels and buffers ------------------------------------------------------------------
+def test_manifest_features_come_from_the_kernels():
+    from compiler.kernels import OPTIONAL_FEATURES
+    from compiler.manifest import kernel_features
+    assert all(set(k.features) <= set(OPTIONAL_FEATURES) for k in VARIANTS)
+    assert kernel_features(VARIANTS) == []   # every kernel today runs on core WebGPU (f32, no subgroups)
+
+    @dataclass(frozen=True)
+    class Half(Kernel):
+        template: ClassVar[str] = "argmax"
+        params: ClassVar[tuple] = ()
+        features: ClassVar[tuple] = ("shader-f16",)
+
+    assert kernel_features([*VARIANTS, Half(), Half()]) == ["shader-f16"]
+
+
+def test_score_only_buffers_are_not_in_a_generating_session():
+    from runtime_py.model import buffer_bytes, session_buffer_bytes
+    bufs = json.loads((GOLDEN / "buffers.json").read_text())
+    manifest = {"limits": {"prefill_chunk": 128}, "buffers": bufs}
+    assert bufs["logits_all"]["programs"] == ["score"] and bufs["logits"]["programs"] == ["prefill", "decode"]
+    gen, score = session_buffer_bytes(manifest, 64), session_buffer_bytes(manifest, 64, ("score",))
+    assert "logits_all" not in gen and "logits" in gen and set(gen) | set(score) == set(bufs)
+    assert score["logits_all"] == buffer_bytes(manifest, 64)["logits_all"] == 64 * 49152 * 4   # score_chunk 64
