@@ -44,7 +44,7 @@ DEFAULT_PREFILL_CHUNK = 128
 class Compilation:
     """What the stages hand each other: the inputs, then each stage's result in stage order."""
     gguf_path: Path
-    out: Path                          # the (temporary) artifact directory the writing stages fill
+    out: Path | None                   # the (temporary) artifact directory the writing stages fill
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
     shard_bytes: int = SHARD_BYTES
     requant: str | None = None
