@@ -52,11 +52,14 @@ class WeightPlan:
         return QuantScheme.registry[self.refs[name].quant]
 
 
+def _requantized(ggml_type, ndim: int, requant: type[QuantScheme] | None) -> bool:
+    """Whether `--quant` re-quantizes a tensor of this type and rank (matrices of REQUANT_SOURCES types only)."""
+    return requant is not None and ndim == 2 and ggml_type in REQUANT_SOURCES
+
+
 def _target(ggml_type, ndim: int, requant: type[QuantScheme] | None) -> type[QuantScheme]:
     """The scheme a tensor of this type and rank is packed as."""
-    if requant and ndim == 2 and ggml_type in REQUANT_SOURCES:
-        return requant
-    return scheme_for(ggml_type)
+    return requant if _requantized(ggml_type, ndim, requant) else scheme_for(ggml_type)
 
 
 def _parts(scheme: type[QuantScheme], rows: int, k: int, max_part_bytes: int) -> tuple[tuple[int, int], ...]:
@@ -92,7 +95,7 @@ def tensor_types(m: GGUFModel, requant: str | None = None) -> dict[str, tuple[st
     scheme = requant_scheme(requant) if requant else None
     out = {}
     for name, t in m.tensors.items():
-        if scheme and len(t.shape) == 2 and t.ggml_type in REQUANT_SOURCES:
+        if _requantized(t.ggml_type, len(t.shape), scheme):
             out[name] = (scheme.name.upper(), scheme.packed_words(t.shape[0], t.shape[1]) * 4)
         else:
             out[name] = (t.ggml_type.name, t.n_bytes)
