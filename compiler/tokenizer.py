@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import gguf
 
+from .chat_templates import fallback_template
 from .errors import GGUFError, UnsupportedModelError
 from .gguf_file import quote
 
@@ -307,9 +308,12 @@ def tokenizer_info(reader: gguf.GGUFReader) -> dict:
 
     bos_id, eos_id: int | None; add_bos: bool (prepend BOS to a prompt, as llama.cpp does);
     eog_ids: sorted end-of-generation ids as llama.cpp computes them; bos_token, eos_token: their texts (chat
-    templates use them); vocab_size; tokenizer_model ("gpt2" | "llama"); chat_template: str | None.
+    templates use them); vocab_size; tokenizer_model ("gpt2" | "llama"); chat_template: str, the GGUF's own or,
+    when it has none, llama.cpp's built-in one for the architecture (compiler/chat_templates.py).
     """
     meta = read_meta(reader)
+    arch = _get(reader, "general.architecture")
+    arch = arch if isinstance(arch, str) else None
     _, eog = _special_sets(meta)
     text = lambda i: meta.tokens[i] if i is not None else None     # noqa: E731
     return {
@@ -321,5 +325,5 @@ def tokenizer_info(reader: gguf.GGUFReader) -> dict:
         "eos_token": text(meta.eos_id),
         "vocab_size": len(meta.tokens),
         "tokenizer_model": meta.model,
-        "chat_template": meta.chat_template,
+        "chat_template": meta.chat_template if meta.chat_template is not None else fallback_template(arch),
     }
