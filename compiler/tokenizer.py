@@ -244,6 +244,13 @@ def _gpt2_parts(meta: TokenizerMeta) -> dict:
         raise UnsupportedModelError("gpt2 tokenizer without tokenizer.ggml.merges")
     splits = [{"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated", "invert": False}
               for r in pre.regexes]
+    vocab = {t: i for i, t in enumerate(meta.tokens)}
+    merges = [_split_merge(m) for m in meta.merges]
+    for i, (left, right) in enumerate(merges):   # `tokenizers` refuses to load a merge outside the vocabulary
+        for piece in (left, right, left + right):
+            if piece not in vocab:
+                raise GGUFError(f"corrupt tokenizer metadata: merge #{i} ({quote(left + ' ' + right)}) needs token "
+                                f"{quote(piece)}, which is not in tokenizer.ggml.tokens")
     return {
         "normalizer": None,
         "pre_tokenizer": {"type": "Sequence", "pretokenizers": splits + [
@@ -252,8 +259,7 @@ def _gpt2_parts(meta: TokenizerMeta) -> dict:
         "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
                   "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
                   "ignore_merges": pre.ignore_merges,
-                  "vocab": {t: i for i, t in enumerate(meta.tokens)},
-                  "merges": [_split_merge(m) for m in meta.merges]},
+                  "vocab": vocab, "merges": merges},
     }
 
 
