@@ -19,6 +19,9 @@ import threading
 
 import tokenizers
 
+from compiler.errors import ArtifactError
+from compiler.gguf_file import escape
+
 REPLACEMENT_CHAR = "\ufffd"
 
 
@@ -28,9 +31,17 @@ class Tokenizer:
         if isinstance(tokenizer_json, dict):
             self._json = json.dumps(tokenizer_json, ensure_ascii=False)
         else:
-            with open(tokenizer_json, encoding="utf-8") as f:
-                self._json = f.read()
-        self._tok = tokenizers.Tokenizer.from_str(self._json)
+            try:
+                with open(tokenizer_json, encoding="utf-8") as f:
+                    self._json = f.read()
+            except (OSError, UnicodeDecodeError) as e:
+                raise ArtifactError(f"{tokenizer_json}: cannot read the tokenizer "
+                                    f"({getattr(e, 'strerror', None) or type(e).__name__}); recompile the model") from None
+        try:
+            self._tok = tokenizers.Tokenizer.from_str(self._json)
+        except Exception as e:   # noqa: BLE001 — tokenizers raises plain Exception on a malformed file
+            raise ArtifactError(f"{tokenizer_json if not isinstance(tokenizer_json, dict) else 'tokenizer.json'}: "
+                                f"corrupt tokenizer ({escape(e)}); recompile the model") from None
         self._tok_no_special = None      # built on first parse_special=False call; see _plain()
         self._special = None             # see _specials()
         self._lock = threading.Lock()

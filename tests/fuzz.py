@@ -405,13 +405,17 @@ def mutate_manifest(m: dict, rng: random.Random) -> tuple[str, dict]:
     return f"manifest.{op}", m
 
 
-def run_manifest_case(art: Path, mutated: dict, tmp: Path) -> tuple[str, str]:
+def run_manifest_case(art: Path, mutated: dict, tmp: Path, reseal: bool) -> tuple[str, str]:
     from compiler.errors import KilnError
     case = tmp / "art"
     shutil.rmtree(case, ignore_errors=True)
     shutil.copytree(art, case)
-    (case / "manifest.json").write_text(json.dumps(mutated))
     try:
+        if reseal:   # through the compiler's own writer: a checksummed manifest stays "sealed", so the schema is hit
+            from compiler.manifest import write_manifest
+            write_manifest(case, {k: v for k, v in mutated.items() if k not in ("format", "version")})
+        else:        # edited by hand, as a careless user or an attacker would
+            (case / "manifest.json").write_text(json.dumps(mutated))
         load_path(case)
     except KilnError as e:
         bad = _check_message(e)
@@ -445,7 +449,8 @@ class Cases:
             if rng.random() < manifest_share:
                 art = self.artifact()
                 what, m = mutate_manifest(_strict_json(art / "manifest.json"), rng)
-                return (what, *run_manifest_case(art, m, work))
+                reseal = rng.random() < 0.7
+                return (what + ".sealed" * reseal, *run_manifest_case(art, m, work, reseal))
             base = rng.choice(self.KINDS)
             if rng.random() < 0.5:
                 what, data = mutate_bytes(self.bases[base], rng)
@@ -524,7 +529,8 @@ def fuzz(n_cases: int, seed: int = 0, *, manifest_share: float = 0.25, only: int
             by_what[(what.split(":")[-1], outcome if outcome in CLEAN else "BAD")] += 1
             if outcome not in CLEAN:
                 bad.append({"index": i, "what": what, "outcome": outcome, "detail": detail})
-                log(f"case {i} ({what}): {outcome}: {detail}")
+                if log:
+                    log(f"case {i} ({what}): {outcome}: {detail}")
             if log and (n + 1) % 500 == 0:
                 log(f"{n + 1}/{len(indices)} cases, {time.time() - t0:.0f} s")
     finally:
