@@ -6,7 +6,7 @@ KILN := $(VENV)/bin/kiln
 export XDG_RUNTIME_DIR ?= /tmp/kiln-xdg-$(shell id -u)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup system venv web demo run test test-unit test-gpu test-e2e bench serve quality clean
+.PHONY: setup system venv web demo run test test-unit test-gpu test-e2e fuzz bench serve quality clean
 
 # set up everything: Debian packages when missing (Vulkan driver, Chromium), the venv, the package, web deps
 setup: system venv web
@@ -55,6 +55,10 @@ test-gpu: venv
 
 test-e2e: setup
 	$(PY) -m pytest tests/e2e -q
+
+# fuzz the compiler and the artifact loader: 10,000 mutated GGUFs and manifests (CASES=, SEED=); prints outcome counts
+fuzz: venv
+	$(PY) -m tests.fuzz --cases $${CASES:-10000} --seed $${SEED:-1}
 
 # decode/prefill speed of kiln next to llama.cpp (llama-cpp-python) measured in the same run
 bench: setup

@@ -9,7 +9,7 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from .errors import GGUFError, UnsupportedModelError
-from .gguf_file import GGUFModel
+from .gguf_file import GGUFModel, escape, quote
 
 
 
@@ -54,67 +54,147 @@ class ModelConfig:
         return 2 * self.n_layer * self.n_kv_head * self.head_dim * ctx * bytes_per
 
 
+# Sane ranges for every hyperparameter, wide enough for every released model (405B: 126 layers, 16384 wide, 128 heads;
+# 10M-token contexts; 262k-token vocabularies) and tight enough that a flipped byte or a hostile value (rope base
+# 1e-45, 2^32 layers) is refused by name instead of compiling a model that computes garbage or allocates terabytes.
+INT_RANGES = {"n_layer": (1, 1024), "n_embd": (1, 1 << 16), "n_head": (1, 1024), "n_kv_head": (1, 1024),
+              "head_dim": (1, 1024), "n_ff": (1, 1 << 20), "vocab": (1, 1 << 22), "context_length": (1, 1 << 24),
+              "rope_dim": (2, 1024), "sliding_window": (0, 1 << 24)}
+FLOAT_RANGES = {"rms_eps": (1e-12, 0.1), "rope_base": (1.0, 1e12), "rope_base_local": (1.0, 1e12),   # (lo, hi]
+                "embed_scale": (1e-6, 1e6), "attn_scale": (1e-6, 1e3)}
+_ZERO_MEANS_NONE = ("rope_base_local", "attn_scale")   # 0 = no local rope base / the default 1/sqrt(head_dim)
+# keys the config reads -> the field they set, for messages
+_KEYS = {"n_layer": "block_count", "n_embd": "embedding_length", "n_head": "attention.head_count",
+         "n_kv_head": "attention.head_count_kv", "head_dim": "attention.key_length", "n_ff": "feed_forward_length",
+         "vocab": "vocab_size", "context_length": "context_length", "rope_dim": "rope.dimension_count",
+         "sliding_window": "attention.sliding_window", "rms_eps": "attention.layer_norm_rms_epsilon",
+         "rope_base": "rope.freq_base", "rope_base_local": "rope.freq_base_swa", "attn_scale": "attention.scale"}
+
+
 def read_config(m: GGUFModel) -> ModelConfig:
     arch = m.arch
     if arch not in ARCH_CONFIG:
         raise UnsupportedModelError(
-            f"architecture '{arch}' is not supported (supported: {', '.join(sorted(ARCH_CONFIG))})")
+            f"architecture {quote(arch)} is not supported (supported: {', '.join(sorted(ARCH_CONFIG))})")
     try:   # a corrupt value of the wrong kind (a string, a list, 0 heads) fails here as a GGUFError, not a traceback
         cfg = _read_config(m, arch)
     except (TypeError, ValueError, ZeroDivisionError, OverflowError) as e:
-        raise GGUFError(f"{m.path}: corrupt {arch} metadata ({type(e).__name__}: {e})") from None
+        raise GGUFError(f"{m.path}: corrupt {arch} metadata ({type(e).__name__}: {escape(e)})") from None
     check_config(m, cfg)
     return cfg
 
 
+def meta_int(m: GGUFModel, key: str, default=None) -> int:
+    """An integer metadata value (an int-typed GGUF field: not a float, bool, string or array)."""
+    v = m.get(key) if default is None else m.get(key, default)
+    if v is None:
+        v = m.require(key)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise GGUFError(f"{m.path}: corrupt metadata: {key} = {quote(v)} is not an integer")
+    return v
+
+
+def meta_float(m: GGUFModel, key: str, default=None) -> float:
+    """A number metadata value (float or int GGUF field), finite."""
+    v = m.get(key) if default is None else m.get(key, default)
+    if v is None:
+        v = m.require(key)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise GGUFError(f"{m.path}: corrupt metadata: {key} = {quote(v)} is not a finite number")
+    return float(v)
+
+
 def _read_config(m: GGUFModel, arch: str) -> ModelConfig:
-    a = lambda k, d=None: m.get(f"{arch}.{k}", d)  # noqa: E731
-    req = lambda k: m.require(f"{arch}.{k}")  # noqa: E731
-    n_embd, n_head = int(req("embedding_length")), int(req("attention.head_count"))
+    i = lambda k, d=None: meta_int(m, f"{arch}.{k}", d)  # noqa: E731
+    f = lambda k, d=None: meta_float(m, f"{arch}.{k}", d)  # noqa: E731
+    n_embd, n_head = i("embedding_length"), i("attention.head_count")
     if n_head <= 0:
         raise GGUFError(f"{m.path}: corrupt metadata: {arch}.attention.head_count = {n_head}")
-    head_dim = int(a("attention.key_length", n_embd // n_head))
-    vocab = int(a("vocab_size", 0) or len(m.require("tokenizer.ggml.tokens")))
+    head_dim = i("attention.key_length", n_embd // n_head)
+    if i("attention.value_length", head_dim) != head_dim:
+        raise UnsupportedModelError(f"{arch}: attention.value_length = {i('attention.value_length')} differs from "
+                                    f"the key length {head_dim}; kiln's attention assumes they are equal")
+    tokens = m.require("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list):
+        raise GGUFError(f"{m.path}: corrupt metadata: tokenizer.ggml.tokens is not an array of strings")
+    vocab = i("vocab_size", len(tokens))
+    if vocab != len(tokens):
+        raise GGUFError(f"{m.path}: corrupt metadata: {arch}.vocab_size = {vocab} but tokenizer.ggml.tokens has "
+                        f"{len(tokens)} entries")
     common = dict(
-        arch=arch, name=str(m.get("general.name", m.path.stem)),
-        n_layer=int(req("block_count")), n_embd=n_embd, n_head=n_head,
-        n_kv_head=int(a("attention.head_count_kv", n_head)), head_dim=head_dim,
-        n_ff=int(req("feed_forward_length")), vocab=vocab,
-        context_length=int(a("context_length", 2048)),
-        rms_eps=float(req("attention.layer_norm_rms_epsilon")),
-        rope_base=float(a("rope.freq_base", 10000.0)),
-        rope_dim=int(a("rope.dimension_count", head_dim)),
+        arch=arch, name=escape(m.get("general.name", m.path.stem), 200),
+        n_layer=i("block_count"), n_embd=n_embd, n_head=n_head,
+        n_kv_head=i("attention.head_count_kv", n_head), head_dim=head_dim,
+        n_ff=i("feed_forward_length"), vocab=vocab,
+        context_length=i("context_length", 2048),
+        rms_eps=f("attention.layer_norm_rms_epsilon"),
+        rope_base=f("rope.freq_base", 10000.0),
+        rope_dim=i("rope.dimension_count", head_dim),
         tied_output="output.weight" not in m.tensors,
     )
     return ARCH_CONFIG[arch](m, common)
 
 
+def expected_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor the schedule reads for this config, with its shape in numpy order (rows, K) / (n,)."""
+    q_dim, kv_dim = c.n_head * c.head_dim, c.n_kv_head * c.head_dim
+    D = c.n_embd
+    out = {"token_embd.weight": (c.vocab, D), "output_norm.weight": (D,)}
+    if not c.tied_output:
+        out["output.weight"] = (c.vocab, D)
+    for L in range(c.n_layer):
+        b = f"blk.{L}."
+        out.update({b + "attn_norm.weight": (D,), b + "attn_q.weight": (q_dim, D), b + "attn_k.weight": (kv_dim, D),
+                    b + "attn_v.weight": (kv_dim, D), b + "attn_output.weight": (D, q_dim),
+                    b + "ffn_norm.weight": (D,), b + "ffn_gate.weight": (c.n_ff, D), b + "ffn_up.weight": (c.n_ff, D),
+                    b + "ffn_down.weight": (D, c.n_ff)})
+        if c.qk_norm:
+            out.update({b + "attn_q_norm.weight": (c.head_dim,), b + "attn_k_norm.weight": (c.head_dim,)})
+        if c.post_norms:
+            out.update({b + "post_attention_norm.weight": (D,), b + "post_ffw_norm.weight": (D,)})
+    return out
+
+
 def check_config(m: GGUFModel, c: ModelConfig):
-    """Metadata that contradicts itself or the tensors' shapes means a corrupt file (a flipped byte in a count): fail
-    here with the field's name instead of compiling a model that computes garbage or crashes later."""
+    """Metadata that is out of range, contradicts itself or the tensors' shapes means a corrupt file (a flipped byte in
+    a count): fail here with the field's name instead of compiling a model that computes garbage or crashes later.
+    Every tensor of every layer is checked; a tensor kiln would not read (a bias, llama 3.1's rope_freqs) is refused
+    by name too, since ignoring it would run a different model than the file describes."""
     def bad(msg):
         return GGUFError(f"{m.path}: corrupt metadata: {msg}")
-    for k in ("n_layer", "n_embd", "n_head", "n_kv_head", "head_dim", "n_ff", "vocab", "context_length", "rope_dim"):
-        if getattr(c, k) <= 0:
-            raise bad(f"{k} = {getattr(c, k)}")
+
+    def key(k):
+        return f"{c.arch}.{_KEYS[k]}" if k in _KEYS else k
+    for k, (lo, hi) in INT_RANGES.items():
+        v = getattr(c, k)
+        if not lo <= v <= hi:
+            raise bad(f"{k} = {v} ({key(k)}) is outside {lo}..{hi}")
+    for k, (lo, hi) in FLOAT_RANGES.items():
+        v = getattr(c, k)
+        if not math.isfinite(v) or not (lo < v <= hi or (v == 0.0 and k in _ZERO_MEANS_NONE)):
+            raise bad(f"{k} = {v:g} ({key(k)}) is outside ({lo:g}, {hi:g}]")
     if c.n_head % c.n_kv_head:
         raise bad(f"{c.n_head} heads are not a multiple of {c.n_kv_head} KV heads")
     if c.rope_dim > c.head_dim or c.rope_dim % 2:
         raise bad(f"rope dimension {c.rope_dim} does not fit head_dim {c.head_dim}")
-    if not (math.isfinite(c.rms_eps) and 0 < c.rms_eps < 1) or not (math.isfinite(c.rope_base) and c.rope_base > 0):
-        raise bad(f"rms epsilon {c.rms_eps} / rope base {c.rope_base} out of range")
-    q_dim, kv_dim = c.n_head * c.head_dim, c.n_kv_head * c.head_dim
-    expect = {"token_embd.weight": (c.vocab, c.n_embd), "blk.0.attn_norm.weight": (c.n_embd,),
-              "blk.0.attn_q.weight": (q_dim, c.n_embd), "blk.0.attn_k.weight": (kv_dim, c.n_embd),
-              "blk.0.attn_v.weight": (kv_dim, c.n_embd), "blk.0.attn_output.weight": (c.n_embd, q_dim),
-              "blk.0.ffn_gate.weight": (c.n_ff, c.n_embd), "blk.0.ffn_down.weight": (c.n_embd, c.n_ff)}
-    for name, shape in expect.items():   # numpy order (rows, K); a tensor the file lacks fails later, by name
-        t = m.tensors.get(name)
-        if t is not None and t.shape != shape:
-            raise bad(f"tensor {name} has shape {list(t.shape)} but the metadata implies {list(shape)}")
+    if c.swa_layers and len(c.swa_layers) != c.n_layer:
+        raise bad(f"{len(c.swa_layers)} sliding-window flags for {c.n_layer} layers")
     blocks = {n.split(".")[1] for n in m.tensors if n.startswith("blk.")}
     if blocks and len(blocks) != c.n_layer:
         raise bad(f"block_count = {c.n_layer} but the file has tensors for {len(blocks)} blocks")
+    expect = expected_shapes(c)
+    for name, t in m.tensors.items():
+        if name not in expect:
+            if name.startswith("blk.") and not (name.split(".")[1].isdigit() and int(name.split(".")[1]) < c.n_layer):
+                raise bad(f"block_count = {c.n_layer} but the file has tensor {quote(name)}")
+            raise UnsupportedModelError(f"{m.path}: tensor {quote(name)} is not used by kiln's {c.arch} model "
+                                        f"(not supported; ignoring it would compute a different model)")
+        if t.shape != expect[name]:
+            raise bad(f"tensor {quote(name)} has shape {list(t.shape)} but the metadata implies {list(expect[name])}")
+    missing = [n for n in expect if n not in m.tensors]
+    if missing:
+        raise GGUFError(f"{m.path}: tensor {missing[0]} is missing"
+                        + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
 
 
 def llama_config(m: GGUFModel, common: dict) -> ModelConfig:
@@ -139,7 +219,9 @@ def swa_layer_pattern(m: GGUFModel, arch: str, n_layer: int, default_period: int
             raise UnsupportedModelError(f"{arch}.attention.sliding_window_pattern has {len(pat)} entries for "
                                         f"{n_layer} layers")
         return tuple(bool(v) for v in pat)
-    n = int(pat) if pat is not None else default_period
+    n = meta_int(m, f"{arch}.attention.sliding_window_pattern") if pat is not None else default_period
+    if not 0 <= n <= 1024:
+        raise GGUFError(f"{m.path}: corrupt metadata: {arch}.attention.sliding_window_pattern = {n}")
     return tuple(n == 0 or i % n < n - 1 for i in range(n_layer))
 
 
@@ -160,22 +242,23 @@ def gemma3_config(m: GGUFModel, common: dict) -> ModelConfig:
     are refused when the file asks for them (gemma3 itself sets no soft-capping)."""
     arch, n_layer = common["arch"], common["n_layer"]
     a = lambda k, d=None: m.get(f"{arch}.{k}", d)  # noqa: E731
-    window = int(a("attention.sliding_window", 0) or 0)
+    f = lambda k, d: meta_float(m, f"{arch}.{k}", d)  # noqa: E731
+    window = meta_int(m, f"{arch}.attention.sliding_window", 0)
     swa = swa_layer_pattern(m, arch, n_layer, GEMMA3_SWA_PERIOD) if window else ()
-    factor = float(a("rope.scaling.factor", 1.0) or 1.0)
+    factor = f("rope.scaling.factor", 1.0)
     if str(a("rope.scaling.type", "none")) not in ("none", "") and factor != 1.0:
-        raise UnsupportedModelError(f"{arch}: rope scaling ({a('rope.scaling.type')}, factor {factor}) is not "
+        raise UnsupportedModelError(f"{arch}: rope scaling ({quote(a('rope.scaling.type'))}, factor {factor}) is not "
                                     f"supported yet")
     for key in ("final_logit_softcapping", "attn_logit_softcapping"):
-        if float(a(key, 0.0) or 0.0):
-            raise UnsupportedModelError(f"{arch}: {key} = {a(key)} is not supported yet")
-    scale = a("attention.scale")
+        if f(key, 0.0):
+            raise UnsupportedModelError(f"{arch}: {key} = {f(key, 0.0)} is not supported yet")
+    scale = f("attention.scale", 0.0) or None
     if scale is None and n_layer == 62:   # the 27B, as llama.cpp: query_pre_attn_scalar = n_embd / n_head
         scale = 1.0 / math.sqrt(common["n_embd"] / common["n_head"])
     return ModelConfig(
         **common,
         rope_style="neox",
-        rope_base_local=float(a("rope.freq_base_swa", GEMMA3_ROPE_BASE_LOCAL)) if window else 0.0,
+        rope_base_local=f("rope.freq_base_swa", GEMMA3_ROPE_BASE_LOCAL) if window else 0.0,
         sliding_window=window,
         swa_layers=swa,
         embed_scale=math.sqrt(common["n_embd"]),

@@ -31,11 +31,14 @@ This module must not import wgpu: the compiler runs on machines without a GPU.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import gguf
 
-from .errors import UnsupportedModelError
+from .chat_templates import fallback_template
+from .errors import GGUFError, UnsupportedModelError
+from .gguf_file import quote
 
 # GGUF token types (gguf.TokenType / llama.cpp llama_token_type).
 TT_NORMAL, TT_UNKNOWN, TT_CONTROL, TT_USER_DEFINED, TT_UNUSED, TT_BYTE = 1, 2, 3, 4, 5, 6
@@ -117,32 +120,51 @@ def _get(reader: gguf.GGUFReader, key: str, default=None):
 
 def read_meta(reader: gguf.GGUFReader) -> TokenizerMeta:
     model = _get(reader, "tokenizer.ggml.model")
-    if model not in SUPPORTED_MODELS:
+    if not isinstance(model, str) or model not in SUPPORTED_MODELS:
         raise UnsupportedModelError(
-            f"tokenizer model {model!r} is not supported (supported: {', '.join(SUPPORTED_MODELS)})")
+            f"tokenizer model {quote(model)} is not supported (supported: {', '.join(SUPPORTED_MODELS)})")
     tokens = _get(reader, "tokenizer.ggml.tokens")
     if not tokens:
         raise UnsupportedModelError("the GGUF has no tokenizer.ggml.tokens")
     n = len(tokens)
     types = _get(reader, "tokenizer.ggml.token_type") or [TT_NORMAL] * n
+    scores, merges = _get(reader, "tokenizer.ggml.scores"), _get(reader, "tokenizer.ggml.merges")
+    # per-token arrays must cover the vocabulary exactly (zip would silently drop the tail), with values of their type
+    for key, arr, kind in (("tokens", tokens, str), ("token_type", types, int), ("scores", scores, (int, float)),
+                           ("merges", merges, str)):
+        if arr is None:
+            continue
+        if not isinstance(arr, list) or not all(isinstance(v, kind) and not isinstance(v, bool) for v in arr):
+            raise GGUFError(f"corrupt tokenizer metadata: tokenizer.ggml.{key} is not an array of "
+                            f"{'strings' if kind is str else 'numbers'}")
+        if key in ("token_type", "scores") and len(arr) != n:
+            raise GGUFError(f"corrupt tokenizer metadata: tokenizer.ggml.{key} has {len(arr)} entries for {n} tokens")
+    if scores is not None and not all(math.isfinite(v) for v in scores):
+        raise GGUFError("corrupt tokenizer metadata: tokenizer.ggml.scores holds a NaN or infinity")
     # llama.cpp's per-model defaults (llama_vocab::impl::load), overridden by the GGUF keys when present.
     spm = model == "llama"
     defaults = {"bos": 1, "eos": 2, "unk": 0} if spm else {"bos": 11, "eos": 11, "unk": None}
 
     def tid(name: str, default):
         v = _get(reader, f"tokenizer.ggml.{name}_token_id", default)
-        return None if v is None or not (0 <= int(v) < n) else int(v)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            raise GGUFError(f"corrupt tokenizer metadata: tokenizer.ggml.{name}_token_id = {quote(v)}")
+        return None if v is None or not (0 <= v < n) else v
 
     pre = _get(reader, "tokenizer.ggml.pre") or "default"
+    template = _get(reader, "tokenizer.chat_template")
+    for key, v in (("pre", pre), ("chat_template", template)):
+        if v is not None and not isinstance(v, str):
+            raise GGUFError(f"corrupt tokenizer metadata: tokenizer.{'ggml.' * (key == 'pre')}{key} is not a string")
     add_bos_default = spm or BPE_PRE_TYPES.get(pre) is _LLAMA3   # llama.cpp: SPM and llama3-style BPE add BOS
     return TokenizerMeta(
         model=model, pre=pre, tokens=list(tokens), types=[int(t) for t in types],
-        scores=_get(reader, "tokenizer.ggml.scores"), merges=_get(reader, "tokenizer.ggml.merges"),
+        scores=scores, merges=merges,
         bos_id=tid("bos", defaults["bos"]), eos_id=tid("eos", defaults["eos"]), unk_id=tid("unknown", defaults["unk"]),
         eot_id=tid("eot", None), eom_id=tid("eom", None),
         add_bos=bool(_get(reader, "tokenizer.ggml.add_bos_token", add_bos_default)),
         add_space_prefix=bool(_get(reader, "tokenizer.ggml.add_space_prefix", spm)),
-        chat_template=_get(reader, "tokenizer.chat_template"),
+        chat_template=template,
     )
 
 
@@ -177,7 +199,7 @@ def _split_merge(m: str) -> list[str]:
     # llama.cpp splits at the first space after position 0 (a merge's left side may itself start with a space).
     pos = m.find(" ", 1)
     if pos < 0:
-        raise UnsupportedModelError(f"malformed BPE merge {m!r} in tokenizer.ggml.merges")
+        raise UnsupportedModelError(f"malformed BPE merge {quote(m)} in tokenizer.ggml.merges")
     return [m[:pos], m[pos + 1:]]
 
 
@@ -216,12 +238,19 @@ def _gpt2_parts(meta: TokenizerMeta) -> dict:
     pre = BPE_PRE_TYPES.get(meta.pre)
     if pre is None:
         raise UnsupportedModelError(
-            f"BPE pre-tokenizer {meta.pre!r} (tokenizer.ggml.pre) is not supported "
+            f"BPE pre-tokenizer {quote(meta.pre)} (tokenizer.ggml.pre) is not supported "
             f"(supported: {', '.join(sorted(BPE_PRE_TYPES))})")
     if not meta.merges:
         raise UnsupportedModelError("gpt2 tokenizer without tokenizer.ggml.merges")
     splits = [{"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated", "invert": False}
               for r in pre.regexes]
+    vocab = {t: i for i, t in enumerate(meta.tokens)}
+    merges = [_split_merge(m) for m in meta.merges]
+    for i, (left, right) in enumerate(merges):   # `tokenizers` refuses to load a merge outside the vocabulary
+        for piece in (left, right, left + right):
+            if piece not in vocab:
+                raise GGUFError(f"corrupt tokenizer metadata: merge #{i} ({quote(left + ' ' + right)}) needs token "
+                                f"{quote(piece)}, which is not in tokenizer.ggml.tokens")
     return {
         "normalizer": None,
         "pre_tokenizer": {"type": "Sequence", "pretokenizers": splits + [
@@ -230,8 +259,7 @@ def _gpt2_parts(meta: TokenizerMeta) -> dict:
         "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
                   "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
                   "ignore_merges": pre.ignore_merges,
-                  "vocab": {t: i for i, t in enumerate(meta.tokens)},
-                  "merges": [_split_merge(m) for m in meta.merges]},
+                  "vocab": vocab, "merges": merges},
     }
 
 
@@ -286,9 +314,12 @@ def tokenizer_info(reader: gguf.GGUFReader) -> dict:
 
     bos_id, eos_id: int | None; add_bos: bool (prepend BOS to a prompt, as llama.cpp does);
     eog_ids: sorted end-of-generation ids as llama.cpp computes them; bos_token, eos_token: their texts (chat
-    templates use them); vocab_size; tokenizer_model ("gpt2" | "llama"); chat_template: str | None.
+    templates use them); vocab_size; tokenizer_model ("gpt2" | "llama"); chat_template: str, the GGUF's own or,
+    when it has none, llama.cpp's built-in one for the architecture (compiler/chat_templates.py).
     """
     meta = read_meta(reader)
+    arch = _get(reader, "general.architecture")
+    arch = arch if isinstance(arch, str) else None
     _, eog = _special_sets(meta)
     text = lambda i: meta.tokens[i] if i is not None else None     # noqa: E731
     return {
@@ -300,5 +331,5 @@ def tokenizer_info(reader: gguf.GGUFReader) -> dict:
         "eos_token": text(meta.eos_id),
         "vocab_size": len(meta.tokens),
         "tokenizer_model": meta.model,
-        "chat_template": meta.chat_template,
+        "chat_template": meta.chat_template if meta.chat_template is not None else fallback_template(arch),
     }

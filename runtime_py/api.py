@@ -221,6 +221,7 @@ class ChatRequest(_Common):
     tool_choice: Any = None
     functions: list[Any] | None = None
     response_format: dict[str, Any] | None = None
+    parse_special: bool = False   # kiln: control-token text in message contents becomes control tokens (llama.cpp's)
 
 
 class CompletionRequest(_Common):
@@ -783,12 +784,8 @@ def make_router(artifacts: dict[str, Path], *, api_key: str | None, ctx: int | N
             messages.append({"role": "system" if msg.role == "developer" else msg.role, "content": content or ""})
 
         def encode():
-            from .chat import render_chat
-            tok, m = info.tokenizer, info.manifest
-            text = render_chat(m.get("chat_template"), messages, add_generation_prompt=True,
-                               bos_token=tok.info.get("bos_token") or "", eos_token=tok.info.get("eos_token") or "",
-                               arch=m["model"]["arch"])
-            return _encode(tok, text, "messages")
+            from .chat import chat_prompt_ids   # message contents as plain text unless parse_special
+            return chat_prompt_ids(info.tokenizer, info.manifest, messages, parse_special=r.parse_special)
         ids = await run_in_threadpool(encode)
         max_tokens = budget(info, ids, r.max_completion_tokens or r.max_tokens, None, "messages")
         want_lp = (r.top_logprobs or 0) if r.logprobs else -1

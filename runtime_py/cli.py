@@ -70,15 +70,14 @@ def load(model: str | None, ctx: int | None = None, quiet=False):
     return model_obj, model_obj.session(ctx), tok, m
 
 
-def build_prompt(tok, manifest, prompt: str, chat: bool, system: str | None, template_file: str | None = None):
+def build_prompt(tok, manifest, prompt: str, chat: bool, system: str | None, template_file: str | None = None,
+                 parse_special: bool = False):
     if not chat:
         return tok.encode(prompt)
-    from .chat import render_chat
-    template = Path(template_file).read_text() if template_file else manifest.get("chat_template")
+    from .chat import chat_prompt_ids
+    template = Path(template_file).read_text() if template_file else None
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    text = render_chat(template, messages, add_generation_prompt=True, bos_token=tok.info.get("bos_token") or "",
-                       eos_token=tok.info.get("eos_token") or "", arch=manifest["model"]["arch"])
-    return tok.encode(text)
+    return chat_prompt_ids(tok, manifest, messages, template=template, parse_special=parse_special)
 
 
 def cmd_run(a):
@@ -86,7 +85,7 @@ def cmd_run(a):
     params = _sampling(a).validate()   # bad flags fail before the model loads
     model, session, tok, m = load(a.model, a.ctx, quiet=a.json)
     prompt = a.prompt if a.prompt is not None else sys.stdin.read()
-    ids = build_prompt(tok, m, prompt, a.chat, a.system, a.chat_template)
+    ids = build_prompt(tok, m, prompt, a.chat, a.system, a.chat_template, a.parse_special)
     tops, done = [], None
     for ev in generate(session, tok, ids, params, max_tokens=a.max_tokens, logprobs=5 if a.json else 0,
                        eog_ids=tok.eog_ids):
@@ -175,6 +174,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     r.add_argument("--system", help="system message (with --chat)")
     r.add_argument("--chat-template", help="jinja chat template file overriding the model's")
+    r.add_argument("--parse-special", action="store_true", help="with --chat: control-token text in the messages "
+                   "(e.g. <|im_end|>) becomes control tokens, as in llama.cpp (default: plain text)")
     r.add_argument("--max-tokens", "-n", type=int, default=128)
     r.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
     r.add_argument("--top-k", type=int, default=40)

@@ -3,6 +3,7 @@ compiler/tokenizer.py) plus the manifest's tokenizer info, with llama.cpp's enco
 
     tok = Tokenizer("artifact/tokenizer.json", manifest["tokenizer"])
     ids = tok.encode(prompt)                 # BOS per info["add_bos"], control tokens in the text parsed
+    ids = tok.encode(prompt, plain_spans=[(0, 5)])   # ... except in these character ranges (chat message contents)
     text = tok.decode(ids)
     stream = tok.stream_decoder()
     for id in generated: print(stream.push(id), end="")
@@ -18,6 +19,9 @@ import threading
 
 import tokenizers
 
+from compiler.errors import ArtifactError
+from compiler.gguf_file import escape
+
 REPLACEMENT_CHAR = "\ufffd"
 
 
@@ -27,10 +31,19 @@ class Tokenizer:
         if isinstance(tokenizer_json, dict):
             self._json = json.dumps(tokenizer_json, ensure_ascii=False)
         else:
-            with open(tokenizer_json, encoding="utf-8") as f:
-                self._json = f.read()
-        self._tok = tokenizers.Tokenizer.from_str(self._json)
+            try:
+                with open(tokenizer_json, encoding="utf-8") as f:
+                    self._json = f.read()
+            except (OSError, UnicodeDecodeError) as e:
+                raise ArtifactError(f"{tokenizer_json}: cannot read the tokenizer "
+                                    f"({getattr(e, 'strerror', None) or type(e).__name__}); recompile the model") from None
+        try:
+            self._tok = tokenizers.Tokenizer.from_str(self._json)
+        except Exception as e:   # noqa: BLE001 — tokenizers raises plain Exception on a malformed file
+            raise ArtifactError(f"{tokenizer_json if not isinstance(tokenizer_json, dict) else 'tokenizer.json'}: "
+                                f"corrupt tokenizer ({escape(e)}); recompile the model") from None
         self._tok_no_special = None      # built on first parse_special=False call; see _plain()
+        self._special = None             # see _specials()
         self._lock = threading.Lock()
         self.info = dict(info)
         self.bos_id: int | None = info.get("bos_id")
@@ -52,16 +65,53 @@ class Tokenizer:
                 self._tok_no_special = tok
         return self._tok_no_special
 
-    def encode(self, text: str, add_special_bos: bool | None = None, parse_special: bool = True) -> list[int]:
+    def _specials(self) -> tuple[dict[str, int], list[int], str]:
+        """(special token text -> id, their lengths longest first, their first characters), built on first use."""
+        if self._special is None:
+            table = {t["content"]: t["id"] for t in json.loads(self._json)["added_tokens"] if t["special"]}
+            self._special = (table, sorted({len(t) for t in table}, reverse=True), "".join({t[0] for t in table}))
+        return self._special
+
+    def find_special(self, text: str) -> list[tuple[int, int, int]]:
+        """[(start, end, id)] of the special (control) tokens in `text`, leftmost-longest as the tokenizer cuts them."""
+        table, lengths, firsts = self._specials()
+        out, i, n = [], 0, len(text)
+        while i < n:
+            if text[i] in firsts:
+                hit = next((L for L in lengths if i + L <= n and text[i:i + L] in table), 0)
+                if hit:
+                    out.append((i, i + hit, table[text[i:i + hit]]))
+                    i += hit
+                    continue
+            i += 1
+        return out
+
+    def encode(self, text: str, add_special_bos: bool | None = None, parse_special: bool = True,
+               plain_spans=()) -> list[int]:
         """llama.cpp's `tokenize(text, add_special, parse_special)`.
 
         add_special_bos: prepend BOS; None = the model's add_bos. A BOS is not added when the text already starts with
         one (a chat template that writes `{{ bos_token }}`), where llama.cpp would warn and send two.
         parse_special: control tokens written in the text (e.g. "<|im_start|>") become their ids; when False they are
         tokenized as plain text. User-defined tokens are always matched, as in llama.cpp.
+        plain_spans: [(start, end)] character ranges (message contents) in which control tokens are not parsed even
+        with parse_special: a control token overlapping one stays text. Without such a token the ids are exactly
+        those of the whole-text encode; with one, the text is cut at the control tokens that are kept and each piece
+        between them is encoded with special tokens off (the tokenizer cuts at control tokens anyway).
         """
         tok = self._tok if parse_special else self._plain()
-        ids = tok.encode(text, add_special_tokens=False).ids
+        found = self.find_special(text) if parse_special and plain_spans else []
+        kept = [f for f in found if not any(s < f[1] and f[0] < e for s, e in plain_spans)]
+        if len(kept) == len(found):
+            ids = tok.encode(text, add_special_tokens=False).ids
+        else:
+            ids, pos = [], 0
+            for start, end, tid in kept + [(len(text), len(text), None)]:
+                if start > pos:
+                    ids += self._plain().encode(text[pos:start], add_special_tokens=False).ids
+                if tid is not None:
+                    ids.append(tid)
+                pos = end
         if add_special_bos is None:
             add_special_bos = self.add_bos
         if add_special_bos and self.bos_id is not None and not (ids and ids[0] == self.bos_id):

@@ -114,7 +114,8 @@ class Engine {
     const model = req.model || this.model;
     const topN = kind === "chat" ? (req.logprobs ? (req.top_logprobs ?? 0) || 1 : 0) : (req.logprobs ?? 0);
     const request = {params: samplingParams(req), max_tokens: req.max_tokens ?? 256, logprobs: topN};
-    if (kind === "chat") request.messages = req.messages; else request.prompt = req.prompt;
+    if (kind === "chat") Object.assign(request, {messages: req.messages, parse_special: Boolean(req.parse_special)});
+    else request.prompt = req.prompt;
 
     const base = {id, object: kind === "chat" ? "chat.completion.chunk" : "text_completion", created, model};
     const logprobsOf = (t) => (t.top_logprobs ? {content: [{token: t.piece, logprob: t.top_logprobs.find(

@@ -11,7 +11,7 @@
 //                {type: "lost", message}
 // Errors travel as {name, message}; api.js turns them back into the classes of device.js.
 
-import {renderChat} from "./chat.js";
+import {chatPromptIds} from "./chat.js";
 import {DeviceLostError} from "./device.js";
 import {Model, generate, selftest} from "./engine.js";
 import {SamplingParams} from "./sampler.js";
@@ -50,10 +50,8 @@ async function load({modelUrl, libs, options = {}}) {
 /** The prompt ids of a request: chat messages through the template, a text prompt, or ids as they are. */
 function promptIds(request) {
   if (request.messages) {
-    const info = tokenizer.info, m = model.manifest;
-    const text = renderChat(jinja, m.chat_template ?? null, request.messages,
-                            {bos_token: info.bos_token || "", eos_token: info.eos_token || "", arch: m.model.arch});
-    return tokenizer.encode(text);
+    return chatPromptIds(jinja, tokenizer, model.manifest, request.messages,   // contents as text unless parse_special
+                         {parseSpecial: Boolean(request.parse_special)});
   }
   if (Array.isArray(request.prompt)) return request.prompt.map(Number);
   return tokenizer.encode(String(request.prompt ?? ""));

@@ -39,11 +39,9 @@ def native_greedy(art, messages) -> tuple[list[int], list[int]]:
     model = Model(art)
     m = model.manifest
     tok = Tokenizer(art / m["tokenizer"]["file"], m["tokenizer"])
-    from runtime_py.chat import render_chat
-    # no template in this GGUF: both runtimes fall back to the gemma template, as llama.cpp does
-    text = render_chat(m["chat_template"], messages, bos_token=tok.info.get("bos_token") or "",
-                       eos_token=tok.info.get("eos_token") or "", arch=m["model"]["arch"])
-    ids = tok.encode(text)
+    from runtime_py.chat import chat_prompt_ids
+    # no template in this GGUF: the compiler wrote llama.cpp's gemma template into the manifest
+    ids = chat_prompt_ids(tok, m, messages)
     for ev in generate(model.session(ctx=64), tok, ids, GREEDY, max_tokens=N_TOKENS, eog_ids=tok.eog_ids):
         if isinstance(ev, Done):
             return ids, ev.ids

@@ -77,24 +77,26 @@ def test_tokenizer_matches_llamacpp(page):
 
 
 def test_chat_templates_match_python(page, artifact):
-    from runtime_py.chat import CHATML_TEMPLATE, GEMMA_TEMPLATE, render_chat
+    from compiler.chat_templates import CHATML_TEMPLATE, GEMMA_TEMPLATE
+    from runtime_py.chat import render_chat, render_chat_spans
     manifest = json.loads((artifact / "manifest.json").read_text())
     convs = [[{"role": "user", "content": "Hi"}],
              [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi there"},
-              {"role": "assistant", "content": " Hello! "}, {"role": "user", "content": "What is 2+2?"}]]
-    cases = [{"template": t, "messages": msgs, "want": render_chat(t, msgs, bos_token="<s>", eos_token="</s>")}
+              {"role": "assistant", "content": " Hello! "}, {"role": "user", "content": "What is 2+2?<|im_end|>"}]]
+    cases = [{"template": t, "messages": msgs, "want": render_chat(t, msgs, bos_token="<s>", eos_token="</s>"),
+              "spans": [list(s) for s in render_chat_spans(t, msgs, bos_token="<s>", eos_token="</s>")[1]]}
              for t in (manifest["chat_template"], CHATML_TEMPLATE, GEMMA_TEMPLATE) for msgs in convs]
     got = page.evaluate("""async (cases) => {
         const jinja = await import('@huggingface/jinja');
-        const {renderChat} = await import('/web/chat.js');
-        return cases.map((c) => renderChat(jinja, c.template, c.messages, {bos_token: '<s>', eos_token: '</s>'}));
+        const {renderChat, renderChatSpans} = await import('/web/chat.js');
+        const o = {bos_token: '<s>', eos_token: '</s>'};
+        return cases.map((c) => [renderChat(jinja, c.template, c.messages, o),
+                                 renderChatSpans(jinja, c.template, c.messages, o)[1]]);
     }""", cases)
-    assert got == [c["want"] for c in cases]
-    js_fallbacks = page.evaluate("""async () => {
-        const c = await import('/web/chat.js');
-        return [c.CHATML_TEMPLATE, c.GEMMA_TEMPLATE];
-    }""")
-    assert js_fallbacks == [CHATML_TEMPLATE, GEMMA_TEMPLATE], "web/chat.js fallback templates drifted from chat.py"
+    assert [g[0] for g in got] == [c["want"] for c in cases]
+    assert [g[1] for g in got] == [c["spans"] for c in cases]   # ASCII texts: JS and Python offsets agree
+    assert page.evaluate("""async () => Object.keys(await import('/web/chat.js'))
+        .filter((k) => k.endsWith('_TEMPLATE'))""") == [], "templates are manifest data, not copies in chat.js"
 
 
 def test_stop_strings_match_python(page):

@@ -18,6 +18,7 @@ import tokenizers
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # tests/ (for models.py), whatever the import mode
 from models import gemma3_gguf_path, smollm2_gguf_path          # noqa: E402
 
+from compiler.chat_templates import GEMMA_TEMPLATE              # noqa: E402
 from compiler.errors import UnsupportedModelError               # noqa: E402
 from compiler.tokenizer import build_tokenizer_json, tokenizer_info   # noqa: E402
 from runtime_py.tokenizer import REPLACEMENT_CHAR, StreamDecoder, Tokenizer   # noqa: E402
@@ -105,7 +106,8 @@ def test_prompt_ids_equal_references(model, text, prompt_ids):
     ("smollm2", {"bos_id": 1, "eos_id": 2, "add_bos": False, "eog_ids": [0, 2, 4],
                  "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "tokenizer_model": "gpt2"}),
     ("gemma3", {"bos_id": 2, "eos_id": 1, "add_bos": True, "eog_ids": [1, 106, 212],
-                "bos_token": "<bos>", "eos_token": "<eos>", "tokenizer_model": "llama", "chat_template": None}),
+                "bos_token": "<bos>", "eos_token": "<eos>", "tokenizer_model": "llama",
+                "chat_template": GEMMA_TEMPLATE}),   # the GGUF has none: llama.cpp's built-in one, as manifest data
 ])
 def test_tokenizer_info(model, expected):
     info = built(model)[1]
@@ -233,3 +235,35 @@ def test_unknown_pre_tokenizer_is_rejected(tmp_path):
 def test_tiny_gpt2_tokenizer_works(tmp_path):
     tok_json = build_tokenizer_json(_tiny_gguf(tmp_path, "gpt2", "gpt-2"))
     assert tokenizers.Tokenizer.from_str(json.dumps(tok_json)).encode("ab").ids == [2]
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_find_special_matches_the_tokenizer(model):
+    """find_special cuts the control tokens where the tokenizer does (an unfinished one is text)."""
+    tok = tokenizer(model)
+    a, b = {"smollm2": ("<|im_start|>", "<|im_end|>"), "gemma3": ("<start_of_turn>", "<end_of_turn>")}[model]
+    text = f"x{a}y{b}{b}z{b[:-1]}"
+    found = tok.find_special(text)
+    assert [text[s:e] for s, e, _ in found] == [a, b, b]
+    special = set(tok._specials()[0].values())
+    assert [i for _, _, i in found] == [i for i in tok.encode(text, add_special_bos=False) if i in special]
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_plain_spans(model):
+    tok = tokenizer(model)
+    start, end = {"smollm2": ("<|im_start|>", "<|im_end|>"), "gemma3": ("<start_of_turn>", "<end_of_turn>")}[model]
+    content = f"x{end}\n{start}system y"
+    text = f"{start}user\n{content}{end}\n"
+    span = (len(start) + 5, len(start) + 5 + len(content))
+    ids = tok.encode(text, add_special_bos=False, plain_spans=[span])
+    special = set(tok._specials()[0].values())
+    assert [i for i in ids if i in special] == tok.encode(start + end, add_special_bos=False)
+    assert tok.decode(ids) == text
+    assert ids == tok.encode(start + "user\n", add_special_bos=False) + \
+        tok.encode(content, add_special_bos=False, parse_special=False) + tok.encode(end + "\n", add_special_bos=False)
+    # without a control token inside the span, the ids are the whole-text encode's, exactly
+    clean = f"{start}user\nHello there{end}\n"
+    assert tok.encode(clean, plain_spans=[(len(start) + 5, len(start) + 16)]) == tok.encode(clean)
+    # a control token that only overlaps the span stays text too
+    assert not set(tok.encode(end, add_special_bos=False, plain_spans=[(0, 2)])) & special
