@@ -4,6 +4,7 @@
 // generating | error | lost.
 
 import {createEngine, getAdapter, adapterName, selftestMessage} from "./api.js";
+import {fetchJson} from "./loader.js";
 
 const $ = (id) => document.getElementById(id);
 const MB = (b) => (b / 1e6).toFixed(1);
@@ -35,9 +36,13 @@ async function init() {
     return;
   }
   try {
-    models = await (await fetch("/models.json")).json();
+    // Relative: the page may live under any base path. Each model's url is relative to models.json (or absolute,
+    // when `kiln export --models-url` put the models on another origin).
+    models = await fetchJson(new URL("models.json", location.href).href, "the list of models");
+    for (const m of models) m.url = new URL(m.url, new URL("models.json", location.href)).href;
   } catch (e) {
-    show("load-error", `could not list models: ${e.message}`);
+    show("load-error", `${e.name}: could not list models: ${e.message}`);
+    $("load-error").dataset.error = e.name;
     setState("error");
     return;
   }
@@ -47,7 +52,7 @@ async function init() {
   const idx = models.findIndex((m) => m.id === wanted);
   if (idx >= 0) sel.value = idx;
   sel.disabled = $("load").disabled = models.length === 0;
-  if (!models.length) show("load-error", "no compiled models are being served (kiln serve --model ...)");
+  if (!models.length) show("load-error", "no compiled models are being served (kiln serve --model ..., kiln export DIR MODEL ...)");
   setState("idle");
 }
 
