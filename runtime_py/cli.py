@@ -163,9 +163,9 @@ def cmd_export(a):
         artifacts[model_id] = art
     out = export_site(Path(a.dir), WEB_DIR, artifacts, models_url=a.models_url)
     print(f"wrote {out}: {len(artifacts)} model(s): {', '.join(artifacts)}. Serve it with any static web server, "
-          f"e.g. `python -m http.server -d {out}`; send " + ", ".join(f"{s} as {t}" for s, t in HEADERS.items()
-                                                                     if s in (".mjs", ".wgsl")) +
-          " (README: Deploy)")
+          f"e.g. `python -m http.server -d {out}`; it must send " +
+          ", ".join(f"{s} as {HEADERS[s].split(';')[0]}" for s in (".js", ".mjs", ".wgsl")) +
+          " (README: Deploy; nginx: web/deploy/nginx.conf)")
 
 
 def parser() -> argparse.ArgumentParser:

@@ -187,6 +187,14 @@ class Engine {
   simulateDeviceLoss() { this.worker.postMessage({type: "debug:lose-device"}); }
 }
 
+/** A module worker running worker.js. Workers must be same-origin: a page that imports this file from another origin
+ *  (the exported site on a CDN) gets a same-origin blob worker importing worker.js (CORS, as every module here). */
+function startWorker(workerUrl) {
+  if (workerUrl.origin === globalThis.location.origin) return new Worker(workerUrl, {type: "module", name: "kiln"});
+  const boot = new Blob([`import ${JSON.stringify(workerUrl.href)};`], {type: "text/javascript"});
+  return new Worker(URL.createObjectURL(boot), {type: "module", name: "kiln"});
+}
+
 /**
  * Loads the compiled model at `modelUrl` (the directory holding manifest.json) in a new worker. The package's entry
  * point: types in types.js, README "Use the runtime from your page".
@@ -201,7 +209,7 @@ class Engine {
 export async function createEngine(modelUrl, {onProgress = () => {}, onDeviceLost = null, ctx = null,
                                               selftest = "report", model = null} = {}) {
   const workerUrl = new URL("./worker.js", import.meta.url);
-  const worker = new Worker(workerUrl, {type: "module", name: "kiln"});
+  const worker = startWorker(workerUrl);
   const url = new URL(modelUrl, globalThis.location.href).href;
   let engine = null;
   const info = await new Promise((resolve, reject) => {

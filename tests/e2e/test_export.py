@@ -96,6 +96,7 @@ class Nginx(Host):
                 site = site.replace(old, new)
         else:
             site = site.format(port=port, root=root)
+        self.root = root
         (work / "site.conf").write_text(site)
         self.log = work / "access.log"
         errors = work / "error.log"
@@ -233,13 +234,40 @@ def test_http_server_serves_the_site(browser, new_page, load_model, hosts, www, 
     check_site(browser, new_page, load_model, hosts(HttpServer, tmp_path_factory.mktemp("http"), www), native_ids)
 
 
-def test_models_on_a_second_origin_through_cors(browser, new_page, load_model, hosts, nginx, tmp_path_factory,
-                                                 native_ids):
-    """The page and runtime on one nginx, the models (from `nginx`'s export) on another port: CORS."""
+@pytest.fixture(scope="module")
+def page_host(hosts, nginx, tmp_path_factory):
+    """A second origin (nginx on another port, same sample config): an export whose models.json points at `nginx`."""
     root = tmp_path_factory.mktemp("www-page")
     kiln_export(root / SUB, "--models-url", f"{nginx.url}/{SUB}/models/")
-    page_host = hosts(Nginx, tmp_path_factory.mktemp("nginx-page"), root)
+    return hosts(Nginx, tmp_path_factory.mktemp("nginx-page"), root)
+
+
+def test_models_on_a_second_origin_through_cors(browser, new_page, load_model, nginx, page_host, native_ids):
+    """The page and runtime on one origin, the models on another: CORS."""
     check_site(browser, new_page, load_model, page_host, native_ids, models_host=nginx)
+
+
+def test_another_origin_imports_the_runtime(browser, new_page, nginx, page_host, native_ids):
+    """A page on another origin imports createEngine from the exported site (runtime, npm files and models all on
+    `nginx`): the worker is started through a same-origin blob, every module comes with CORS."""
+    root = Path(page_host.root)
+    (root / "mine.html").write_text(f"""<!doctype html><meta charset="utf-8"><pre id="out"></pre>
+<script type="module">
+  import {{createEngine}} from "{nginx.url}/{SUB}/web/api.js";
+  const engine = await createEngine("{nginx.url}/{SUB}/models/smollm2/", {{selftest: "off"}});
+  const r = await engine.completions.create({{prompt: {json.dumps(PROMPT)}, temperature: 0, max_tokens: {N_TOKENS}}});
+  window.kilnDone = r.kiln;
+</script>""")
+    ctx = browser.new_context()
+    try:
+        page = new_page(ctx)
+        before = len(page_host.requests())
+        page.goto(f"{page_host.url}/mine.html")
+        page.wait_for_function("window.kilnDone", timeout=(LOAD_TIMEOUT_S + GENERATE_TIMEOUT_S) * 1000)
+        assert page.evaluate("window.kilnDone.ids") == native_ids[1]
+        assert page_host.requests()[before:] == ["/mine.html"]     # everything else came from the site's origin
+    finally:
+        ctx.close()
 
 
 def test_headers_of_the_sample_config(nginx, www):
