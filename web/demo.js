@@ -56,8 +56,11 @@ async function init() {
   setState("idle");
 }
 
+let loadNote = "";   // the loader's last note (storage quota, a host without Range support): kept after the load
+
 function onProgress(p) {
   const bar = $("progress-bar"), text = $("progress-text");
+  if (p.note) loadNote = p.note;
   $("progress").hidden = false;
   if (p.phase === "download") {
     const pct = p.total ? (100 * p.loaded) / p.total : 0;
@@ -87,6 +90,7 @@ async function load() {
   for (const id of ["load-error", "selftest"]) $(id).hidden = true;
   setChatEnabled(false);
   setState("loading");
+  loadNote = "";
   const t0 = performance.now();
   try {
     // ?selftest=off skips the self-test (tests that only exercise loading; ~8 s of SwiftShader time)
@@ -103,7 +107,8 @@ async function load() {
   window.kiln.engine = engine;
   $("progress-bar").value = 100;
   $("progress-text").textContent = `loaded ${engine.info.name} in ${((performance.now() - t0) / 1000).toFixed(1)} s ` +
-    `(${engine.info.dispatches_per_token} dispatches per token, context ${engine.info.ctx})`;
+    `(${engine.info.dispatches_per_token} dispatches per token, context ${engine.info.ctx})` +
+    (loadNote ? ` — ${loadNote}` : "");
   const st = engine.selftest;
   const el = $("selftest");
   el.textContent = selftestMessage(st);

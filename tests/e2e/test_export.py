@@ -251,7 +251,7 @@ def test_another_origin_imports_the_runtime(browser, new_page, nginx, page_host,
     """A page on another origin imports createEngine from the exported site (runtime, npm files and models all on
     `nginx`): the worker is started through a same-origin blob, every module comes with CORS."""
     root = Path(page_host.root)
-    (root / "mine.html").write_text(f"""<!doctype html><meta charset="utf-8"><pre id="out"></pre>
+    (root / "mine.html").write_text(f"""<!doctype html><meta charset="utf-8"><link rel="icon" href="data:,">
 <script type="module">
   import {{createEngine}} from "{nginx.url}/{SUB}/web/api.js";
   const engine = await createEngine("{nginx.url}/{SUB}/models/smollm2/", {{selftest: "off"}});
@@ -309,6 +309,83 @@ def test_example_page_uses_the_runtime_as_a_library(browser, new_page, nginx):
 
 
 # -- hosts that get it wrong ------------------------------------------------------------------------------------------
+
+class NoRangeHost(Host):
+    """http.server's handler (no Range support) in a thread, cutting the first download of shard-000 off halfway."""
+
+    def __init__(self, root: Path):
+        import threading
+        from functools import partial
+        from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+        self.log_lines: list[tuple[str, str | None]] = []     # (path, Range header)
+        host = self
+
+        class Handler(SimpleHTTPRequestHandler):
+            dropped = False
+
+            def log_message(self, *a):
+                pass
+
+            def send_head(self):
+                host.log_lines.append((self.path.split("?")[0], self.headers.get("Range")))
+                return super().send_head()
+
+            def copyfile(self, source, outputfile):
+                if "/shard-000." in self.path and not Handler.dropped:
+                    Handler.dropped = True
+                    size = os.fstat(source.fileno()).st_size
+                    outputfile.write(source.read(size // 2))
+                    outputfile.flush()
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)     # fewer bytes than Content-Length
+                    return
+                super().copyfile(source, outputfile)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(Handler, directory=str(root)))
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def requests(self) -> list[str]:
+        return [p for p, _ in self.log_lines]
+
+    def stop(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_host_without_range_support_restarts_the_shard(browser, new_page, load_model, hosts, www):
+    host = hosts(NoRangeHost, www)
+    ctx = browser.new_context()
+    try:
+        page = load_model(new_page(ctx), f"{host.url}/{SUB}", selftest=False)
+        shard0 = [r for p, r in host.log_lines if "/shard-000." in p]
+        assert len(shard0) == 2 and shard0[0] is None and re.fullmatch(r"bytes=\d+-", shard0[1]), shard0
+        expect(page.locator("#progress-text")).to_contain_text("loaded")
+        expect(page.locator("#progress-text")).to_contain_text("the server does not support HTTP Range requests")
+        assert page.evaluate("window.kiln.engine.selftest.skipped") == "disabled"
+    finally:
+        ctx.close()
+
+
+def test_models_on_another_origin_without_cors_are_reported(browser, new_page, load_model, hosts, www,
+                                                            tmp_path_factory):
+    """models.json points at `python -m http.server`, which sends no CORS headers: the page says what is missing."""
+    models = hosts(HttpServer, tmp_path_factory.mktemp("http-nocors"), www)
+    root = tmp_path_factory.mktemp("www-nocors")
+    kiln_export(root / SUB, "--models-url", f"{models.url}/{SUB}/models/")
+    host = hosts(Nginx, tmp_path_factory.mktemp("nginx-nocors"), root)
+    ctx = browser.new_context()
+    try:
+        page = load_model(new_page(ctx), f"{host.url}/{SUB}", expect_state="error")
+        err = page.locator("#load-error")
+        expect(err).to_have_attribute("data-error", "ServerConfigError")
+        expect(err).to_contain_text(f"{models.url} is another origin than this page's: it must send "
+                                    "Access-Control-Allow-Origin")
+        assert models.shard_requests() == []
+    finally:
+        ctx.close()
 
 STOCK_NGINX = """server {{
     listen 127.0.0.1:{port};
