@@ -83,8 +83,9 @@ class Host:
 class Nginx(Host):
     line = re.compile(r"^GET (\S+) \d+$", re.M)
 
-    def __init__(self, work: Path, root: Path, site: str | None = None):
-        """site: a `server` block (default: the sample config with its listen and root replaced)."""
+    def __init__(self, work: Path, root: Path, site: str | None = None, edit=lambda conf: conf):
+        """site: a `server` block with {port} and {root} (default: the sample config with its listen and root
+        replaced, then passed through `edit`)."""
         if not Path(NGINX).exists():
             pytest.fail("nginx not found: `make system` installs it (apt-get install nginx)")
         work.mkdir(parents=True, exist_ok=True)
@@ -94,6 +95,7 @@ class Nginx(Host):
             for old, new in (("listen 8080;", f"listen 127.0.0.1:{port};"), ("root /srv/www;", f"root {root};")):
                 assert site.count(old) == 1, f"{SAMPLE}: expected one `{old}` line to replace"
                 site = site.replace(old, new)
+            site = edit(site)
         else:
             site = site.format(port=port, root=root)
         self.root = root
@@ -266,6 +268,25 @@ def test_another_origin_imports_the_runtime(browser, new_page, nginx, page_host,
         page.wait_for_function("window.kilnDone", timeout=(LOAD_TIMEOUT_S + GENERATE_TIMEOUT_S) * 1000)
         assert page.evaluate("window.kilnDone.ids") == native_ids[1]
         assert page_host.requests()[before:] == ["/mine.html"]     # everything else came from the site's origin
+    finally:
+        ctx.close()
+
+
+def test_cross_origin_isolation_keeps_working(browser, new_page, load_model, hosts, nginx, tmp_path_factory):
+    """The sample's optional COOP/COEP lines switched on for the page's origin, the models on `nginx` (CORS): the page
+    is cross-origin isolated and the model still loads and generates."""
+    root = tmp_path_factory.mktemp("www-coi")
+    kiln_export(root / SUB, "--models-url", f"{nginx.url}/{SUB}/models/")
+    assert SAMPLE.read_text().count("# add_header Cross-Origin-") == 2
+    host = hosts(Nginx, tmp_path_factory.mktemp("nginx-coi"), root, None,
+                 lambda conf: conf.replace("# add_header Cross-Origin-", "add_header Cross-Origin-"))
+    ctx = browser.new_context()
+    try:
+        page = load_model(new_page(ctx), f"{host.url}/{SUB}", selftest=False)
+        assert page.evaluate("window.crossOriginIsolated") is True
+        r = page.evaluate("""async () => (await window.kiln.engine.completions.create(
+            {prompt: "Hi", temperature: 0, max_tokens: 1})).kiln""")
+        assert len(r["ids"]) == 1
     finally:
         ctx.close()
 
