@@ -29,7 +29,8 @@ function libUrls() {
     }
   };
   // (fallbacks: a page without kiln's import map; the same files index.html maps, which `kiln export` copies)
-  return {tokenizers: resolve("@huggingface/tokenizers", "./node_modules/@huggingface/tokenizers/dist/tokenizers.min.mjs"),
+  return {tokenizers: resolve("@huggingface/tokenizers",
+                              "./node_modules/@huggingface/tokenizers/dist/tokenizers.min.mjs"),
           jinja: resolve("@huggingface/jinja", "./node_modules/@huggingface/jinja/dist/index.js")};
 }
 

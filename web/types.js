@@ -32,7 +32,8 @@
  */
 
 /**
- * @typedef {SamplingRequest & {messages: ChatMessage[], logprobs?: boolean, top_logprobs?: number}} ChatCompletionRequest
+ * @typedef {SamplingRequest & {messages: ChatMessage[], logprobs?: boolean, top_logprobs?: number}}
+ *   ChatCompletionRequest
  */
 
 /**
