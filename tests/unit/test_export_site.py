@@ -2,7 +2,7 @@
 files, hard links instead of copies, and an output directory that is never something else's.
 
 No browser, no GPU: a fake artifact (manifest + shader + tokenizer + two shards) and the real web/ directory. The
-browser side (nginx, http.server, CORS) is tests/e2e/test_export.py.
+browser side (nginx, http.server, CORS) is tests/e2e/test_export.py (a unique basename: pytest imports both).
 """
 from __future__ import annotations
 
