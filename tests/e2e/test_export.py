@@ -412,7 +412,8 @@ def test_models_on_another_origin_without_cors_are_reported(browser, new_page, l
 STOCK_NGINX = """server {{
     listen 127.0.0.1:{port};
     root {root};
-    include /etc/nginx/mime.types;   # Debian's: no .mjs, no .wgsl
+    # as Debian 12's stock /etc/nginx/mime.types (nginx 1.22): .js known, .mjs and .wgsl not
+    types {{ text/html html; application/javascript js; text/css css; application/json json; }}
     default_type application/octet-stream;
 }}"""
 JS_AS_TEXT = """server {{
@@ -423,7 +424,7 @@ JS_AS_TEXT = """server {{
 
 
 def test_mjs_with_a_wrong_mime_type_is_reported(browser, new_page, load_model, hosts, www, tmp_path_factory):
-    """Stock nginx sends the tokenizer package (.mjs) as application/octet-stream: the worker can't import it."""
+    """A stock nginx sends the tokenizer package (.mjs) as application/octet-stream: the worker can't import it."""
     host = hosts(Nginx, tmp_path_factory.mktemp("nginx-stock"), www, STOCK_NGINX)
     ctx = browser.new_context()
     try:
