@@ -11,16 +11,19 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # set up everything: Debian packages when missing (Vulkan driver, Chromium), the venv, the package, web deps
 setup: system venv web
 
-# Debian packages kiln needs: a Vulkan driver (lavapipe on CPU-only machines) and Chromium for the browser tests
+# Debian packages kiln needs: a Vulkan driver (lavapipe on CPU-only machines), Chromium for the browser tests, nginx
+# (the tests run their own nginx on a `kiln export` site; the system service the package starts is switched off)
 system:
 	@mkdir -p -m 700 $(XDG_RUNTIME_DIR)
 	@need=""; \
 	ls /usr/share/vulkan/icd.d/*.json >/dev/null 2>&1 && ldconfig -p | grep -q libvulkan.so.1 || need="$$need mesa-vulkan-drivers libvulkan1"; \
 	command -v chromium >/dev/null 2>&1 || need="$$need chromium"; \
 	command -v npm >/dev/null 2>&1 || need="$$need npm"; \
+	command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need="$$need nginx"; \
 	if [ -n "$$need" ]; then \
 	  echo "installing Debian packages:$$need"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$need >/dev/null; \
+	  case "$$need" in *nginx*) $(SUDO) systemctl disable --now nginx >/dev/null 2>&1 || true;; esac; \
 	fi
 
 # Python virtual environment with kiln installed editable, plus test tools and the second test model (Gemma 3)

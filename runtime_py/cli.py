@@ -4,6 +4,7 @@
     kiln run [MODEL] --prompt TEXT [--chat] [sampling flags] [--json]
     kiln inspect MODEL.gguf [--ctx N]       architecture, parameters, tensor types, memory
     kiln serve [--host H] [--port P]        web demo + OpenAI-compatible API
+    kiln export DIR [MODEL ...]             the web demo + models as static files for any web server or CDN
 
 Every user error prints one line `kiln: error: ...` and exits 1; never a traceback.
 """
@@ -154,6 +155,25 @@ def cmd_serve(a):
     serve(a)
 
 
+def cmd_export(a):
+    from .artifacts import DEFAULT_MODEL, ensure_artifact
+    from .export import HEADERS, export_site
+    from .server import WEB_DIR, _model_id
+    artifacts = {}
+    for spec in a.models or [DEFAULT_MODEL]:
+        art = ensure_artifact(spec, progress=_bar("compiling", unit_scale=False),
+                              log=lambda *x: print(*x, file=sys.stderr))
+        model_id = _model_id(spec, art)
+        if model_id in artifacts:
+            raise KilnError(f"two models export as models/{model_id}/: {spec} and an earlier one")
+        artifacts[model_id] = art
+    out = export_site(Path(a.dir), WEB_DIR, artifacts, models_url=a.models_url)
+    print(f"wrote {out}: {len(artifacts)} model(s): {', '.join(artifacts)}. Serve it with any static web server, "
+          f"e.g. `python -m http.server -d {out}`; it must send " +
+          ", ".join(f"{s} as {HEADERS[s].split(';')[0]}" for s in (".js", ".mjs", ".wgsl")) +
+          " (README: Deploy; nginx: web/deploy/nginx.conf)")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kiln", description="LLM inference on WebGPU: compile GGUF models to WGSL, "
                                                           "run them natively or in the browser")
@@ -204,6 +224,14 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 routes")
     s.add_argument("--ctx", type=int, default=None)
     s.set_defaults(fn=cmd_serve)
+
+    e = sub.add_parser("export", help="write the web demo and models as a static site (any web server or CDN)")
+    e.add_argument("dir", help="output directory (replaced if it holds an earlier export)")
+    e.add_argument("models", nargs="*", help="models to include: names, GGUF paths or artifact dirs (default smollm2)")
+    e.add_argument("--models-url", default=None,
+                   help="where models/ will be hosted when not next to the page, e.g. https://cdn.example.com/kiln/"
+                        "models/ (that host must send CORS headers)")
+    e.set_defaults(fn=cmd_export)
     return p
 
 

@@ -2,7 +2,8 @@
 
     GET /                        web/index.html
     GET /web/{path}              web/ (ES modules, CSS, and the npm packages under web/node_modules)
-    GET /models.json             [{id, name, arch, url, bytes}] of the artifacts being served
+    GET /models.json             [{id, name, arch, url, bytes, selftest}] of the artifacts being served; `url` is
+                                 relative ("models/{id}/"), so the app also works behind a proxy under a sub-path
     GET /models/{id}/{path}      artifact files: manifest.json, tokenizer.json, shaders/*.wgsl, shard-*.bin
 
 Files come from Starlette's StaticFiles, which resolves every path (symlinks included) and refuses anything outside its
@@ -10,6 +11,9 @@ directory, answers HTTP Range requests (206) and ETag / If-Modified-Since revali
 MIME types (.wgsl and .mjs are unknown to many `mimetypes` tables) and a Cache-Control header. Everything is `no-cache`
 (always revalidate, cheap with ETags) because an artifact is recompiled in place; the browser runtime keeps verified
 shards in the Cache API itself, keyed by their sha256, so revalidation never re-downloads weights.
+
+`kiln export` (runtime_py/export.py) writes the same routes as static files for hosts without Python; MIME_TYPES is
+the table both document.
 """
 from __future__ import annotations
 
@@ -59,7 +63,7 @@ class Files(StaticFiles):
 def model_entry(model_id: str, art: Path) -> dict:
     """The /models.json entry of one artifact directory."""
     m = json.loads((art / MANIFEST_FILE).read_text())
-    return {"id": model_id, "name": m["model"]["name"], "arch": m["model"]["arch"], "url": f"/models/{model_id}/",
+    return {"id": model_id, "name": m["model"]["name"], "arch": m["model"]["arch"], "url": f"models/{model_id}/",
             "bytes": sum(s["bytes"] for s in m["shards"]), "selftest": "selftest" in m}
 
 

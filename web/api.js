@@ -15,6 +15,7 @@
 // Leaving a `for await` early interrupts that request. Errors are the classes exported by device.js.
 
 import {DeviceLostError, ERRORS, KilnError} from "./device.js";
+import {moduleProblem} from "./loader.js";
 
 export * from "./device.js";
 
@@ -27,7 +28,9 @@ function libUrls() {
       return new URL(fallback, import.meta.url).href;
     }
   };
-  return {tokenizers: resolve("@huggingface/tokenizers", "./node_modules/@huggingface/tokenizers/dist/tokenizers.mjs"),
+  // (fallbacks: a page without kiln's import map; the same files index.html maps, which `kiln export` copies)
+  return {tokenizers: resolve("@huggingface/tokenizers",
+                              "./node_modules/@huggingface/tokenizers/dist/tokenizers.min.mjs"),
           jinja: resolve("@huggingface/jinja", "./node_modules/@huggingface/jinja/dist/index.js")};
 }
 
@@ -100,7 +103,9 @@ class Engine {
     else if (msg.type === "error") { this._active.delete(msg.id); h.fail(toError(msg.error)); }
   }
 
-  /** kind "chat" (messages) or "text" (prompt). Resolves to an async iterable of chunks when stream is set. */
+  /** kind "chat" (messages) or "text" (prompt). Resolves to an async iterable of chunks when stream is set.
+   *  @param {import("./types.js").ChatCompletionRequest | import("./types.js").CompletionRequest} req
+   *  @param {"chat" | "text"} kind */
   async _create(req, kind) {
     if (this.lost) throw new DeviceLostError(this.lost);
     if (kind === "chat" && !(Array.isArray(req.messages) && req.messages.length)) {
@@ -184,15 +189,29 @@ class Engine {
   simulateDeviceLoss() { this.worker.postMessage({type: "debug:lose-device"}); }
 }
 
+/** A module worker running worker.js. Workers must be same-origin: a page that imports this file from another origin
+ *  (the exported site on a CDN) gets a same-origin blob worker importing worker.js (CORS, as every module here). */
+function startWorker(workerUrl) {
+  if (workerUrl.origin === globalThis.location.origin) return new Worker(workerUrl, {type: "module", name: "kiln"});
+  const boot = new Blob([`import ${JSON.stringify(workerUrl.href)};`], {type: "text/javascript"});
+  return new Worker(URL.createObjectURL(boot), {type: "module", name: "kiln"});
+}
+
 /**
- * Loads the compiled model at `modelUrl` (the directory holding manifest.json) in a new worker.
+ * Loads the compiled model at `modelUrl` (the directory holding manifest.json) in a new worker. The package's entry
+ * point: types in types.js, README "Use the runtime from your page".
  * options: onProgress({phase: "manifest"|"download"|"compile"|"selftest", loaded, total, fromCache, note}),
  *          onDeviceLost(message), ctx (context tokens, default 2048), selftest: "report" (default) | "strict"
  *          (reject with SelfTestError on mismatch) | "off".
+ * `modelUrl` is resolved against the page's URL and may be on another origin (which must send CORS headers).
+ * @param {string | URL} modelUrl
+ * @param {import("./types.js").EngineOptions} [options]
+ * @returns {Promise<import("./types.js").Engine>}
  */
 export async function createEngine(modelUrl, {onProgress = () => {}, onDeviceLost = null, ctx = null,
                                               selftest = "report", model = null} = {}) {
-  const worker = new Worker(new URL("./worker.js", import.meta.url), {type: "module", name: "kiln"});
+  const workerUrl = new URL("./worker.js", import.meta.url);
+  const worker = startWorker(workerUrl);
   const url = new URL(modelUrl, globalThis.location.href).href;
   let engine = null;
   const info = await new Promise((resolve, reject) => {
@@ -203,7 +222,11 @@ export async function createEngine(modelUrl, {onProgress = () => {}, onDeviceLos
       else if (msg.type === "load-error") reject(toError(msg.error));
       else if (msg.type === "lost") reject(new DeviceLostError(msg.message));
     };
-    worker.onerror = (e) => reject(new KilnError(`the engine worker failed to start: ${e.message || "script error"}`));
+    worker.onerror = async (e) => {   // a worker script the host serves wrongly gives no message: find out why
+      const problem = e.message ? null : await moduleProblem(workerUrl.href);
+      reject(new (problem ? ERRORS.ServerConfigError : KilnError)(
+        `the engine worker failed to start: ${problem || e.message || "script error"}`));
+    };
     worker.postMessage({type: "load", modelUrl: url, libs: libUrls(), options: {ctx, selftest}});
   }).catch((e) => { worker.terminate(); throw e; });
   engine = new Engine(worker, info, model || info.name);

@@ -4,6 +4,7 @@
 // generating | error | lost.
 
 import {createEngine, getAdapter, adapterName, selftestMessage} from "./api.js";
+import {fetchJson} from "./loader.js";
 
 const $ = (id) => document.getElementById(id);
 const MB = (b) => (b / 1e6).toFixed(1);
@@ -35,9 +36,13 @@ async function init() {
     return;
   }
   try {
-    models = await (await fetch("/models.json")).json();
+    // Relative: the page may live under any base path. Each model's url is relative to models.json (or absolute,
+    // when `kiln export --models-url` put the models on another origin).
+    models = await fetchJson(new URL("models.json", location.href).href, "the list of models");
+    for (const m of models) m.url = new URL(m.url, new URL("models.json", location.href)).href;
   } catch (e) {
-    show("load-error", `could not list models: ${e.message}`);
+    show("load-error", `${e.name}: could not list models: ${e.message}`);
+    $("load-error").dataset.error = e.name;
     setState("error");
     return;
   }
@@ -47,12 +52,15 @@ async function init() {
   const idx = models.findIndex((m) => m.id === wanted);
   if (idx >= 0) sel.value = idx;
   sel.disabled = $("load").disabled = models.length === 0;
-  if (!models.length) show("load-error", "no compiled models are being served (kiln serve --model ...)");
+  if (!models.length) show("load-error", "no compiled models are being served (kiln serve --model ..., kiln export DIR MODEL ...)");
   setState("idle");
 }
 
+let loadNote = "";   // the loader's last note (storage quota, a host without Range support): kept after the load
+
 function onProgress(p) {
   const bar = $("progress-bar"), text = $("progress-text");
+  if (p.note) loadNote = p.note;
   $("progress").hidden = false;
   if (p.phase === "download") {
     const pct = p.total ? (100 * p.loaded) / p.total : 0;
@@ -82,6 +90,7 @@ async function load() {
   for (const id of ["load-error", "selftest"]) $(id).hidden = true;
   setChatEnabled(false);
   setState("loading");
+  loadNote = "";
   const t0 = performance.now();
   try {
     // ?selftest=off skips the self-test (tests that only exercise loading; ~8 s of SwiftShader time)
@@ -98,7 +107,8 @@ async function load() {
   window.kiln.engine = engine;
   $("progress-bar").value = 100;
   $("progress-text").textContent = `loaded ${engine.info.name} in ${((performance.now() - t0) / 1000).toFixed(1)} s ` +
-    `(${engine.info.dispatches_per_token} dispatches per token, context ${engine.info.ctx})`;
+    `(${engine.info.dispatches_per_token} dispatches per token, context ${engine.info.ctx})` +
+    (loadNote ? ` — ${loadNote}` : "");
   const st = engine.selftest;
   const el = $("selftest");
   el.textContent = selftestMessage(st);

@@ -22,9 +22,11 @@ export class DeviceLostError extends KilnError {}
 export class SelfTestError extends KilnError {}
 /** Prompt + generation would not fit the session's context. */
 export class ContextOverflowError extends KilnError {}
+/** The web server sends a file wrongly: a module with a non-JavaScript MIME type, HTML for a missing file, no CORS. */
+export class ServerConfigError extends KilnError {}
 
 export const ERRORS = {KilnError, WebGPUUnavailableError, FeatureMissingError, ModelTooLargeError, ShardCorruptError,
-                       DeviceLostError, SelfTestError, ContextOverflowError};
+                       DeviceLostError, SelfTestError, ContextOverflowError, ServerConfigError};
 
 const UNAVAILABLE_HELP = "Use a recent Chrome or Edge (113+) on a machine with a GPU driver, or enable WebGPU " +
   "(chrome://flags/#enable-unsafe-webgpu; on Linux also #enable-vulkan).";

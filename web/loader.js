@@ -6,26 +6,80 @@
 //   await loadShards(baseUrl, manifest, {onShard: (index, bytes) => ..., onProgress: (p) => ...});
 //
 // A shard that fails its hash, from the cache or the network, is deleted and fetched once more; failing again is a
-// ShardCorruptError. A connection dropped mid-shard is resumed with an HTTP Range request (up to 3 times). A shard is cached under its URL + "?sha256=<hash>", so a recompiled model never reuses a stale
-// shard, and entries of this model that the manifest no longer lists are evicted after a load.
+// ShardCorruptError. A connection dropped mid-shard is resumed with an HTTP Range request (up to 3 times); a server
+// without Range support makes it start that shard over (said in the progress note). A shard is cached under its URL +
+// "?sha256=<hash>", so a recompiled model never reuses a stale shard, and entries of this model that the manifest no
+// longer lists are evicted after a load.
+//
+// Static hosts: every URL is resolved against the model's directory URL, which may be on another origin than the page
+// (CORS). What a misconfigured host does — a fallback HTML page for a missing file, JavaScript modules with a wrong
+// Content-Type, no CORS headers — is reported as a ServerConfigError naming the file and the fix (README: Deploy).
 
-import {KilnError, ShardCorruptError} from "./device.js";
+import {KilnError, ServerConfigError, ShardCorruptError} from "./device.js";
 
 export const CACHE_NAME = "kiln-shards-v1";
 export const MANIFEST_VERSION = 1;
 
 export class ArtifactError extends KilnError {}
 
+const crossOrigin = (url) => globalThis.location !== undefined && new URL(url).origin !== globalThis.location.origin;
+
+/** fetch() whose network failure says what to check: CORS for another origin, the address otherwise. */
+export async function fetchChecked(url, init = {}) {
+  try {
+    return await fetch(url, init);
+  } catch (e) {
+    if (init.signal?.aborted) throw e;
+    const hint = crossOrigin(url)
+      ? ` — ${new URL(url).origin} is another origin than this page's: it must send ` +
+        `Access-Control-Allow-Origin (and allow the Range header), see README: Deploy`
+      : "";
+    throw new ServerConfigError(`could not fetch ${url}: ${e.message}${hint}`);
+  }
+}
+
+/** GET + JSON.parse, revalidated (small files that change on recompile: manifest.json, models.json). A missing file
+ *  answered with an HTML page (SPA fallbacks, custom 404s) is reported as such, not as a JSON syntax error. */
+export async function fetchJson(url, what = "file") {
+  const r = await fetchChecked(url, {cache: "no-cache"});
+  if (!r.ok) throw new ArtifactError(`${url}: HTTP ${r.status} (${what} is missing: wrong base path or model URL?)`);
+  const text = await r.text();
+  try {
+    return JSON.parse(text);
+  } catch {
+    const type = r.headers.get("content-type") || "(none)";
+    throw new ServerConfigError(`${url} is not JSON (Content-Type "${type}"` +
+      `${/html/i.test(type) || /^\s*</.test(text) ? ": the server answered with an HTML page, so the file is missing " +
+        "there: wrong base path or model URL?" : ""})`);
+  }
+}
+
+/** Why a JavaScript module at `url` can't be imported (HTTP error, a Content-Type browsers refuse), or null. */
+export async function moduleProblem(url) {
+  const r = await fetch(url, {cache: "no-store"}).catch(() => null);
+  if (!r) return `${url}: network error${crossOrigin(url) ? " (another origin: CORS headers missing?)" : ""}`;
+  if (!r.ok) return `${url}: HTTP ${r.status}`;
+  const type = r.headers.get("content-type") || "(none)";
+  if (!/^(text|application)\/(x-)?(java|ecma)script\b/i.test(type)) {
+    return `${url} was served as Content-Type "${type}"; browsers import JavaScript modules only when they are ` +
+      `served as text/javascript: configure the web server to send .js and .mjs as text/javascript (README: Deploy)`;
+  }
+  return null;
+}
+
+/** import(url), failing with a ServerConfigError that says why when the host serves the module wrongly. */
+export async function importModule(url) {
+  try {
+    return await import(url);
+  } catch (e) {
+    const problem = await moduleProblem(url);
+    throw problem ? new ServerConfigError(problem) : e;
+  }
+}
+
 export async function fetchManifest(baseUrl) {
   const url = new URL("manifest.json", baseUrl).href;
-  let r;
-  try {
-    r = await fetch(url, {cache: "no-cache"});    // small, and changes on recompile: always revalidate (ETag)
-  } catch (e) {
-    throw new ArtifactError(`could not fetch ${url}: ${e.message}`);
-  }
-  if (!r.ok) throw new ArtifactError(`${url}: HTTP ${r.status} (not a compiled kiln model?)`);
-  const m = await r.json();
+  const m = await fetchJson(url, "manifest.json (not a compiled kiln model?)");
   if (m.format !== "kiln" || m.version !== MANIFEST_VERSION) {
     throw new ArtifactError(`${url}: manifest format ${m.format} v${m.version} (this runtime reads kiln ` +
       `v${MANIFEST_VERSION}; recompile the model)`);
@@ -55,7 +109,7 @@ class HttpError extends KilnError {}
 /** Streams one shard from the network into a buffer of its manifest size, reporting bytes as they arrive
  *  (onBytes(n), negative when bytes are discarded). A dropped connection is resumed with an HTTP Range request.
  *  Returns null when the server sends more or fewer bytes than the manifest says. */
-async function download(url, expected, onBytes, signal) {
+async function download(url, expected, onBytes, signal, onNote = () => {}) {
   const out = new Uint8Array(expected);
   let n = 0;
   for (let attempt = 0; ; attempt++) {
@@ -63,6 +117,10 @@ async function download(url, expected, onBytes, signal) {
       const r = await fetch(url, {cache: "no-store", signal, headers: n > 0 ? {Range: `bytes=${n}-`} : {}});
       if (!r.ok) throw new HttpError(`${url}: HTTP ${r.status}`);
       if (n > 0 && r.status !== 206) {   // the server ignored the range: start over
+        const msg = `the server does not support HTTP Range requests, so ${url.split("?")[0].split("/").pop()} ` +
+          `restarted from its first byte after a dropped connection`;
+        console.warn(`kiln: ${msg}`);
+        onNote(msg);
         onBytes(-n);
         n = 0;
       }
@@ -125,7 +183,7 @@ export async function loadShards(baseUrl, manifest, {onShard, onProgress = () =>
       const before = loaded;
       let got;
       try {
-        got = await download(url, shard.bytes, (n) => { loaded += n; report(i); }, signal);
+        got = await download(url, shard.bytes, (n) => { loaded += n; report(i); }, signal, (s) => { note = s; });
       } catch (e) {
         throw new KilnError(`downloading ${shard.file} failed: ${e.message}`);
       }

@@ -14,6 +14,7 @@
 import {chatPromptIds} from "./chat.js";
 import {DeviceLostError} from "./device.js";
 import {Model, generate, selftest} from "./engine.js";
+import {importModule} from "./loader.js";
 import {SamplingParams} from "./sampler.js";
 import {Tokenizer} from "./tokenizer.js";
 
@@ -26,7 +27,8 @@ const errorJson = (e) => ({name: e?.name || "Error", message: e?.message || Stri
 
 async function load({modelUrl, libs, options = {}}) {
   const t0 = performance.now();
-  const [tokLib, jinjaLib] = await Promise.all([import(libs.tokenizers), import(libs.jinja)]);
+  // importModule: a host serving .mjs with a wrong Content-Type fails here with a ServerConfigError saying so
+  const [tokLib, jinjaLib] = await Promise.all([importModule(libs.tokenizers), importModule(libs.jinja)]);
   jinja = jinjaLib;
   const onProgress = (progress) => post({type: "progress", progress});
   model = await Model.load(modelUrl, {ctx: options.ctx, onProgress,

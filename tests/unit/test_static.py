@@ -101,7 +101,7 @@ def test_mime_types(client, path, mime):
 
 def test_models_json_lists_artifacts(client):
     assert client.get("/models.json").json() == [
-        {"id": "tiny", "name": "Tiny", "arch": "llama", "url": "/models/tiny/", "bytes": len(SHARD), "selftest": False}]
+        {"id": "tiny", "name": "Tiny", "arch": "llama", "url": "models/tiny/", "bytes": len(SHARD), "selftest": False}]
 
 
 def test_missing_file_is_404(client):
