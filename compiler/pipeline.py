@@ -2,8 +2,9 @@
 
     compile_model("model.gguf", "out/")   writes out/{manifest.json, tokenizer.json, shaders/*.wgsl, shard-*.bin}
 
-Each stage is one module, in this order. The artifact is built in a temporary sibling directory and renamed into place
-at the end, so an interrupted compile never leaves a half-written artifact that looks whole.
+Each stage is one module, in this order. The artifact is built in a staging directory of its own beside the target and
+renamed into place at the end (compiler/output.py), so an interrupted compile never leaves a half-written artifact that
+looks whole, and never touches a directory kiln did not make.
 KILN_DEBUG=1 prints each stage's result (and every rendered shader).
 """
 from __future__ import annotations
@@ -11,19 +12,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 
 from . import config as config_stage
 from .gguf_file import GGUFModel
+from .errors import KilnError
 from .manifest import kernel_entry, program_json, write_manifest
+from .output import check_target, write_artifact
 from .pack import SHARD_BYTES, WeightPacker
 from .render import render
 from .schedule import activation_buffers, build_programs, score_chunk, PREFILL_TILE
 from .shards import ShardWriter
 from .tokenizer import build_tokenizer_json, tokenizer_info
 
-COMPILER_VERSION = "2"   # 2: the `score` program
+COMPILER_VERSION = "3"   # 2: the `score` program; 3: manifest v2 (manifest_sha256, shader + tokenizer sha256)
 DEFAULT_PREFILL_CHUNK = 128
 
 
@@ -49,24 +51,43 @@ def _bytes_by_quant(weights: dict) -> dict[str, int]:
 
 
 def compile_model(gguf_path, out_dir, *, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, shard_bytes: int = SHARD_BYTES,
-                  progress=None, requant: str | None = None) -> Path:
+                  progress=None, requant: str | None = None, finish=None, replace: bool = True) -> Path:
     """progress: optional callable(done_parts, total_parts) for the shard-writing stage.
     shard_bytes: max bytes per shard file (and per tensor part).
-    requant: re-quantize every F32/F16/Q8_0 matrix into this scheme ("q8_0", "q4g32", ...; see compiler/quant.py)."""
-    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    requant: re-quantize every F32/F16/Q8_0 matrix into this scheme ("q8_0", "q4g32", ...; see compiler/quant.py).
+    finish: optional callable(staged_dir) run on the complete artifact before it is moved into place (the self-test).
+    replace: replace an existing kiln artifact at out_dir (False: keep whichever finished first; the cache)."""
+    check_prefill_chunk(prefill_chunk)
+    check_target(out_dir)                                          # refuse a user's directory before any work
+    return write_artifact(out_dir, lambda tmp: _compile_into(Path(gguf_path), tmp, prefill_chunk=prefill_chunk,
+                                                             shard_bytes=shard_bytes, progress=progress,
+                                                             requant=requant),
+                          finish=finish, replace=replace)
+
+
+MAX_PREFILL_CHUNK = 4096
+
+
+def check_prefill_chunk(n) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or not PREFILL_TILE <= n <= MAX_PREFILL_CHUNK \
+            or n % PREFILL_TILE:
+        raise KilnError(f"--prefill-chunk must be a multiple of {PREFILL_TILE} between {PREFILL_TILE} and "
+                        f"{MAX_PREFILL_CHUNK} (got {n})")
+    return n
+
+
+def _compile_into(gguf_path: Path, tmp: Path, *, prefill_chunk, shard_bytes, progress, requant):
+    """Every stage, writing the artifact's files into the (empty, staged) directory tmp."""
     model = GGUFModel(gguf_path)                                   # 1. read
     cfg = config_stage.read_config(model)                          # 2. config
     _debug("config", cfg.as_dict())
     packer = WeightPacker(model, cfg, shard_bytes, requant)        # 3. weights -> parts
     programs = build_programs(cfg, packer)                         # 4. schedule
-    assert prefill_chunk % PREFILL_TILE == 0
     score_tokens = score_chunk(cfg.vocab, prefill_chunk)
     tok_json = build_tokenizer_json(model.reader)
     tok_info = tokenizer_info(model.reader)
 
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "shaders").mkdir(parents=True)
+    (tmp / "shaders").mkdir()
 
     kernels = {}                                                   # 5. render WGSL
     for prog in programs.values():
@@ -111,6 +132,3 @@ def compile_model(gguf_path, out_dir, *, prefill_chunk: int = DEFAULT_PREFILL_CH
     }
     _debug("manifest (programs elided)", {k: v for k, v in manifest.items() if k != "programs"})
     write_manifest(tmp, manifest)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
-    return out_dir

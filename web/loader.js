@@ -8,13 +8,17 @@
 // A shard that fails its hash, from the cache or the network, is deleted and fetched once more; failing again is a
 // ShardCorruptError. A connection dropped mid-shard is resumed with an HTTP Range request (up to 3 times). A shard is cached under its URL + "?sha256=<hash>", so a recompiled model never reuses a stale
 // shard, and entries of this model that the manifest no longer lists are evicted after a load.
+//
+// The manifest itself carries manifest_sha256 (the file's sha256 with that value zeroed; compiler/manifest.py), and
+// every other file its sha256: `fetchVerified` is how shaders and tokenizer.json are fetched. Any mismatch is an
+// ArtifactError naming the file, like runtime_py's read_manifest / check_file.
 
-import {KilnError, ShardCorruptError} from "./device.js";
+import {ArtifactError, KilnError, ShardCorruptError} from "./device.js";
 
+export {ArtifactError};
 export const CACHE_NAME = "kiln-shards-v1";
-export const MANIFEST_VERSION = 1;
-
-export class ArtifactError extends KilnError {}
+export const MANIFEST_VERSION = 2;
+const CHECKSUM_RE = /"manifest_sha256": "([0-9a-f]{64})"/;
 
 export async function fetchManifest(baseUrl) {
   const url = new URL("manifest.json", baseUrl).href;
@@ -25,12 +29,51 @@ export async function fetchManifest(baseUrl) {
     throw new ArtifactError(`could not fetch ${url}: ${e.message}`);
   }
   if (!r.ok) throw new ArtifactError(`${url}: HTTP ${r.status} (not a compiled kiln model?)`);
-  const m = await r.json();
-  if (m.format !== "kiln" || m.version !== MANIFEST_VERSION) {
-    throw new ArtifactError(`${url}: manifest format ${m.format} v${m.version} (this runtime reads kiln ` +
+  const text = new TextDecoder().decode(await r.arrayBuffer());
+  let m;
+  try {
+    m = JSON.parse(text);
+  } catch (e) {
+    throw new ArtifactError(`${url}: corrupt manifest (${e.message}); recompile the model`);
+  }
+  if (m?.format !== "kiln" || m.version !== MANIFEST_VERSION) {
+    throw new ArtifactError(`${url}: manifest format ${m?.format} v${m?.version} (this runtime reads kiln ` +
       `v${MANIFEST_VERSION}; recompile the model)`);
   }
+  await checkChecksum(text, m, url);
   return m;
+}
+
+/** Same rule as compiler/manifest.py check_checksum: sha256 of the file with manifest_sha256's value zeroed. */
+async function checkChecksum(text, m, url) {
+  const found = CHECKSUM_RE.exec(text);
+  if (!found || m.manifest_sha256 !== found[1]) {
+    throw new ArtifactError(`${url}: no valid manifest_sha256 (not written by this kiln); recompile the model`);
+  }
+  const zeroed = text.slice(0, found.index) + found[0].replace(found[1], "0".repeat(64)) +
+    text.slice(found.index + found[0].length);
+  if ((await sha256Hex(new TextEncoder().encode(zeroed))) !== found[1]) {
+    throw new ArtifactError(`${url}: the manifest was modified after kiln wrote it (its manifest_sha256 does not ` +
+      `match its contents); recompile the model`);
+  }
+}
+
+/** The bytes of artifact file `file` (a shader, tokenizer.json), refused unless they hash to `sha256`. */
+export async function fetchVerified(baseUrl, file, sha256, what) {
+  const url = new URL(file, baseUrl).href;
+  let r;
+  try {
+    r = await fetch(url, {cache: "no-cache"});    // revalidate: a recompiled model must not meet a stale copy
+  } catch (e) {
+    throw new ArtifactError(`could not fetch ${url}: ${e.message}`);
+  }
+  if (!r.ok) throw new ArtifactError(`${url}: HTTP ${r.status} (${what} missing from the artifact)`);
+  const bytes = new Uint8Array(await r.arrayBuffer());
+  if ((await sha256Hex(bytes)) !== sha256) {
+    throw new ArtifactError(`${url}: ${what} does not match the manifest's sha256 (edited or damaged after ` +
+      `compiling); recompile the model`);
+  }
+  return bytes;
 }
 
 export const shardUrl = (baseUrl, shard) => new URL(`${shard.file}?sha256=${shard.sha256}`, baseUrl).href;
