@@ -30,7 +30,7 @@ from pathlib import Path
 
 from compiler.errors import ArtifactError, GGUFError, KilnError
 from compiler.manifest import MANIFEST_FILE, atomic_write, check_file, file_sha256, read_manifest, update_manifest
-from compiler.output import MARKER_FILE
+from compiler.output import MARKER_FILE, remove_artifact
 from compiler.pipeline import COMPILER_VERSION, compile_model
 
 DEFAULT_MODEL = "smollm2"
@@ -229,6 +229,8 @@ def ensure_artifact(model: str | None, *, progress=None, log=print, verify: bool
             log(f"compiling {gguf_path.name} -> {out}")
         else:
             log(f"cache entry {out} is damaged ({problem}); rebuilding it from {gguf_path}")
+        if out.is_dir() and not (out / MARKER_FILE).exists():
+            remove_artifact(out)     # kiln's own cache dir, marker lost: its artifact files go (anything else stays)
         compile_model(gguf_path, out, progress=progress, finish=add_selftest, replace=True)
     return out
 
