@@ -151,6 +151,16 @@ def artifact_files(m: dict) -> list[tuple[str, str, str, int | None]]:
     return out
 
 
+def check_artifact_files(art: Path, *, shards: bool = False) -> dict:
+    """Reads the manifest and checks the sha256 of every shader and of tokenizer.json (and of every shard when
+    `shards`): what `kiln serve` does at startup, so neither API nor browser is served an edited file. Returns it."""
+    m = read_manifest(art)
+    for file, sha, what, _ in artifact_files(m):
+        if shards or what != "shard":
+            check_file(art, file, sha, what)
+    return m
+
+
 def entry_problem(art: Path, sha: str | None = None, *, verify: bool = False) -> str | None:
     """Why the artifact `art` can't be used as it is (None: whole). sha: the GGUF hash its source must have."""
     if not art.is_dir():

@@ -21,7 +21,7 @@ from fastapi import FastAPI
 
 from compiler.errors import KilnError
 
-from .artifacts import DEFAULT_MODEL, ensure_artifact
+from .artifacts import DEFAULT_MODEL, check_artifact_files, ensure_artifact
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 
@@ -47,6 +47,7 @@ def create_app(models: list[str] | None = None, *, api_key: str | None = None, c
     artifacts: dict[str, Path] = {}
     for spec in models or [DEFAULT_MODEL]:
         art = ensure_artifact(spec, log=log, verify=verify)
+        check_artifact_files(art, shards=verify)     # an edited shader / tokenizer.json: refused before serving
         artifacts[_model_id(spec, art)] = art
     app = FastAPI(title="kiln", docs_url=None, redoc_url=None)
     app.state.artifacts = artifacts

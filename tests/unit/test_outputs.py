@@ -350,3 +350,10 @@ def test_staging_dir_is_unique_and_marked(tmp_path):
     a, b = staging_dir(tmp_path / "x"), staging_dir(tmp_path / "x")
     assert a != b and a.parent == b.parent == tmp_path
     assert json.loads((a / MARKER_FILE).read_text())["pid"] == os.getpid()
+
+
+def test_serve_refuses_an_artifact_with_an_edited_file(tmp_path, gguf):
+    art = compile_model(gguf, tmp_path / "art")
+    tok = art / "tokenizer.json"
+    tok.write_bytes(tok.read_bytes() + b" ")
+    assert_cli_error(kiln("serve", "--model", art, "--port", "8123"), f"{tok}: tokenizer does not match")
