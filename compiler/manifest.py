@@ -58,9 +58,14 @@ def program_json(program) -> list[dict]:
 
 
 # -- writing ------------------------------------------------------------------------------------------------------
-def manifest_bytes(manifest: dict) -> bytes:
-    """The file's bytes: format, version, manifest_sha256 first, then `manifest` (minus those keys), checksummed."""
+def manifest_bytes(manifest: dict, *, check: bool = True) -> bytes:
+    """The file's bytes: format, version, manifest_sha256 first, then `manifest` (minus those keys), checksummed.
+    check: validate against the schema first, so kiln never seals a manifest it would refuse to read (the browser
+    relies on that: it checks the checksum and the file hashes, not the schema). Tests pass False to forge one."""
     body = {k: v for k, v in manifest.items() if k not in ("format", "version", CHECKSUM_KEY)}
+    if check:
+        validate(body, MANIFEST_FILE, hint="refusing to write it: the GGUF's metadata is out of range, or kiln has a "
+                                           "bug (please report it)")
     try:
         text = json.dumps({"format": "kiln", "version": MANIFEST_VERSION, CHECKSUM_KEY: _ZERO_SUM, **body}, indent=1,
                           allow_nan=False)
@@ -177,13 +182,13 @@ def check_file(art_dir: Path, file: str, sha256: str, what: str) -> bytes:
 
 # -- the schema ---------------------------------------------------------------------------------------------------
 class _Check:
-    """Type / range checks that raise ArtifactError("<file>: invalid manifest: <field path> ...")."""
+    """Type / range checks that raise ArtifactError("<file>: invalid manifest: <field path> ...; <hint>")."""
 
-    def __init__(self, path):
-        self.path = path
+    def __init__(self, path, hint: str):
+        self.path, self.hint = path, hint
 
     def fail(self, where: str, msg: str):
-        raise ArtifactError(f"{self.path}: invalid manifest: {where} {msg}; recompile the model")
+        raise ArtifactError(f"{self.path}: invalid manifest: {where} {msg}; {self.hint}")
 
     def obj(self, v, where: str, keys=()) -> dict:
         if not isinstance(v, dict):
@@ -249,9 +254,9 @@ def _kind(v) -> str:
         type(v), "a number")
 
 
-def validate(m: dict, path="manifest.json") -> None:
+def validate(m: dict, path="manifest.json", hint: str = "recompile the model") -> None:
     """Checks the whole manifest against the schema in this module's docstring."""
-    c = _Check(path)
+    c = _Check(path, hint)
     c.obj(m, "manifest", ("model", "compiler_version", "config", "tokenizer", "chat_template", "limits", "buffers",
                           "weights", "weight_bytes_by_quant", "shards", "kernels", "programs"))
     model = c.obj(m["model"], "model", ("name", "arch", "source", "requant"))
