@@ -12,31 +12,33 @@
 
 Each stage reads what earlier stages left on the `Compilation` and adds its own result; the types they share are in
 ir.py. KILN_DEBUG=1 prints every stage's output as it finishes (programs step by step, every rendered shader).
-The artifact is built in a temporary sibling directory and renamed into place at the end, so an interrupted compile
-never leaves a half-written artifact that looks whole.
+The artifact is built in a staging directory of its own beside the target and renamed into place at the end
+(compiler/output.py), so an interrupted compile never leaves a half-written artifact that looks whole, and never
+touches a directory kiln did not make.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import config as config_stage
+from .errors import KilnError
 from .gguf_file import GGUFModel
 from .ir import SHARD_BYTES, Program
 from .kernels import Kernel
-from .manifest import bytes_by_quant, kernel_entry, kernel_features, program_json, write_manifest
+from .manifest import bytes_by_quant, file_sha256, kernel_entry, kernel_features, program_json, write_manifest
+from .output import check_target, write_artifact
 from .plan import WeightPlan, plan_weights
 from .render import render as render_kernel
 from .schedule import PREFILL_TILE, activation_buffers, buffer_programs, build_programs, score_chunk
 from .shards import write_shards
 from .tokenizer import build_tokenizer_json, tokenizer_info
 
-COMPILER_VERSION = "3"   # 2: the `score` program; 3: manifest `features`, buffers[].programs, matmul_tt without last_only
+COMPILER_VERSION = "3"   # 2: the `score` program; 3: manifest v2 (manifest_sha256, shader + tokenizer sha256),
+                         #    `features`, buffers[].programs, matmul_tt without last_only
 DEFAULT_PREFILL_CHUNK = 128
 
 
@@ -61,14 +63,6 @@ class Compilation:
     weights: dict | None = None               # 6 shards
     shards: list | None = None
     manifest: dict | None = None              # 7 manifest
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # -- the stages: each returns what KILN_DEBUG=1 prints --------------------------------------------------------------
@@ -166,14 +160,25 @@ def run_stages(c: Compilation, until: str | None = None) -> Compilation:
 
 
 def compile_model(gguf_path, out_dir, *, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, shard_bytes: int = SHARD_BYTES,
-                  progress=None, requant: str | None = None) -> Path:
+                  progress=None, requant: str | None = None, finish=None, replace: bool = True) -> Path:
     """progress: optional callable(done_parts, total_parts) for the shard-writing stage.
     shard_bytes: max bytes per shard file (and per tensor part).
-    requant: re-quantize every F32/F16/Q8_0 matrix into this scheme ("q8_0", "q4g32", ...; see compiler/quant/)."""
-    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)   # the render stage creates it
-    run_stages(Compilation(gguf_path, tmp, prefill_chunk, shard_bytes, requant, progress))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
-    return out_dir
+    requant: re-quantize every F32/F16/Q8_0 matrix into this scheme ("q8_0", "q4g32", ...; see compiler/quant/).
+    finish: optional callable(staged_dir) run on the complete artifact before it is moved into place (the self-test).
+    replace: replace an existing kiln artifact at out_dir (False: keep whichever finished first; the cache)."""
+    check_prefill_chunk(prefill_chunk)
+    check_target(out_dir)                                          # refuse a user's directory before any work
+    return write_artifact(Path(out_dir), lambda tmp: run_stages(
+        Compilation(Path(gguf_path), tmp, prefill_chunk, shard_bytes, requant, progress)),
+        finish=finish, replace=replace)
+
+
+MAX_PREFILL_CHUNK = 4096
+
+
+def check_prefill_chunk(n) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or not PREFILL_TILE <= n <= MAX_PREFILL_CHUNK \
+            or n % PREFILL_TILE:
+        raise KilnError(f"--prefill-chunk must be a multiple of {PREFILL_TILE} between {PREFILL_TILE} and "
+                        f"{MAX_PREFILL_CHUNK} (got {n})")
+    return n

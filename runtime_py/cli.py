@@ -1,6 +1,7 @@
 """kiln command line.
 
     kiln compile MODEL.gguf -o DIR          GGUF -> WGSL + shards + manifest  [--quant q8_0|q4g32|q4g64|q4g128]
+    kiln compile MODEL [--force] [--verify] (re)build MODEL's entry in the artifact cache (what `run` uses)
     kiln run [MODEL] --prompt TEXT [--chat] [sampling flags] [--json]
     kiln inspect MODEL.gguf [--ctx N]       architecture, parameters, tensor types, memory
     kiln serve [--host H] [--port P]        web demo + OpenAI-compatible API
@@ -37,17 +38,26 @@ def _bar(desc: str, unit_scale=True):
 
 
 def cmd_compile(a):
-    from compiler.pipeline import compile_model
-    from .artifacts import add_selftest, resolve_gguf
-    target = Path(a.output)
-    # compile replaces the output directory: never one that holds something other than a kiln artifact
-    if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not (target / "manifest.json").exists())):
-        raise KilnError(f"{target}: exists and is not a kiln artifact directory; choose a new or empty directory")
-    out = compile_model(resolve_gguf(a.model), target, prefill_chunk=a.prefill_chunk,
-                        progress=_bar("packing", unit_scale=False), requant=a.quant)
-    if not a.no_selftest:
-        add_selftest(out)   # runs the model once here: the browser compares its own logits to these
-    m = json.loads((out / "manifest.json").read_text())
+    from compiler.manifest import read_manifest
+    from compiler.output import check_target
+    from compiler.pipeline import check_prefill_chunk, compile_model
+    from .artifacts import add_selftest, check_model_arg, ensure_artifact, resolve_gguf
+    check_model_arg(a.model)
+    if a.output is None:      # the cache entry `kiln run MODEL` uses, built with the defaults
+        if a.prefill_chunk is not None or a.quant or a.no_selftest:
+            raise KilnError("--prefill-chunk, --quant and --no-selftest need -o DIR (the cache holds default builds)")
+        out = ensure_artifact(a.model, progress=_bar("packing", unit_scale=False), force=a.force, verify=a.verify,
+                              log=lambda *x: print(*x, file=sys.stderr))
+    else:
+        # only into a new, empty or kiln-made directory (compiler/output.py); checked before the GGUF is read
+        check_target(Path(a.output))
+        chunk = check_prefill_chunk(128 if a.prefill_chunk is None else a.prefill_chunk)
+        # the self-test runs the staged artifact once, before it is moved into place: the browser compares its own
+        # logits to these
+        out = compile_model(resolve_gguf(a.model), Path(a.output), prefill_chunk=chunk,
+                            progress=_bar("packing", unit_scale=False), requant=a.quant,
+                            finish=None if a.no_selftest else add_selftest)
+    m = read_manifest(out)
     size = sum(s["bytes"] for s in m["shards"])
     print(f"wrote {out}: {len(m['kernels'])} shaders, {len(m['shards'])} shards, {size / 2**20:.1f} MiB of weights")
 
@@ -58,17 +68,55 @@ def _sampling(a):
                           repeat_penalty=a.repeat_penalty, seed=a.seed, stop=a.stop or [])
 
 
-def load(model: str | None, ctx: int | None = None, quiet=False):
-    """(Model, Session, Tokenizer, manifest) for MODEL, compiling on first use."""
-    from .artifacts import ensure_artifact
+def load(model: str | None, ctx: int | None = None, quiet=False, verify=False):
+    """(Model, Session, Tokenizer, manifest) for MODEL, compiling on first use. A cache entry found damaged while
+    loading (a shard or shader that fails its hash) is rebuilt once; an artifact directory of the user's is not."""
+    from compiler.errors import ArtifactError
+    from .artifacts import ensure_artifact, is_cache_entry, rebuild_hint
     from .model import Model
     from .tokenizer import Tokenizer
     log = (lambda *x: None) if quiet else (lambda *x: print(*x, file=sys.stderr))
-    art = ensure_artifact(model, progress=_bar("compiling", unit_scale=False), log=log)
-    model_obj = Model(art, progress=_bar("loading"))
+    art = ensure_artifact(model, progress=_bar("compiling", unit_scale=False), log=log, verify=verify)
+    try:
+        model_obj = Model(art, progress=_bar("loading"))
+    except ArtifactError as e:
+        if not is_cache_entry(art):
+            raise ArtifactError(f"{e} (`{rebuild_hint(art)}`)") from None
+        log(f"{e}; rebuilding the cache entry")
+        art = ensure_artifact(model, progress=_bar("compiling", unit_scale=False), log=log, force=True)
+        model_obj = Model(art, progress=_bar("loading"))
     m = model_obj.manifest
     tok = Tokenizer(art / m["tokenizer"]["file"], m["tokenizer"])
     return model_obj, model_obj.session(ctx), tok, m
+
+
+def utf8_text(value: str, what: str) -> str:
+    """`value` as given on the command line, refused if it is not valid UTF-8 (Python keeps undecodable argv bytes
+    as lone surrogates, which no tokenizer takes)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise KilnError(f"{what} is not valid UTF-8 text (undecodable byte at character {e.start}); kiln reads "
+                        f"prompts as UTF-8") from None
+    return value
+
+
+def read_utf8(path: str | Path, what: str) -> str:
+    data = Path(path).read_bytes()    # OSError: main prints it on one line
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise KilnError(f"{what} {path}: not valid UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") \
+            from None
+
+
+def read_stdin() -> str:
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise KilnError(f"the prompt on standard input is not valid UTF-8 text (byte 0x{data[e.start]:02x} at "
+                        f"offset {e.start})") from None
 
 
 def build_prompt(tok, manifest, prompt: str, chat: bool, system: str | None, template_file: str | None = None,
@@ -76,7 +124,7 @@ def build_prompt(tok, manifest, prompt: str, chat: bool, system: str | None, tem
     if not chat:
         return tok.encode(prompt)
     from .chat import chat_prompt_ids
-    template = Path(template_file).read_text() if template_file else None
+    template = read_utf8(template_file, "--chat-template") if template_file else None
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     return chat_prompt_ids(tok, manifest, messages, template=template, parse_special=parse_special)
 
@@ -84,8 +132,18 @@ def build_prompt(tok, manifest, prompt: str, chat: bool, system: str | None, tem
 def cmd_run(a):
     from .generate import Done, generate
     params = _sampling(a).validate()   # bad flags fail before the model loads
-    model, session, tok, m = load(a.model, a.ctx, quiet=a.json)
-    prompt = a.prompt if a.prompt is not None else sys.stdin.read()
+    from .artifacts import check_model_arg
+    check_model_arg(a.model)
+    if a.max_tokens < 1:
+        raise KilnError(f"--max-tokens must be at least 1 (got {a.max_tokens}); generation also stops at the end of "
+                        f"the context (--ctx) and at the model's end-of-text token")
+    for flag, value in (("--prompt", a.prompt), ("--system", a.system)):
+        if value is not None:
+            utf8_text(value, flag)
+    if a.chat_template:
+        read_utf8(a.chat_template, "--chat-template")   # a bad file fails before the model loads
+    prompt = a.prompt if a.prompt is not None else read_stdin()
+    model, session, tok, m = load(a.model, a.ctx, quiet=a.json, verify=a.verify)
     ids = build_prompt(tok, m, prompt, a.chat, a.system, a.chat_template, a.parse_special)
     tops, done = [], None
     for ev in generate(session, tok, ids, params, max_tokens=a.max_tokens, logprobs=5 if a.json else 0,
@@ -152,6 +210,8 @@ def cmd_inspect(a):
 
 def cmd_serve(a):
     from .server import serve
+    if not 1 <= a.port <= 65535:
+        raise KilnError(f"--port must be between 1 and 65535 (got {a.port})")
     serve(a)
 
 
@@ -181,8 +241,12 @@ def parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compile", help="compile a GGUF model into WGSL shaders + weight shards + manifest")
     c.add_argument("model", help="path to a .gguf file or a known model name (smollm2, gemma3)")
-    c.add_argument("-o", "--output", required=True, help="output directory")
-    c.add_argument("--prefill-chunk", type=int, default=128, help="tokens per prefill pass (multiple of 8)")
+    c.add_argument("-o", "--output", default=None,
+                   help="output directory: new, empty, or an artifact kiln wrote (default: the artifact cache)")
+    c.add_argument("--prefill-chunk", type=int, default=None, help="tokens per prefill pass (multiple of 8; "
+                                                                   "default 128)")
+    c.add_argument("--force", action="store_true", help="rebuild the cache entry even if it looks whole (no -o)")
+    c.add_argument("--verify", action="store_true", help="hash the GGUF and the cache entry's files again (no -o)")
     c.add_argument("--no-selftest", action="store_true", help="skip recording reference logits (no GPU needed)")
     c.add_argument("--quant", choices=REQUANT_TARGETS, default=None,
                    help="re-quantize every F32/F16/Q8_0 matrix: q8_0, or int4 with one f16 scale per 32/64/128 weights")
@@ -208,6 +272,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="print one JSON object: model, prompt_ids, ids, text, "
                                                        "finish_reason, top_logprobs, timings (schema: "
                                                        "tests/gpu/test_cli.py)")
+    r.add_argument("--verify", action="store_true", help="hash the GGUF and every artifact file again before running")
     r.set_defaults(fn=cmd_run)
 
     i = sub.add_parser("inspect", help="describe a GGUF model and its memory needs")
@@ -223,6 +288,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--model", action="append", help="model to serve (repeatable; default smollm2)")
     s.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 routes")
     s.add_argument("--ctx", type=int, default=None)
+    s.add_argument("--verify", action="store_true", help="hash each GGUF and artifact file again at startup")
     s.set_defaults(fn=cmd_serve)
 
     e = sub.add_parser("export", help="write the web demo and models as a static site (any web server or CDN)")

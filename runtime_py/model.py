@@ -14,7 +14,7 @@ import numpy as np
 import wgpu
 
 from compiler.errors import ArtifactError, ContextOverflowError
-from compiler.manifest import read_manifest
+from compiler.manifest import check_file, read_manifest
 from compiler.schedule import GENERATE, dispatch_size
 
 from .device import check_fits, get_device
@@ -54,6 +54,8 @@ class Model:
         self.dir = Path(art_dir)
         self.manifest = m = read_manifest(self.dir)
         self.config = m["config"]
+        tok = m["tokenizer"]      # loaded by runtime_py/tokenizer.py; checked here, with every other file
+        check_file(self.dir, tok["file"], tok["sha256"], "tokenizer")
         self.device = device or get_device()
         check_fits(self.device, m, buffer_bytes(m, 16))
         self.pipelines = {name: self._pipeline(name, k) for name, k in m["kernels"].items()}
@@ -62,11 +64,7 @@ class Model:
 
     # -- load ---------------------------------------------------------------------------------------------------
     def _pipeline(self, name: str, k: dict):
-        path = self.dir / k["file"]
-        try:
-            code = path.read_text()
-        except FileNotFoundError:
-            raise ArtifactError(f"{path}: shader missing from the artifact") from None
+        code = check_file(self.dir, k["file"], k["sha256"], "shader").decode("utf-8")
         entries = [{"binding": 0, "visibility": wgpu.ShaderStage.COMPUTE, "buffer": {"type": "uniform"}},
                    {"binding": 1, "visibility": wgpu.ShaderStage.COMPUTE, "buffer": {"type": "uniform"}}]
         for i, (_, access) in enumerate(k["bindings"]):

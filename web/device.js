@@ -16,6 +16,8 @@ export class FeatureMissingError extends KilnError {}
 export class ModelTooLargeError extends KilnError {}
 /** A shard's sha256 differs from the manifest's, from the network too after one retry. */
 export class ShardCorruptError extends KilnError {}
+/** The manifest, a shader or tokenizer.json is missing, of another format version, or fails its checksum. */
+export class ArtifactError extends KilnError {}
 /** The GPU device went away (driver reset, out of memory, tab in background on mobile). */
 export class DeviceLostError extends KilnError {}
 /** The load-time self-test found this GPU/browser computing different logits than the compiler's machine. */
@@ -26,7 +28,7 @@ export class ContextOverflowError extends KilnError {}
 export class ServerConfigError extends KilnError {}
 
 export const ERRORS = {KilnError, WebGPUUnavailableError, FeatureMissingError, ModelTooLargeError, ShardCorruptError,
-                       DeviceLostError, SelfTestError, ContextOverflowError, ServerConfigError};
+                       ArtifactError, DeviceLostError, SelfTestError, ContextOverflowError, ServerConfigError};
 
 const UNAVAILABLE_HELP = "Use a recent Chrome or Edge (113+) on a machine with a GPU driver, or enable WebGPU " +
   "(chrome://flags/#enable-unsafe-webgpu; on Linux also #enable-vulkan).";

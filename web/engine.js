@@ -7,7 +7,7 @@
 // Nothing here knows the architecture: the manifest's programs say which kernel runs on which buffers.
 
 import {bufferBytes, ContextOverflowError, DeviceLostError, getAdapter, getDevice, adapterName} from "./device.js";
-import {fetchManifest, loadShards} from "./loader.js";
+import {fetchManifest, fetchVerified, loadShards} from "./loader.js";
 import {Sampler, topLogprobs} from "./sampler.js";
 
 export const UNIFORM_ALIGN = 256;   // minUniformBufferOffsetAlignment's default (and maximum)
@@ -99,10 +99,7 @@ export class Model {
   }
 
   async _pipeline(name, k) {
-    const url = new URL(k.file, this.baseUrl).href;
-    const r = await fetch(url);
-    if (!r.ok) throw new Error(`${url}: HTTP ${r.status} (shader missing from the artifact)`);
-    const code = await r.text();
+    const code = new TextDecoder().decode(await fetchVerified(this.baseUrl, k.file, k.sha256, "shader"));
     const dev = this.device;
     const entries = [{binding: 0, visibility: GPUShaderStage.COMPUTE, buffer: {type: "uniform"}},
                      {binding: 1, visibility: GPUShaderStage.COMPUTE, buffer: {type: "uniform"}}];

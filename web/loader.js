@@ -15,12 +15,16 @@
 // (CORS). What a misconfigured host does — a fallback HTML page for a missing file, JavaScript modules with a wrong
 // Content-Type, no CORS headers — is reported as a ServerConfigError naming the file and the fix (README: Deploy).
 
-import {KilnError, ServerConfigError, ShardCorruptError} from "./device.js";
+// The manifest itself carries manifest_sha256 (the file's sha256 with that value zeroed; compiler/manifest.py), and
+// every other file its sha256: `fetchVerified` is how shaders and tokenizer.json are fetched. Any mismatch is an
+// ArtifactError naming the file, like runtime_py's read_manifest / check_file.
 
+import {ArtifactError, KilnError, ServerConfigError, ShardCorruptError} from "./device.js";
+
+export {ArtifactError};
 export const CACHE_NAME = "kiln-shards-v1";
-export const MANIFEST_VERSION = 1;
-
-export class ArtifactError extends KilnError {}
+export const MANIFEST_VERSION = 2;
+const CHECKSUM_RE = /"manifest_sha256": "([0-9a-f]{64})"/;
 
 const crossOrigin = (url) => globalThis.location !== undefined && new URL(url).origin !== globalThis.location.origin;
 
@@ -41,16 +45,23 @@ export async function fetchChecked(url, init = {}) {
 /** GET + JSON.parse, revalidated (small files that change on recompile: manifest.json, models.json). A missing file
  *  answered with an HTML page (SPA fallbacks, custom 404s) is reported as such, not as a JSON syntax error. */
 export async function fetchJson(url, what = "file") {
+  return (await fetchJsonText(url, what)).value;
+}
+
+/** fetchJson that also returns the exact text (the manifest's checksum is over its bytes). */
+async function fetchJsonText(url, what) {
   const r = await fetchChecked(url, {cache: "no-cache"});
   if (!r.ok) throw new ArtifactError(`${url}: HTTP ${r.status} (${what} is missing: wrong base path or model URL?)`);
-  const text = await r.text();
+  const text = new TextDecoder().decode(await r.arrayBuffer());
   try {
-    return JSON.parse(text);
-  } catch {
+    return {text, value: JSON.parse(text)};
+  } catch (e) {
     const type = r.headers.get("content-type") || "(none)";
-    throw new ServerConfigError(`${url} is not JSON (Content-Type "${type}"` +
-      `${/html/i.test(type) || /^\s*</.test(text) ? ": the server answered with an HTML page, so the file is missing " +
-        "there: wrong base path or model URL?" : ""})`);
+    if (/html/i.test(type) || /^\s*</.test(text)) {
+      throw new ServerConfigError(`${url} is not JSON (Content-Type "${type}": the server answered with an HTML ` +
+        "page, so the file is missing there: wrong base path or model URL?)");
+    }
+    throw new ArtifactError(`${url}: corrupt ${what} (${e.message}); recompile the model`);
   }
 }
 
@@ -79,12 +90,40 @@ export async function importModule(url) {
 
 export async function fetchManifest(baseUrl) {
   const url = new URL("manifest.json", baseUrl).href;
-  const m = await fetchJson(url, "manifest.json (not a compiled kiln model?)");
-  if (m.format !== "kiln" || m.version !== MANIFEST_VERSION) {
-    throw new ArtifactError(`${url}: manifest format ${m.format} v${m.version} (this runtime reads kiln ` +
+  const {text, value: m} = await fetchJsonText(url, "manifest.json (not a compiled kiln model?)");
+  if (m?.format !== "kiln" || m.version !== MANIFEST_VERSION) {
+    throw new ArtifactError(`${url}: manifest format ${m?.format} v${m?.version} (this runtime reads kiln ` +
       `v${MANIFEST_VERSION}; recompile the model)`);
   }
+  await checkChecksum(text, m, url);
   return m;
+}
+
+/** Same rule as compiler/manifest.py check_checksum: sha256 of the file with manifest_sha256's value zeroed. */
+async function checkChecksum(text, m, url) {
+  const found = CHECKSUM_RE.exec(text);
+  if (!found || m.manifest_sha256 !== found[1]) {
+    throw new ArtifactError(`${url}: no valid manifest_sha256 (not written by this kiln); recompile the model`);
+  }
+  const zeroed = text.slice(0, found.index) + found[0].replace(found[1], "0".repeat(64)) +
+    text.slice(found.index + found[0].length);
+  if ((await sha256Hex(new TextEncoder().encode(zeroed))) !== found[1]) {
+    throw new ArtifactError(`${url}: the manifest was modified after kiln wrote it (its manifest_sha256 does not ` +
+      `match its contents); recompile the model`);
+  }
+}
+
+/** The bytes of artifact file `file` (a shader, tokenizer.json), refused unless they hash to `sha256`. */
+export async function fetchVerified(baseUrl, file, sha256, what) {
+  const url = new URL(file, baseUrl).href;
+  const r = await fetchChecked(url, {cache: "no-cache"});    // revalidate: a recompiled model must not meet a stale copy
+  if (!r.ok) throw new ArtifactError(`${url}: HTTP ${r.status} (${what} missing from the artifact)`);
+  const bytes = new Uint8Array(await r.arrayBuffer());
+  if ((await sha256Hex(bytes)) !== sha256) {
+    throw new ArtifactError(`${url}: ${what} does not match the manifest's sha256 (edited or damaged after ` +
+      `compiling); recompile the model`);
+  }
+  return bytes;
 }
 
 export const shardUrl = (baseUrl, shard) => new URL(`${shard.file}?sha256=${shard.sha256}`, baseUrl).href;

@@ -14,7 +14,7 @@
 import {chatPromptIds} from "./chat.js";
 import {DeviceLostError} from "./device.js";
 import {Model, generate, selftest} from "./engine.js";
-import {importModule} from "./loader.js";
+import {fetchVerified, importModule} from "./loader.js";
 import {SamplingParams} from "./sampler.js";
 import {Tokenizer} from "./tokenizer.js";
 
@@ -34,7 +34,8 @@ async function load({modelUrl, libs, options = {}}) {
   model = await Model.load(modelUrl, {ctx: options.ctx, onProgress,
                                       onLost: (message) => post({type: "lost", message})});
   const m = model.manifest;
-  tokenizer = await Tokenizer.load(tokLib, new URL(m.tokenizer.file, model.baseUrl).href, m.tokenizer);
+  const tokJson = await fetchVerified(model.baseUrl, m.tokenizer.file, m.tokenizer.sha256, "tokenizer");
+  tokenizer = new Tokenizer(tokLib, JSON.parse(new TextDecoder().decode(tokJson)), m.tokenizer);
   let st = {ok: true, skipped: "disabled"};
   if (options.selftest !== "off") {
     onProgress({phase: "selftest"});

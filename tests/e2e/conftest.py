@@ -107,7 +107,8 @@ def server(artifact):
 def bad_server(artifact, tmp_path_factory):
     """A second origin serving broken copies of the model: "corrupt" (one byte of shard-001 flipped),
     "badselftest" (good shards, the manifest's self-test logits moved by +1), "huge" (a weight part too big to bind),
-    "flaky" (good, but the connection of the first download of shard-000 drops halfway)."""
+    "flaky" (good, but the connection of the first download of shard-000 drops halfway), "editedshader" /
+    "editedtokenizer" (one file changed after compiling), "editedmanifest" (a field changed, checksum not updated)."""
     import json
 
     from fastapi import FastAPI
@@ -133,11 +134,19 @@ def bad_server(artifact, tmp_path_factory):
     shard.unlink()                                  # break the hard link before writing
     shard.write_bytes(bytes(data))
 
-    def edit_manifest(out: Path, edit):
+    def edit_manifest(out: Path, edit, reseal: bool = True):
+        """reseal: recompute manifest_sha256 (the edit is what's tested); False: the edit itself must be caught."""
+        from compiler.manifest import manifest_bytes
         m = json.loads((out / "manifest.json").read_text())
         edit(m)
         (out / "manifest.json").unlink()
-        (out / "manifest.json").write_text(json.dumps(m))
+        data = manifest_bytes(m, check=False) if reseal else json.dumps(m, indent=1).encode()
+        (out / "manifest.json").write_bytes(data)
+
+    def edit_file(out: Path, rel: str, edit):
+        data = edit((out / rel).read_bytes())
+        (out / rel).unlink()                        # break the hard link / copy before writing
+        (out / rel).write_bytes(data)
 
     badst = clone("badselftest")
     edit_manifest(badst, lambda m: m["selftest"].update(top5=[[i, v + 1.0] for i, v in m["selftest"]["top5"]]))
@@ -146,8 +155,19 @@ def bad_server(artifact, tmp_path_factory):
 
     flaky = clone("flaky")   # good files; the first download of shard-000 is cut off halfway (see drop_once)
 
+    # files edited after compiling (issue 9): each must be refused by its sha256 / the manifest's checksum
+    editedshader = clone("editedshader")
+    shader = json.loads((artifact / "manifest.json").read_text())["programs"]["decode"][-1]["kernel"]
+    edit_file(editedshader, f"shaders/{shader}.wgsl", lambda b: b + b"\n// edited\n")
+    editedtok = clone("editedtokenizer")
+    edit_file(editedtok, "tokenizer.json", lambda b: b + b"\n")
+    editedmanifest = clone("editedmanifest")     # a program parameter changed, the checksum left as it was
+    edit_manifest(editedmanifest, lambda m: m["programs"]["decode"][1]["params"].__setitem__(0, 7), reseal=False)
+
     app = FastAPI()
-    mount_static(app, WEB_DIR, {"corrupt": corrupt, "badselftest": badst, "huge": huge, "flaky": flaky})
+    mount_static(app, WEB_DIR, {"corrupt": corrupt, "badselftest": badst, "huge": huge, "flaky": flaky,
+                                "editedshader": editedshader, "editedtokenizer": editedtok,
+                                "editedmanifest": editedmanifest})
     s = Server(drop_once(app, "/models/flaky/shard-000.bin"))
     yield s
     s.stop()

@@ -86,6 +86,25 @@ def test_model_too_large_is_refused_before_download(new_page, bad_server, load_m
     assert bad_server.shard_requests(start) == []
 
 
+@pytest.mark.parametrize("model, fragment", [
+    ("editedshader", "shader does not match the manifest's sha256"),
+    ("editedtokenizer", "tokenizer does not match the manifest's sha256"),
+    ("editedmanifest", "the manifest was modified after kiln wrote it"),
+])
+def test_edited_artifact_file_is_refused(new_page, bad_server, load_model, model, fragment):
+    """A shader, tokenizer.json or manifest field changed after compiling: an ArtifactError naming the file, as in
+    runtime_py (tests/gpu/test_cache.py, tests/unit/test_manifest.py)."""
+    page = new_page()
+    start = len(bad_server.requests)
+    load_model(page, bad_server.url, model=model, expect_state="error", selftest=False)
+    err = page.locator("#load-error")
+    expect(err).to_have_attribute("data-error", "ArtifactError")
+    expect(err).to_contain_text(fragment)
+    expect(err).to_contain_text(f"/models/{model}/")
+    if model == "editedmanifest":
+        assert bad_server.shard_requests(start) == []        # refused before a byte of weights is downloaded
+
+
 def test_selftest_mismatch_is_reported(new_page, bad_server, load_model):
     page = new_page()
     load_model(page, bad_server.url, model="badselftest")

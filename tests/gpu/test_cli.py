@@ -166,6 +166,7 @@ def test_compile_then_run_from_the_directory(tmp_path, capital):
                                 for k in m["kernels"].values())
     assert sorted(p.name for p in (out / "shaders").iterdir()) == sorted(f"{k}.wgsl" for k in m["kernels"])
     assert m["selftest"]["top5"][0][0] == capital["ids"][0]          # recorded by compile's own run
-    assert not (tmp_path / "smollm2.tmp").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["smollm2"]      # no staging directory left
+    assert (out / ".kiln-artifact").is_file()                               # kiln's mark: -o may replace it later
     ran = run_json(out, "--temperature", "0", "-n", "4", "--prompt", CAPITAL)
     assert ran["ids"] == capital["ids"][:4]

@@ -130,3 +130,26 @@ def test_missing_chat_template_file(smollm2_artifact, tmp_path):
     p = kiln("run", smollm2_artifact, "--chat", "--chat-template", tmp_path / "nope.jinja", "--prompt", "hi",
              "-n", "1")
     assert_cli_error(p, "No such file", "nope.jinja")
+
+
+# -- files edited after compiling (issue 9) ---------------------------------------------------------------------
+@pytest.mark.parametrize("what", ["shader", "tokenizer", "manifest"])
+def test_edited_artifact_file(tmp_path, what):
+    """An artifact directory of the user's (not the cache: nothing is rebuilt behind their back) with one file
+    edited: Model() refuses it naming the file, and `kiln run` prints one line with the command that rebuilds it."""
+    from runtime_py.model import Model
+    art = compile_tiny(tmp_path)
+    m = json.loads((art / "manifest.json").read_text())
+    rel = {"shader": m["programs"]["decode"][-1]["kernel"].join(["shaders/", ".wgsl"]), "tokenizer": "tokenizer.json",
+           "manifest": "manifest.json"}[what]
+    path = art / rel
+    if what == "manifest":      # a hyperparameter: the kind of edit that used to run and print other tokens
+        path.write_text(path.read_text().replace('"rope_base": 10000.0', '"rope_base": 10.0'))
+        fragment = "the manifest was modified after kiln wrote it"
+    else:
+        path.write_bytes(path.read_bytes() + b"\n// edited\n")
+        fragment = f"{what} does not match the manifest's sha256"
+    with pytest.raises(ArtifactError, match=fragment):
+        Model(art)
+    assert_cli_error(kiln("run", art, "-n", "1", "--prompt", "ab"), str(path), fragment,
+                     f"kiln compile tiny.gguf -o {art}")

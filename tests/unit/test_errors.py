@@ -582,10 +582,10 @@ def test_killed_compile_leaves_no_artifact(tmp_path, sig):
     env = {**os.environ, "XDG_RUNTIME_DIR": os.environ.get("XDG_RUNTIME_DIR", "/tmp")}
     proc = subprocess.Popen(kiln_cmd() + ["compile", "smollm2", "-o", str(out), "--no-selftest"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    staging = tmp_path / "smol.tmp"
     deadline = time.monotonic() + CLI_TIMEOUT
-    try:
-        while not (staging / "shard-000.bin").exists() and proc.poll() is None and time.monotonic() < deadline:
+    try:   # each compile stages in its own .<name>.kiln-tmp-<pid>-<random> directory (compiler/output.py)
+        while not list(tmp_path.glob(".smol.kiln-tmp-*/shard-000.bin")) and proc.poll() is None \
+                and time.monotonic() < deadline:
             time.sleep(0.01)
         assert proc.poll() is None, "compile finished before it could be interrupted"
         proc.send_signal(sig)
@@ -601,6 +601,13 @@ def test_killed_compile_leaves_no_artifact(tmp_path, sig):
     # what the user tries next gets a clear error, not a half-loaded model
     p = kiln("run", out, "-n", "1", "--prompt", "hi")
     assert_cli_error(p)
+    if sig == signal.SIGINT:    # cleaned up on the way out
+        assert not list(tmp_path.glob(".smol.kiln-tmp-*"))
+    else:                       # a dead compile's staging directory goes with the next compile beside it
+        assert list(tmp_path.glob(".smol.kiln-tmp-*"))
+        from compiler.output import remove_artifact, staging_dir
+        assert remove_artifact(staging_dir(out))
+        assert not list(tmp_path.glob(".smol.kiln-tmp-*"))
 
 
 def test_context_overflow_library_without_gpu():
