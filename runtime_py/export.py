@@ -33,7 +33,7 @@ import tempfile
 from pathlib import Path
 
 from compiler.errors import KilnError
-from compiler.manifest import MANIFEST_FILE
+from compiler.manifest import MANIFEST_FILE, read_manifest, write_manifest
 
 from .static import MIME_TYPES, model_entry
 
@@ -77,7 +77,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 def export_model(art: Path, out: Path) -> None:
     """One artifact directory -> out/ with content-hashed shard names and the manifest rewritten to match."""
-    m = json.loads((art / MANIFEST_FILE).read_text())
+    m = read_manifest(art)          # validated: a damaged artifact is not exported
     for shard in m["shards"]:
         name = hashed_name(shard)
         _link_or_copy(art / shard["file"], out / name)
@@ -85,7 +85,7 @@ def export_model(art: Path, out: Path) -> None:
     for kernel in m["kernels"].values():
         _link_or_copy(art / kernel["file"], out / kernel["file"])
     _link_or_copy(art / m["tokenizer"]["file"], out / m["tokenizer"]["file"])
-    (out / MANIFEST_FILE).write_text(json.dumps(m, indent=1))
+    write_manifest(out, m)          # re-sealed: its manifest_sha256 covers the renamed shards
 
 
 def export_site(out_dir: Path, web_dir: Path, artifacts: dict[str, Path], models_url: str | None = None,

@@ -16,29 +16,19 @@ from pathlib import Path
 import pytest
 
 from compiler.errors import KilnError
+from compiler.manifest import read_manifest
 from runtime_py.export import MARKER, SHARD_NAME, export_site, import_map_files
 from runtime_py.server import WEB_DIR
 
 ROOT = Path(__file__).resolve().parents[2]
-SHARDS = [bytes(range(256)) * 8, b"\x07" * 1000]
 
 
 @pytest.fixture
 def art(tmp_path) -> Path:
-    a = tmp_path / "artifacts" / "tiny-0123"
-    (a / "shaders").mkdir(parents=True)
-    (a / "shaders" / "argmax.wgsl").write_text("@compute @workgroup_size(1) fn main() {}\n")
-    (a / "tokenizer.json").write_text('{"model": {}}')
-    shards = []
-    for i, data in enumerate(SHARDS):
-        (a / f"shard-{i:03d}.bin").write_bytes(data)
-        shards.append({"file": f"shard-{i:03d}.bin", "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
-    manifest = {"format": "kiln", "version": 1, "model": {"name": "Tiny", "arch": "llama"}, "shards": shards,
-                "tokenizer": {"file": "tokenizer.json"},
-                "kernels": {"argmax": {"file": "shaders/argmax.wgsl", "params": [], "bindings": []}},
-                "weights": {"w": {"parts": [{"shard": 1, "offset": 0, "bytes": 1000}]}}, "selftest": {"top5": []}}
-    (a / "manifest.json").write_text(json.dumps(manifest))
-    return a
+    """A real compiled artifact of the tiny GGUF (its manifest validated and sealed like any other)."""
+    from compiler.pipeline import compile_model
+    from tests.unit.test_errors import write_tiny_gguf
+    return compile_model(write_tiny_gguf(tmp_path / "tiny.gguf"), tmp_path / "artifacts" / "tiny-0123")
 
 
 needs_web = pytest.mark.skipif(not (WEB_DIR / "node_modules").exists(), reason="web/node_modules missing: make web")
@@ -57,22 +47,24 @@ def test_layout_and_manifest(art, tmp_path):
     web_files = {f"web/{p.name}" for p in WEB_DIR.iterdir() if p.suffix in (".js", ".css")} | {"web/example.html"}
     licenses = {f"web/node_modules/{'/'.join(Path(f).parts[1:3])}/LICENSE" for f in npm}
     shard_files = {f for f in got if f.startswith("models/tiny/shard-")}
-    assert got == ({"index.html", "models.json", MARKER, "models/tiny/manifest.json", "models/tiny/tokenizer.json",
-                    "models/tiny/shaders/argmax.wgsl"} | web_files | {f"web/{f}" for f in npm} | licenses | shard_files)
+    orig = json.loads((art / "manifest.json").read_text())
+    shaders = {f"models/tiny/{k['file']}" for k in orig["kernels"].values()}
+    assert got == ({"index.html", "models.json", MARKER, "models/tiny/manifest.json", "models/tiny/tokenizer.json"}
+                   | shaders | web_files | {f"web/{f}" for f in npm} | licenses | shard_files)
     # only the import-mapped files of node_modules, not the packages' other builds and sources
     assert not any(f.endswith((".cjs", ".ts")) for f in got)
 
-    m = json.loads((out / "models/tiny/manifest.json").read_text())
-    orig = json.loads((art / "manifest.json").read_text())
+    m = read_manifest(out / "models/tiny")        # re-sealed: valid, its checksum covers the new shard names
     assert [s["sha256"] for s in m["shards"]] == [s["sha256"] for s in orig["shards"]]
-    for s, data in zip(m["shards"], SHARDS):
+    for s, o in zip(m["shards"], orig["shards"]):
         assert SHARD_NAME.match(s["file"]) and s["sha256"].startswith(s["file"].split(".")[1])
-        assert (out / "models/tiny" / s["file"]).read_bytes() == data
-    # everything but the shard names is the compiled manifest
-    assert {k: v for k, v in m.items() if k != "shards"} == {k: v for k, v in orig.items() if k != "shards"}
+        assert (out / "models/tiny" / s["file"]).read_bytes() == (art / o["file"]).read_bytes()
+    # everything but the shard names (and the checksum over them) is the compiled manifest
+    same = lambda d: {k: v for k, v in d.items() if k not in ("shards", "manifest_sha256")}  # noqa: E731
+    assert same(m) == same(orig)
     assert json.loads((out / "models.json").read_text()) == [
-        {"id": "tiny", "name": "Tiny", "arch": "llama", "url": "models/tiny/", "bytes": sum(map(len, SHARDS)),
-         "selftest": True}]
+        {"id": "tiny", "name": orig["model"]["name"], "arch": "llama", "url": "models/tiny/",
+         "bytes": sum(s["bytes"] for s in orig["shards"]), "selftest": "selftest" in orig}]
 
 
 @needs_web
