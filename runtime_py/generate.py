@@ -1,5 +1,5 @@
 """The decode loop: prefill the prompt, then choose / feed one token at a time until EOS, a stop string or the limit.
-Mirrors web/engine.js `generate`.
+Mirrors web/generate.js step for step.
 
     for ev in generate(session, tok, prompt_ids, params, max_tokens=64): ...   # ev: Token, then one Done
 """
@@ -87,7 +87,7 @@ def generate(session, tokenizer, prompt_ids: list[int], params: SamplingParams, 
             tok, lp = session.next_token(), None
         else:
             logits = session.logits()
-            tok = sampler(logits, history)
+            tok = sampler.sample(logits, history)
             lp = top_logprobs(logits, logprobs) if logprobs else None
         if t_first is None:
             t_first = time.perf_counter()

@@ -85,7 +85,8 @@ class Sampler:
         logits[ids] = sel
         return logits
 
-    def __call__(self, logits: np.ndarray, history: list[int]) -> int:
+    def sample(self, logits: np.ndarray, history: list[int]) -> int:
+        """logits: (vocab,) float; history: prompt + generated ids. Returns the chosen id."""
         p = self.p
         logits = self.apply_penalties(np.asarray(logits, dtype=np.float64), history)
         if p.greedy:

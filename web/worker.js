@@ -13,7 +13,8 @@
 
 import {renderChat} from "./chat.js";
 import {DeviceLostError} from "./device.js";
-import {Model, generate, selftest} from "./engine.js";
+import {Model, selftest} from "./engine.js";
+import {generate} from "./generate.js";
 import {SamplingParams} from "./sampler.js";
 import {Tokenizer} from "./tokenizer.js";
 

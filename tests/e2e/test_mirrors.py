@@ -3,7 +3,7 @@
     web/sampler.js    == runtime_py/sampling.py   same ids for the same seed, across the sampling chain
     web/tokenizer.js  == llama.cpp's ids          tests/fixtures/smollm2_tokenizer.json (control tokens parsed)
     web/chat.js       == runtime_py/chat.py       the model's template and the fallback ones
-    web/engine.js     == runtime_py/generate.py   StopStrings
+    web/generate.js   == runtime_py/generate.py   StopStrings
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def test_sampler_matches_python(page):
         history = [int(x) for x in rng.integers(0, 4096, 80)] + [int(np.argmax(logits))]
         s = Sampler(SamplingParams(seed=1000 + i, **kw))
         cases.append({"kw": kw, "seed": 1000 + i, "logits": logits.tolist(), "history": history,
-                      "ids": [s(logits, history) for _ in range(25)]})
+                      "ids": [s.sample(logits, history) for _ in range(25)]})
     rand = Mulberry32(42)
     want_rand = [rand.next() for _ in range(100)]
     got = page.evaluate("""async ({cases}) => {
@@ -119,7 +119,7 @@ def test_stop_strings_match_python(page):
             out.append([s.flush(), False])
         want.append(out)
     got = page.evaluate("""async (cases) => {
-        const {StopStrings} = await import('/web/engine.js');
+        const {StopStrings} = await import('/web/generate.js');
         return cases.map(([stops, deltas]) => {
             const s = new StopStrings(stops), out = [];
             for (const d of deltas) {

@@ -27,7 +27,7 @@ def params(**kw) -> SamplingParams:
 
 def draws(p: SamplingParams, logits, n: int, history=()) -> Counter:
     s = Sampler(p)
-    return Counter(s(np.asarray(logits, dtype=np.float32), list(history)) for _ in range(n))
+    return Counter(s.sample(np.asarray(logits, dtype=np.float32), list(history)) for _ in range(n))
 
 
 # -- filters and temperature ------------------------------------------------------------------------------------
@@ -47,8 +47,8 @@ def test_tiny_top_p_is_argmax(seed):
 def test_temperature_zero_is_greedy_whatever_the_seed():
     for seed in (None, 0, 7):
         s = Sampler(params(temperature=0.0, top_k=40, top_p=0.5, min_p=0.3, seed=seed))
-        assert all(s(LOGITS, []) == 1 for _ in range(20))
-    assert GREEDY.greedy and Sampler(GREEDY)(LOGITS, []) == 1
+        assert all(s.sample(LOGITS, []) == 1 for _ in range(20))
+    assert GREEDY.greedy and Sampler(GREEDY).sample(LOGITS, []) == 1
 
 
 def test_top_k_keeps_the_k_best():
@@ -115,9 +115,9 @@ def test_penalties_do_not_modify_the_callers_logits():
 
 def test_repeat_penalty_changes_the_greedy_choice():
     logits = np.array([3.0, 2.9, 0.0], dtype=np.float32)
-    assert Sampler(params(temperature=0.0))(logits, [0]) == 0
-    assert Sampler(params(temperature=0.0, repeat_penalty=1.1))(logits, [0]) == 1     # 3 / 1.1 < 2.9
-    assert Sampler(params(temperature=0.0, presence_penalty=0.2))(logits, [0]) == 1
+    assert Sampler(params(temperature=0.0)).sample(logits, [0]) == 0
+    assert Sampler(params(temperature=0.0, repeat_penalty=1.1)).sample(logits, [0]) == 1     # 3 / 1.1 < 2.9
+    assert Sampler(params(temperature=0.0, presence_penalty=0.2)).sample(logits, [0]) == 1
 
 
 @pytest.mark.parametrize("kw, msg", [
@@ -192,17 +192,17 @@ def test_mulberry32_matches_web_sampler_js(tmp_path):
 def test_draw_uses_the_generator_as_documented():
     # flat logits, no filters: the cdf is [1, 2, 3, 4], so each draw is floor(4 u) for the generator's next u
     s = Sampler(params(seed=42))
-    got = [s(np.zeros(4, np.float32), []) for _ in range(6)]
+    got = [s.sample(np.zeros(4, np.float32), []) for _ in range(6)]
     assert got == [int(4 * u) for u in MULBERRY32_JS[42]] == [2, 1, 3, 2, 0, 2]
 
 
 def test_same_seed_same_draws_different_seed_different_draws():
     logits = np.zeros(50, np.float32)
-    a = [Sampler(params(seed=7))(logits, []) for _ in range(1)]
+    a = [Sampler(params(seed=7)).sample(logits, []) for _ in range(1)]
     s1, s2, s3 = Sampler(params(seed=7)), Sampler(params(seed=7)), Sampler(params(seed=8))
-    seq1 = [s1(logits, []) for _ in range(20)]
-    assert seq1 == [s2(logits, []) for _ in range(20)]
-    assert seq1 != [s3(logits, []) for _ in range(20)]
+    seq1 = [s1.sample(logits, []) for _ in range(20)]
+    assert seq1 == [s2.sample(logits, []) for _ in range(20)]
+    assert seq1 != [s3.sample(logits, []) for _ in range(20)]
     assert a[0] == seq1[0]
 
 
