@@ -50,15 +50,18 @@ const round = (x, d) => Math.round(x * 10 ** d) / 10 ** d;
 /**
  * Yields {type: "token", id, text, top_logprobs} events then one {type: "done", ids, text, finish_reason, timings}.
  * The session is reset to position 0 first (no prefix reuse yet). Same order of operations as generate.py.
+ * maxTokens overrides params.max_tokens; both null: until EOS, a stop string or the end of the context.
  */
-export async function* generate(session, tokenizer, promptIds, params, {maxTokens = 256, logprobs = 0, eogIds = [],
+export async function* generate(session, tokenizer, promptIds, params, {maxTokens = null, logprobs = 0, eogIds = [],
                                                                         shouldStop = () => false} = {}) {
   if (!promptIds.length) throw new ContextOverflowError("empty prompt: nothing to condition on");
   if (promptIds.length >= session.ctx) {
     throw new ContextOverflowError(`prompt is ${promptIds.length} tokens but the context holds ${session.ctx} ` +
       "(use a shorter prompt or a larger context)");
   }
-  maxTokens = Math.min(maxTokens, session.ctx - promptIds.length);
+  const room = session.ctx - promptIds.length;
+  maxTokens = maxTokens ?? params.max_tokens ?? null;
+  maxTokens = maxTokens === null ? room : Math.min(maxTokens, room);
   const sampler = new Sampler(params);
   const fastGreedy = params.greedy && !logprobs && params.repeat_penalty === 1 && !params.presence_penalty &&
     !params.frequency_penalty;
