@@ -52,19 +52,17 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from compiler.errors import KilnError
 
 from .scheduler import Engine, Job, Overloaded
-from .schemas import (APIError, ChatRequest, CommonRequest, CompletionRequest, OpenAIRoute, chat_logprobs,
-                      check_common, completion_logprobs, install_error_handlers, sse, unsupported, usage,
-                      validation_error)
+from .schemas import (MAX_BODY_BYTES, APIError, ChatRequest, CommonRequest, CompletionRequest, OpenAIRoute,
+                      chat_logprobs, check_common, completion_logprobs, install_error_handlers, read_json, sse,
+                      unsupported, usage)
 
 __all__ = ["APIError", "MAX_BODY_BYTES", "install_error_handlers", "make_router"]
 
-MAX_BODY_BYTES = 1 << 20         # 1 MiB: larger request bodies get a 413 (Content-Length and the bytes actually read)
 DEFAULT_SLOTS = 4                # KV-cache slots (concurrent sequences on the GPU) per model
 DEFAULT_QUEUE = 32               # requests per model allowed to wait for a slot; beyond: 503
 DISCONNECT_POLL_S = 0.5          # how often a request waiting on the worker checks that its client is still there
@@ -140,29 +138,6 @@ def make_router(artifacts: dict[str, Path], *, api_key: str | None, ctx: int | N
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
             raise APIError(401, "Incorrect API key provided.", code="invalid_api_key",
                            headers={"WWW-Authenticate": "Bearer"})
-
-    async def read_json(request: Request, cls):
-        cl = request.headers.get("content-length")
-        if cl is not None:
-            try:
-                declared = int(cl)
-            except ValueError:
-                raise APIError(400, "Invalid Content-Length header.") from None
-            if declared > MAX_BODY_BYTES:
-                raise _too_large(declared)
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > MAX_BODY_BYTES:
-                raise _too_large(size)
-            chunks.append(chunk)
-        body = b"".join(chunks)
-        if not body.strip():
-            raise APIError(400, "The request body is empty; it must be a JSON object.", code="invalid_json")
-        try:
-            return cls.model_validate_json(body)
-        except ValidationError as e:
-            raise validation_error(list(e.errors())) from None
 
     def get_info(model: str) -> ModelInfo:
         if model not in artifacts:
@@ -439,7 +414,3 @@ def _encode(tok, text: str, param: str) -> list[int]:
                             f"surrogate).", param=param, code="invalid_value") from None
     return tok.encode(text)
 
-
-def _too_large(n: int) -> APIError:
-    return APIError(413, f"Request body too large: {n} bytes, the limit is {MAX_BODY_BYTES} bytes.",
-                    code="request_too_large")

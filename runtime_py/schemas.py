@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from compiler.errors import ContextOverflowError, InvalidParameterError, KilnError
 
+MAX_BODY_BYTES = 1 << 20         # 1 MiB: larger request bodies get a 413 (Content-Length and the bytes actually read)
 MAX_TOP_LOGPROBS_CHAT = 20
 MAX_LOGPROBS_COMPLETION = 5
 
@@ -180,6 +181,36 @@ class CompletionRequest(CommonRequest):
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1)
+
+
+async def read_json(request: Request, cls):
+    """The body of `request` as the pydantic model `cls`: 413 past MAX_BODY_BYTES (declared or read), 400 otherwise."""
+    cl = request.headers.get("content-length")
+    if cl is not None:
+        try:
+            declared = int(cl)
+        except ValueError:
+            raise APIError(400, "Invalid Content-Length header.") from None
+        if declared > MAX_BODY_BYTES:
+            raise _too_large(declared)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise _too_large(size)
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    if not body.strip():
+        raise APIError(400, "The request body is empty; it must be a JSON object.", code="invalid_json")
+    try:
+        return cls.model_validate_json(body)
+    except ValidationError as e:
+        raise validation_error(list(e.errors())) from None
+
+
+def _too_large(n: int) -> APIError:
+    return APIError(413, f"Request body too large: {n} bytes, the limit is {MAX_BODY_BYTES} bytes.",
+                    code="request_too_large")
 
 
 def unsupported(param: str, why: str) -> APIError:
