@@ -19,7 +19,7 @@
 // every other file its sha256: `fetchVerified` is how shaders and tokenizer.json are fetched. Any mismatch is an
 // ArtifactError naming the file, like runtime_py's read_manifest / check_file.
 
-import {ArtifactError, KilnError, ServerConfigError, ShardCorruptError} from "./device.js";
+import {ArtifactError, KilnError, ServerConfigError, ShardCorruptError} from "./errors.js";
 
 export {ArtifactError};
 export const CACHE_NAME = "kiln-shards-v1";
