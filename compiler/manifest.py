@@ -314,8 +314,6 @@ def validate(m: dict, path="manifest.json", hint: str = "recompile the model") -
         for i, d in enumerate(c.list(b["shape"], f"buffers.{name}.shape", min_len=1)):
             if d not in ("T", "ctx"):
                 c.int(d, f"buffers.{name}.shape[{i}]", 1)
-        for i, p in enumerate(c.list(b.get("programs", []), f"buffers.{name}.programs")):
-            c.str(p, f"buffers.{name}.programs[{i}]", choices=tuple(m["programs"]) if isinstance(m["programs"], dict) else ())
     for i, f in enumerate(c.list(m.get("features", []), "features")):
         c.str(f, f"features[{i}]")
 
@@ -366,6 +364,9 @@ def validate(m: dict, path="manifest.json", hint: str = "recompile the model") -
             c.str(b[1], f"{where}.bindings[{i}][1]", choices=("read", "read_write"))
 
     programs = c.obj(m["programs"], "programs", ("prefill", "decode"))
+    for name, b in buffers.items():
+        for i, p in enumerate(c.list(b.get("programs", []), f"buffers.{name}.programs")):
+            c.str(p, f"buffers.{name}.programs[{i}]", choices=tuple(programs))
     for prog, steps in programs.items():
         for i, s in enumerate(c.list(steps, f"programs.{prog[:20]}", min_len=1)):
             _check_step(c, s, f"programs.{prog[:20]}[{i}]", kernels, buffers, weights)

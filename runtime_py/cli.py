@@ -133,12 +133,12 @@ def build_prompt(tok, manifest, prompt: str, chat: bool, system: str | None, tem
 
 def cmd_run(a):
     from .generate import Done, generate
-    params = _sampling(a).validate()   # bad flags fail before the model loads
-    from .artifacts import check_model_arg
-    check_model_arg(a.model)
     if a.max_tokens is not None and a.max_tokens < 1:
         raise KilnError(f"--max-tokens must be at least 1 (got {a.max_tokens}); generation also stops at the end of "
                         f"the context (--ctx) and at the model's end-of-text token")
+    params = _sampling(a).validate()   # bad flags fail before the model loads
+    from .artifacts import check_model_arg
+    check_model_arg(a.model)
     for flag, value in (("--prompt", a.prompt), ("--system", a.system)):
         if value is not None:
             utf8_text(value, flag)

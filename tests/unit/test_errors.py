@@ -283,7 +283,7 @@ CORRUPTIONS = {   # name -> (flips [(offset, xor mask)] from the layout, expecte
     "embedding-length": (lambda r: [(r.value_offset("llama.embedding_length"), 0x01)], GGUFError,
                          "token_embd.weight"),
     "ffn-length": (lambda r: [(r.value_offset("llama.feed_forward_length") + 2, 0x01)], GGUFError,
-                   "ffn_gate"),
+                   "but the metadata implies"),
     "array-count": (lambda r: [(r.type_offset("tokenizer.ggml.token_type") + 4 + 7, 0x10)], GGUFError,
                     "tokenizer.ggml.token_type"),
     "string-in-array-length": (lambda r: [(r.type_offset("tokenizer.ggml.merges") + 4 + 8 + 5, 0x01)], GGUFError,
