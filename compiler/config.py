@@ -132,6 +132,9 @@ def _read_config(m: GGUFModel, arch: str) -> ModelConfig:
         rope_dim=i("rope.dimension_count", head_dim),
         tied_output="output.weight" not in m.tensors,
     )
+    for k, (lo, hi) in INT_RANGES.items():   # before the architecture's reader sizes anything by them (per layer)
+        if k in common and not lo <= common[k] <= hi:
+            raise GGUFError(f"{m.path}: corrupt metadata: {k} = {common[k]} ({arch}.{_KEYS[k]}) is outside {lo}..{hi}")
     return ARCH_CONFIG[arch](m, common)
 
 

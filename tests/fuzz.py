@@ -364,9 +364,13 @@ def run_gguf_case(kind: str, mutated: bytes, tmp: Path) -> tuple[str, str]:
         _strict_json(out / "manifest.json")
     except ValueError as e:
         return "nan-manifest", str(e)
+    from runtime_py.chat import ChatTemplateError
     try:
         load_path(out)
-    except KilnError as e:   # a compiled artifact that its own runtime refuses is a compiler bug
+    except ChatTemplateError as e:   # the GGUF's template is file content, checked when a chat renders it (a plain
+        bad = _check_message(e)      # prompt still runs, and --chat-template replaces it): a clean refusal then
+        return ("bad-message", bad) if bad else ("compiled", "chat template refused at chat time")
+    except KilnError as e:   # any other refusal of a compiled artifact by its own runtime is a compiler bug
         return "traceback", f"artifact refused by the runtime: {type(e).__name__}: {str(e)[:200]}"
     return "compiled", ""
 
@@ -411,10 +415,15 @@ def run_manifest_case(art: Path, mutated: dict, tmp: Path, reseal: bool) -> tupl
     shutil.rmtree(case, ignore_errors=True)
     shutil.copytree(art, case)
     try:
+        sealed = False
         if reseal:   # through the compiler's own writer: a checksummed manifest stays "sealed", so the schema is hit
             from compiler.manifest import write_manifest
-            write_manifest(case, {k: v for k, v in mutated.items() if k not in ("format", "version")})
-        else:        # edited by hand, as a careless user or an attacker would
+            try:
+                write_manifest(case, {k: v for k, v in mutated.items() if k not in ("format", "version")})
+                sealed = True
+            except Exception:   # noqa: BLE001 — the writer is never given such a dict by the compiler: not a case
+                pass
+        if not sealed:   # edited by hand, as a careless user or an attacker would
             (case / "manifest.json").write_text(json.dumps(mutated))
         load_path(case)
     except KilnError as e:
