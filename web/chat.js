@@ -10,9 +10,9 @@
 // `jinja` is the imported "@huggingface/jinja" module (see tokenizer.js for why it is passed in).
 // The template is data from the model file: @huggingface/jinja interprets it without eval, so it can't reach the page.
 
-export class ChatTemplateError extends Error {
-  get name() { return "ChatTemplateError"; }
-}
+import {ChatTemplateError} from "./errors.js";
+
+export {ChatTemplateError};   // one class for the page and the worker (errors.js)
 
 const compiled = new Map();
 const MAX_ALIGN_STEPS = 20000;   // backtracking budget of the generic alignment (templates that rewrite the content)
