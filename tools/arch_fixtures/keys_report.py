@@ -49,61 +49,58 @@ TENSOR_GEMMA3_ONLY = {"blk.N.attn_q_norm.weight", "blk.N.attn_k_norm.weight", "b
 SUPPORTED_ARCHS = {"llama", "gemma3"}
 
 
-def key_status(key: str, arch: str) -> str:
-    pat = key.replace(f"{arch}.", "{a}.", 1) if key.startswith(f"{arch}.") else key
-    if arch not in SUPPORTED_ARCHS and pat.startswith("{a}."):
-        base = "refused (arch)"
-    else:
-        base = None
+def key_status(pat: str) -> str:
+    """What kiln's readers do with a key ({a} = the file's architecture) in a file of a supported arch."""
     if pat in CONFIG_COMMON:
-        s = "consumed (config.py)"
-    elif pat in TOKENIZER:
-        s = "consumed (tokenizer.py)"
-    elif pat in CONFIG_GEMMA3_ONLY and arch == "gemma3":
-        s = "consumed (config.py, gemma3)"
-    elif pat in IRRELEVANT:
-        s = f"ignored, irrelevant: {IRRELEVANT[pat]}"
-    elif pat in MATH:
-        s = f"**IGNORED, changes output**: {MATH[pat]}"
-    else:
-        s = "**IGNORED, unclassified**"
-    return f"{base}; {s}" if base else s
+        return "consumed (config.py)"
+    if pat in TOKENIZER:
+        return "consumed (tokenizer.py)"
+    note = " (the gemma3 reader reads it; the llama reader does not)" if pat in CONFIG_GEMMA3_ONLY else ""
+    if pat in IRRELEVANT:
+        return f"ignored, irrelevant: {IRRELEVANT[pat]}"
+    if pat in MATH:
+        return f"**IGNORED, changes output**: {MATH[pat]}{note}"
+    return "**IGNORED, unclassified**" + note
 
 
-def tensor_status(name: str, arch: str, has_qk_norm_flag: bool) -> str:
-    pat = re.sub(r"^blk\.\d+\.", "blk.N.", name)
-    base = "refused (arch); " if arch not in SUPPORTED_ARCHS else ""
+def tensor_status(pat: str) -> str:
     if pat in TENSOR_COMMON:
-        if arch == "phi3" and pat == "blk.N.ffn_up.weight":
-            return base + "**read with the wrong shape**: phi3's ffn_up is fused gate+up (2 x n_ff rows)"
-        return base + "consumed (schedule.py)"
+        extra = ("; phi3's `ffn_up` is the fused gate ‖ up (2 × n_ff rows, no `ffn_gate`): read as a plain up "
+                 "projection it is wrong" if pat == "blk.N.ffn_up.weight" else "")
+        return "consumed (schedule.py)" + extra
     if pat in TENSOR_GEMMA3_ONLY:
-        return base + ("consumed (schedule.py, gemma3)" if arch == "gemma3" else
-                       "**IGNORED, changes output** (the llama reader never sets qk_norm / post_norms)")
-    return base + "**IGNORED, changes output**"
+        return "**IGNORED, changes output** in a llama file (only the gemma3 reader sets qk_norm / post_norms)"
+    return "**IGNORED, changes output**"
 
 
 def table() -> str:
     man = json.loads((FIX / "manifest.json").read_text())
     models = list(man["models"])
-    rows_k, rows_t = {}, {}
+    arch = {m: man["models"][m]["files"]["F16"]["arch"] for m in models}
+    keys, tensors = {}, {}
     for m in models:
         f = man["models"][m]["files"]["F16"]
-        arch = f["arch"]
         for k in f["metadata"]:
-            rows_k.setdefault(k, {})[m] = key_status(k, arch)
+            pat = k.replace(f"{arch[m]}.", "{a}.", 1) if k.startswith(f"{arch[m]}.") else k
+            keys.setdefault(pat, set()).add(m)
         for t in f["tensors"]:
-            pat = re.sub(r"^blk\.\d+\.", "blk.N.", t)
-            rows_t.setdefault(pat, {})[m] = tensor_status(t, arch, False)
-    out = [BEGIN, "", "Archs: " + ", ".join(f"`{m}` = {man['models'][m]['files']['F16']['arch']}" for m in models),
-           "", "### Metadata keys (F16 files; the Q8_0 / Q4_K_M files differ only in general.file_type)", "",
-           "| key | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
-    for k in sorted(rows_k):
-        out.append(f"| `{k}` | " + " | ".join(rows_k[k].get(m, "–") for m in models) + " |")
-    out += ["", "### Tensors (`blk.N.` = every block)", "",
-            "| tensor | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
-    for t in sorted(rows_t):
-        out.append(f"| `{t}` | " + " | ".join(rows_t[t].get(m, "–") for m in models) + " |")
+            tensors.setdefault(re.sub(r"^blk\.\d+\.", "blk.N.", t), set()).add(m)
+    head = "| {} | " + " | ".join(f"{m} ({arch[m]})" for m in models) + " | kiln today |"
+    sep = "|---|" + ":-:|" * len(models) + "---|"
+    out = [BEGIN, "",
+           "`{a}` = the file's architecture. Archs kiln does not support yet ("
+           + ", ".join(sorted({a for a in arch.values() if a not in SUPPORTED_ARCHS}))
+           + ") are refused as a whole today (`architecture ... is not supported`); the status column says what the "
+           "readers do with the key in a file they accept (today: arch `llama`, which is how llama3, llama_linear "
+           "and mistral arrive), i.e. what a new arch reader must add.", "",
+           "### Metadata keys (F16 files; the Q8_0 / Q4_K_M files hold the same keys)", "",
+           head.format("key"), sep]
+    for k in sorted(keys):
+        out.append(f"| `{k}` | " + " | ".join("✓" if m in keys[k] else "" for m in models) + f" | {key_status(k)} |")
+    out += ["", "### Tensors (`blk.N.` = every block)", "", head.format("tensor"), sep]
+    for t in sorted(tensors):
+        out.append(f"| `{t}` | " + " | ".join("✓" if m in tensors[t] else "" for m in models)
+                   + f" | {tensor_status(t)} |")
     out += ["", END]
     return "\n".join(out)
 

@@ -163,8 +163,27 @@ def hf_model_from_gguf(gguf_path: Path, hf: Path, config_overrides: dict | None 
         setattr(cfg, k, v)
     if cfg.model_type == "gemma2" and config_overrides and "sliding_window" in config_overrides:
         cfg.layer_types = ["full_attention"] * cfg.num_hidden_layers
+    if cfg.model_type == "mistral":
+        return mistral_from_gguf(gguf_path, cfg)
     m = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, config=cfg,
                                              dtype=torch.float32, attn_implementation="eager")
+    return m.eval()
+
+
+def mistral_from_gguf(gguf_path: Path, cfg):
+    """transformers maps GGUF tensors by the config's model_type, and has no `mistral` mapping (llama.cpp writes
+    Mistral as `llama`): load the weights through the Llama mapping, then into MistralForCausalLM (same parameter
+    names), which computes the reference."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralForCausalLM
+    d = cfg.to_dict()
+    for k in ("model_type", "architectures", "sliding_window", "transformers_version"):
+        d.pop(k, None)
+    llama = LlamaForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, config=LlamaConfig(**d),
+                                             dtype=torch.float32)
+    cfg._attn_implementation = "eager"
+    m = MistralForCausalLM(cfg).to(torch.float32)
+    m.load_state_dict(llama.state_dict(), strict=True)
     return m.eval()
 
 
@@ -276,7 +295,7 @@ def versions(python4: str) -> dict:
     v = {p: md.version(p) for p in ("torch", "transformers", "sentencepiece", "llama_cpp_python", "gguf", "numpy",
                                     "tokenizers")}
     v["python"] = platform.python_version()
-    v["transformers (phi3 conversion)"] = subprocess.run(
+    v["transformers (qwen2, phi3 conversion)"] = subprocess.run(
         [python4, "-c", "import transformers; print(transformers.__version__)"],
         capture_output=True, text=True).stdout.strip()
     v["converter"] = "convert_hf_to_gguf.py + gguf-py from the llama-cpp-python 0.3.36 sdist (vendor/llama.cpp)"
@@ -293,7 +312,7 @@ def main():
     ap.add_argument("--force", action="store_true", help="rebuild references of models already in the manifest")
     ap.add_argument("--convert-python", default=sys.executable, help="python for convert_hf_to_gguf.py")
     ap.add_argument("--convert-python4", default="/tmp/archvenv4/bin/python",
-                    help="python with transformers 4.x, for the models whose tokenizer class 5.x rewrites (phi3)")
+                    help="python with transformers 4.x, for the models whose tokenizer 5.x rewrites (qwen2, phi3)")
     args = ap.parse_args()
     names = [n for n in MODELS if not args.only or n in args.only.split(",")]
     args.work.mkdir(parents=True, exist_ok=True)
@@ -369,13 +388,21 @@ def build_model(name: str, spec: dict, args, tokenizers: dict, man_path: Path):
     entry["f16_vs_safetensors_max_abs_dlogit"] = safetensors_check(files["F16"], hf, texts, tok, base[1])
     log(f"  F16 GGUF vs float32 safetensors: max |dlogit| {entry['f16_vs_safetensors_max_abs_dlogit']:.4f}")
     entry["ablations"] = ablation_effect(name, spec, files["F16"], hf, texts, tok, base[1], base[0])
-    manifest = json.loads(man_path.read_text()) if man_path.exists() else {"models": {}}   # re-read: runs
-    manifest["models"][name] = entry                                                       # may overlap
-    manifest["models"] = {n: manifest["models"][n] for n in MODELS if n in manifest["models"]}
-    manifest["versions"] = versions(args.convert_python4)
-    manifest["prompts"] = PROMPTS
-    manifest["n_gen"] = N_GEN
-    man_path.write_text(json.dumps(manifest, indent=1, sort_keys=False))
+    update_manifest(man_path, args.work / "manifest.lock", name, entry, versions(args.convert_python4))
+
+
+def update_manifest(man_path: Path, lock: Path, name: str, entry: dict, vers: dict):
+    """Read-modify-write under a lock, replaced atomically: runs in parallel never lose each other's entries."""
+    import fcntl
+    with open(lock, "w") as lk:
+        fcntl.flock(lk, fcntl.LOCK_EX)
+        manifest = json.loads(man_path.read_text()) if man_path.exists() else {"models": {}}
+        manifest["models"][name] = entry
+        manifest["models"] = {n: manifest["models"][n] for n in MODELS if n in manifest["models"]}
+        manifest.update(versions=vers, prompts=PROMPTS, n_gen=N_GEN)
+        tmp = man_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=False))
+        os.replace(tmp, man_path)
 
 
 if __name__ == "__main__":

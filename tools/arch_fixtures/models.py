@@ -41,6 +41,9 @@ MODELS = {
     # Qwen 2 / 2.5: Q/K/V biases, rope base 1e6, tied embeddings (the small models)
     "qwen2": dict(
         config="Qwen2Config", tokenizer="smollm2", seed=3,
+        # transformers 5 loads a qwen2 folder's tokenizer as Qwen2Tokenizer whatever tokenizer_config says, and that
+        # class replaces the split regex with Qwen 2's: convert with transformers 4.x
+        convert_with="transformers4",
         kwargs=dict(**COMMON, **SMOL_IDS, max_position_embeddings=32768, tie_word_embeddings=True,
                     use_sliding_window=False, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
         ablations={"qkv_bias_ignored": {"zero": ["q_proj.bias", "k_proj.bias", "v_proj.bias"]}}),
