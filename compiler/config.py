@@ -186,14 +186,16 @@ def check_config(m: GGUFModel, c: ModelConfig):
     if blocks and len(blocks) != c.n_layer:
         raise bad(f"block_count = {c.n_layer} but the file has tensors for {len(blocks)} blocks")
     expect = expected_shapes(c)
-    for name, t in m.tensors.items():
+    for name, shape in expect.items():   # numpy order (rows, K), in layer order
+        t = m.tensors.get(name)
+        if t is not None and t.shape != shape:
+            raise bad(f"tensor {quote(name)} has shape {list(t.shape)} but the metadata implies {list(shape)}")
+    for name in m.tensors:
         if name not in expect:
             if name.startswith("blk.") and not (name.split(".")[1].isdigit() and int(name.split(".")[1]) < c.n_layer):
                 raise bad(f"block_count = {c.n_layer} but the file has tensor {quote(name)}")
             raise UnsupportedModelError(f"{m.path}: tensor {quote(name)} is not used by kiln's {c.arch} model "
                                         f"(not supported; ignoring it would compute a different model)")
-        if t.shape != expect[name]:
-            raise bad(f"tensor {quote(name)} has shape {list(t.shape)} but the metadata implies {list(expect[name])}")
     missing = [n for n in expect if n not in m.tensors]
     if missing:
         raise GGUFError(f"{m.path}: tensor {missing[0]} is missing"
