@@ -16,13 +16,18 @@ from dataclasses import dataclass, field
 
 from .config import ModelConfig
 from .errors import UnsupportedModelError
-from .kernels import Argmax, Attention, Embed, Kernel, Matmul, MatmulTokens, RMSNorm, RopeKV
+from .kernels import Argmax, Attention, Embed, Kernel, Matmul, MatmulTokens, MatvecCPU, RMSNorm, RopeKV
 
 PREFILL_TILE = 8     # tokens per matmul workgroup in prefill
 MAX_WORKGROUPS = 65535
 # mat-vec workgroup shape (output rows x lanes splitting K); measured on lavapipe, where 16x4 beat 8x8 / 32x2 / 64x1
 # for decode by 1.5-3x (see ARCHITECTURE.md, "tuning")
 MATMUL_SHAPE = dict(rows=16, lanes=4)
+# adapter classes with their own variant of a program, stored as programs["<name>@<class>"]; a runtime runs that one
+# when its adapter is of the class (runtime_py/device.py adapter_class, web/device.js adapterClass), else "<name>".
+# "cpu" (lavapipe, SwiftShader): the decode mat-vecs read x from a uniform binding (see matvec_cpu.wgsl.j2)
+ADAPTER_VARIANTS = {"cpu": ("decode",)}
+UNIFORM_X_MAX_K = 16384   # matvec_cpu binds x (K f32) as a uniform: K * 4 <= 64 KiB, WebGPU's default binding limit
 SCORE_BYTES = 16 << 20   # the score program's (score_chunk, vocab) f32 logits buffer stays under this
 
 
@@ -74,8 +79,8 @@ class Program:
 class Builder:
     """Emits one program for one phase. `tile` = tokens per matmul workgroup (1 for decode)."""
 
-    def __init__(self, cfg: ModelConfig, weights, tile: int, score: bool = False):
-        self.cfg, self.W, self.tile, self.score = cfg, weights, tile, score
+    def __init__(self, cfg: ModelConfig, weights, tile: int, score: bool = False, adapter: str = "gpu"):
+        self.cfg, self.W, self.tile, self.score, self.adapter = cfg, weights, tile, score, adapter
         self.p = Program()
 
     # -- helpers: one per kernel family ------------------------------------------------------------------------
@@ -87,6 +92,8 @@ class Builder:
         for i, (row0, rows) in enumerate(wr.parts):
             if tile > 1:   # prefill: one invocation per (row, token); 2x the k-split tile kernel on lavapipe
                 k = MatmulTokens(quant=wr.quant, tokens=tile, gate=gate, residual=residual)
+            elif self.adapter == "cpu" and wr.k <= UNIFORM_X_MAX_K:   # 3-5x Matmul on lavapipe (ARCHITECTURE.md)
+                k = MatvecCPU(quant=wr.quant, xk=wr.k, gate=gate, residual=residual)
             else:
                 k = Matmul(quant=wr.quant, tile=1, gate=gate, residual=residual, **MATMUL_SHAPE)
             if ur and ur.quant != wr.quant:
@@ -196,6 +203,11 @@ def activation_buffers(cfg: ModelConfig, score_tokens: int | None = None) -> dic
 
 def build_programs(cfg: ModelConfig, weights) -> dict[str, Program]:
     """weights: callable name -> WeightRef (records which tensors the schedule uses)."""
-    return {"prefill": Builder(cfg, weights, PREFILL_TILE).build(),
-            "decode": Builder(cfg, weights, 1).build(),
-            "score": Builder(cfg, weights, PREFILL_TILE, score=True).build()}
+    progs = {"prefill": Builder(cfg, weights, PREFILL_TILE).build(),
+             "decode": Builder(cfg, weights, 1).build(),
+             "score": Builder(cfg, weights, PREFILL_TILE, score=True).build()}
+    for cls, names in ADAPTER_VARIANTS.items():
+        for name in names:
+            tile = 1 if name == "decode" else PREFILL_TILE
+            progs[f"{name}@{cls}"] = Builder(cfg, weights, tile, score=name == "score", adapter=cls).build()
+    return progs

@@ -17,11 +17,15 @@ from compiler.errors import ArtifactError, ContextOverflowError
 from compiler.manifest import read_manifest
 from compiler.schedule import dispatch_size
 
-from .device import check_fits, get_device
+from .device import adapter_class, check_fits, get_device
 
 UNIFORM_ALIGN = 256          # minUniformBufferOffsetAlignment's default (and maximum)
+UNIFORM_BINDING_MAX = 65536  # maxUniformBufferBindingSize's default: an activation bound as "uniform" binds this much
 STATE_BYTES = 16             # struct State { n_tokens, pos0, pad, pad }
 DEFAULT_CTX = 2048
+
+
+BINDING_TYPES = {"read": "read-only-storage", "read_write": "storage", "uniform": "uniform"}   # kernel binding access
 
 
 def buffer_bytes(manifest: dict, ctx: int) -> dict[str, int]:
@@ -49,6 +53,10 @@ class Model:
         self.config = m["config"]
         self.device = device or get_device()
         check_fits(self.device, m, buffer_bytes(m, 16))
+        self.adapter_class = adapter_class(self.device.adapter.info)
+        # program variant per phase for this adapter class: programs["decode@cpu"] replaces "decode" on a CPU adapter
+        self.program_for = {p: f"{p}@{self.adapter_class}" if f"{p}@{self.adapter_class}" in m["programs"] else p
+                            for p in m["programs"] if "@" not in p}
         self.pipelines = {name: self._pipeline(name, k) for name, k in m["kernels"].items()}
         self.weights = self._upload_weights(progress)
         self.params_buf, self.param_offsets = self._params()
@@ -64,7 +72,7 @@ class Model:
                    {"binding": 1, "visibility": wgpu.ShaderStage.COMPUTE, "buffer": {"type": "uniform"}}]
         for i, (_, access) in enumerate(k["bindings"]):
             entries.append({"binding": i + 2, "visibility": wgpu.ShaderStage.COMPUTE,
-                            "buffer": {"type": "read-only-storage" if access == "read" else "storage"}})
+                            "buffer": {"type": BINDING_TYPES[access]}})
         layout = self.device.create_bind_group_layout(entries=entries, label=name)
         module = self.device.create_shader_module(code=code, label=name)
         pipeline = self.device.create_compute_pipeline(
@@ -131,7 +139,8 @@ class Session:
         self.chunk = m["limits"]["prefill_chunk"]
         sizes = buffer_bytes(m, self.ctx)
         check_fits(dev, m, sizes)
-        usage = wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_DST | wgpu.BufferUsage.COPY_SRC
+        usage = (wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.UNIFORM | wgpu.BufferUsage.COPY_DST
+                 | wgpu.BufferUsage.COPY_SRC)
         self.buffers = {n: dev.create_buffer(size=s, usage=usage, label=n) for n, s in sizes.items()}
         self.state = dev.create_buffer(size=STATE_BYTES, usage=wgpu.BufferUsage.UNIFORM | wgpu.BufferUsage.COPY_DST)
         self.programs = {p: self._bind(p, steps) for p, steps in m["programs"].items()}
@@ -144,9 +153,11 @@ class Session:
             entries = [{"binding": 0, "resource": {"buffer": self.state, "offset": 0, "size": STATE_BYTES}},
                        {"binding": 1, "resource": {"buffer": model.params_buf, "offset": model.param_offsets[(prog, i)],
                                                    "size": UNIFORM_ALIGN}}]
-            for j, ref in enumerate(s["bind"]):
+            bindings = model.manifest["kernels"][s["kernel"]]["bindings"]
+            for j, (ref, (_, access)) in enumerate(zip(s["bind"], bindings)):
                 buf = self.buffers.get(ref) or model.weights[ref]
-                entries.append({"binding": j + 2, "resource": {"buffer": buf, "offset": 0, "size": buf.size}})
+                size = min(buf.size, UNIFORM_BINDING_MAX) if access == "uniform" else buf.size
+                entries.append({"binding": j + 2, "resource": {"buffer": buf, "offset": 0, "size": size}})
             out.append((pipeline, model.device.create_bind_group(layout=layout, entries=entries), s["dispatch"]))
         return out
 
@@ -169,7 +180,7 @@ class Session:
         dev.queue.write_buffer(self.state, 0, np.array([T, self.pos, 0, 0], dtype=np.uint32).tobytes())
         enc = dev.create_command_encoder()
         cp = enc.begin_compute_pass()
-        for pipeline, bind_group, dispatch in self.programs[prog]:
+        for pipeline, bind_group, dispatch in self.programs[self.model.program_for[prog]]:
             cp.set_pipeline(pipeline)
             cp.set_bind_group(0, bind_group)
             cp.dispatch_workgroups(*(dispatch_size(d, T) for d in dispatch))
