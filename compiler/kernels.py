@@ -149,3 +149,18 @@ class MatvecCPU(Kernel):
     def rows(self) -> int:   # output rows per workgroup, for the dispatch arithmetic
         return self.wg
 
+
+
+@dataclass(frozen=True)
+class MatmulCPU(Kernel):
+    """Prefill mat-mat for CPU adapters: tokens are the lanes, each invocation owns `rows` output rows
+    (see matmul_cpu.wgsl.j2)."""
+    template: ClassVar[str] = "matmul_cpu"
+    params: ClassVar[tuple[Param, ...]] = Matmul.params
+    quant: str
+    tokens: int = 8     # tokens per workgroup (the SIMD lanes on CPU adapters)
+    rows: int = 8       # output rows per invocation (= per workgroup)
+    gate: str | None = None
+    residual: bool = False
+
+    bindings = Matmul.bindings

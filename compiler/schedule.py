@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from .config import ModelConfig
 from .errors import UnsupportedModelError
-from .kernels import Argmax, Attention, Embed, Kernel, Matmul, MatmulTokens, MatvecCPU, RMSNorm, RopeKV
+from .kernels import Argmax, Attention, Embed, Kernel, Matmul, MatmulCPU, MatmulTokens, MatvecCPU, RMSNorm, RopeKV
 
 PREFILL_TILE = 8     # tokens per matmul workgroup in prefill
 MAX_WORKGROUPS = 65535
@@ -25,8 +25,9 @@ MAX_WORKGROUPS = 65535
 MATMUL_SHAPE = dict(rows=16, lanes=4)
 # adapter classes with their own variant of a program, stored as programs["<name>@<class>"]; a runtime runs that one
 # when its adapter is of the class (runtime_py/device.py adapter_class, web/device.js adapterClass), else "<name>".
-# "cpu" (lavapipe, SwiftShader): the decode mat-vecs read x from a uniform binding (see matvec_cpu.wgsl.j2)
-ADAPTER_VARIANTS = {"cpu": ("decode",)}
+# "cpu" (lavapipe, SwiftShader): the decode mat-vecs read x from a uniform binding (matvec_cpu.wgsl.j2), the prefill
+# and score mat-mats reuse each x group for 8 rows per invocation (matmul_cpu.wgsl.j2)
+ADAPTER_VARIANTS = {"cpu": ("prefill", "decode", "score")}
 UNIFORM_X_MAX_K = 16384   # matvec_cpu binds x (K f32) as a uniform: K * 4 <= 64 KiB, WebGPU's default binding limit
 SCORE_BYTES = 16 << 20   # the score program's (score_chunk, vocab) f32 logits buffer stays under this
 
@@ -89,8 +90,12 @@ class Builder:
         wr = self.W(w)
         ur = self.W(up) if up else None
         tile = 1 if last_only else self.tile
+        cpu_mm = self.adapter == "cpu" and self.tile > 1   # prefill / score on a CPU adapter, LM head included
         for i, (row0, rows) in enumerate(wr.parts):
-            if tile > 1:   # prefill: one invocation per (row, token); 2x the k-split tile kernel on lavapipe
+            if cpu_mm:   # 3-5x matmul_tt on lavapipe (ARCHITECTURE.md)
+                k = MatmulCPU(quant=wr.quant, gate=gate, residual=residual)
+                tile = 1 if last_only else k.tokens
+            elif tile > 1:   # prefill: one invocation per (row, token); 2x the k-split tile kernel on lavapipe
                 k = MatmulTokens(quant=wr.quant, tokens=tile, gate=gate, residual=residual)
             elif self.adapter == "cpu" and wr.k <= UNIFORM_X_MAX_K:   # 3-5x Matmul on lavapipe (ARCHITECTURE.md)
                 k = MatvecCPU(quant=wr.quant, xk=wr.k, gate=gate, residual=residual)
@@ -208,6 +213,6 @@ def build_programs(cfg: ModelConfig, weights) -> dict[str, Program]:
              "score": Builder(cfg, weights, PREFILL_TILE, score=True).build()}
     for cls, names in ADAPTER_VARIANTS.items():
         for name in names:
-            tile = 1 if name == "decode" else PREFILL_TILE
-            progs[f"{name}@{cls}"] = Builder(cfg, weights, tile, score=name == "score", adapter=cls).build()
+            progs[f"{name}@{cls}"] = Builder(cfg, weights, 1 if name == "decode" else PREFILL_TILE,
+                                             score=name == "score", adapter=cls).build()
     return progs

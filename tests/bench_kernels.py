@@ -123,8 +123,14 @@ def variants(quant, T, gate, k):
                     lambda r, k: [-(-r // k.rows), 1, 1]))
     else:
         out.append(("matmul_tt 8x8", K.MatmulTokens(quant=quant, gate=gate), lambda r, k: [-(-r // k.rows), "T/8", 1]))
-    for v in getattr(K, "BENCH_VARIANTS", lambda *a: [])(quant, T, gate, k):
-        out.append(v)
+    if T == 1:
+        for wg in (32, 64):
+            out.append((f"matvec_cpu wg{wg}", K.MatvecCPU(quant=quant, xk=k, wg=wg, gate=gate),
+                        lambda r, kk: [-(-r // kk.wg), 1, 1]))
+    else:
+        for rows in (4, 8, 16):
+            out.append((f"matmul_cpu 8tok x {rows}rows", K.MatmulCPU(quant=quant, rows=rows, gate=gate),
+                        lambda r, kk: [-(-r // kk.rows), "T/8", 1]))
     return out
 
 

@@ -6,12 +6,15 @@
 //
 // Nothing here knows the architecture: the manifest's programs say which kernel runs on which buffers.
 
-import {bufferBytes, ContextOverflowError, DeviceLostError, getAdapter, getDevice, adapterName} from "./device.js";
+import {bufferBytes, ContextOverflowError, DeviceLostError, getAdapter, getDevice, adapterClass, adapterName}
+  from "./device.js";
 import {fetchManifest, loadShards} from "./loader.js";
 import {Sampler, topLogprobs} from "./sampler.js";
 
 export const UNIFORM_ALIGN = 256;   // minUniformBufferOffsetAlignment's default (and maximum)
 export const STATE_BYTES = 16;      // struct State { n_tokens, pos0, pad, pad }
+export const UNIFORM_BINDING_MAX = 65536;   // maxUniformBufferBindingSize's default: an activation bound as "uniform"
+const BINDING_TYPES = {read: "read-only-storage", read_write: "storage", uniform: "uniform"};   // kernel binding access
 export const DEFAULT_CTX = 2048;
 
 /** Reference evaluation of a dispatch entry: compiler/schedule.py `dispatch_size`. */
@@ -44,7 +47,7 @@ export class Model {
     const manifest = await fetchManifest(baseUrl);
     const adapter = await getAdapter();
     const device = await getDevice(adapter, manifest, bufferBytes(manifest, sessionCtx(manifest, ctx)));
-    const model = new Model(baseUrl, manifest, device, adapterName(adapter));
+    const model = new Model(baseUrl, manifest, device, adapterName(adapter), adapterClass(adapter));
     device.lost.then((info) => {
       if (model.disposed) return;
       model.lost = `the GPU device was lost (${info.reason || "unknown"}${info.message ? `: ${info.message}` : ""}). ` +
@@ -66,8 +69,11 @@ export class Model {
     return model;
   }
 
-  constructor(baseUrl, manifest, device, adapter) {
-    Object.assign(this, {baseUrl, manifest, device, adapter, config: manifest.config});
+  constructor(baseUrl, manifest, device, adapter, adapterCls = "gpu") {
+    Object.assign(this, {baseUrl, manifest, device, adapter, adapterClass: adapterCls, config: manifest.config});
+    // program variant per phase for this adapter class: programs["decode@cpu"] replaces "decode" on a CPU adapter
+    this.programFor = Object.fromEntries(Object.keys(manifest.programs).filter((p) => !p.includes("@")).map(
+      (p) => [p, `${p}@${adapterCls}` in manifest.programs ? `${p}@${adapterCls}` : p]));
     this.weights = new Map();   // "tensor#part" -> GPUBuffer
     this.disposed = false;
     this.lost = null;
@@ -96,7 +102,7 @@ export class Model {
     const entries = [{binding: 0, visibility: GPUShaderStage.COMPUTE, buffer: {type: "uniform"}},
                      {binding: 1, visibility: GPUShaderStage.COMPUTE, buffer: {type: "uniform"}}];
     k.bindings.forEach(([, access], i) => entries.push({binding: i + 2, visibility: GPUShaderStage.COMPUTE,
-      buffer: {type: access === "read" ? "read-only-storage" : "storage"}}));
+      buffer: {type: BINDING_TYPES[access]}}));
     const layout = dev.createBindGroupLayout({entries, label: name});
     const module = dev.createShaderModule({code, label: name});
     try {
@@ -156,7 +162,7 @@ export class Session {
     if (ctx !== null && ctx < 1) throw new ContextOverflowError(`context length must be at least 1 token (got ${ctx})`);
     this.ctx = sessionCtx(m, ctx);
     this.chunk = m.limits.prefill_chunk;
-    const usage = GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_DST | GPUBufferUsage.COPY_SRC;
+    const usage = GPUBufferUsage.STORAGE | GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST | GPUBufferUsage.COPY_SRC;
     this.buffers = new Map(Object.entries(bufferBytes(m, this.ctx)).map(
       ([name, size]) => [name, dev.createBuffer({size, usage, label: name})]));
     this.state = dev.createBuffer({size: STATE_BYTES, usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST});
@@ -176,10 +182,12 @@ export class Session {
         {binding: 0, resource: {buffer: this.state, offset: 0, size: STATE_BYTES}},
         {binding: 1, resource: {buffer: model.paramsBuf, offset: model.paramOffsets.get(`${prog}/${i}`),
                                 size: UNIFORM_ALIGN}}];
+      const bindings = model.manifest.kernels[s.kernel].bindings;
       s.bind.forEach((ref, j) => {
         const buffer = this.buffers.get(ref) || model.weights.get(ref);
         if (!buffer) throw new Error(`step ${prog}[${i}] binds unknown buffer ${ref}`);
-        entries.push({binding: j + 2, resource: {buffer, offset: 0, size: buffer.size}});
+        const size = bindings[j][1] === "uniform" ? Math.min(buffer.size, UNIFORM_BINDING_MAX) : buffer.size;
+        entries.push({binding: j + 2, resource: {buffer, offset: 0, size}});
       });
       return [pipeline, model.device.createBindGroup({layout, entries, label: `${prog}[${i}]`}), s.dispatch];
     });
@@ -203,7 +211,7 @@ export class Session {
       dev.queue.writeBuffer(this.state, 0, new Uint32Array([T, this.pos, 0, 0]));
       const enc = dev.createCommandEncoder();
       const cp = enc.beginComputePass();
-      for (const [pipeline, bindGroup, dispatch] of this.programs[prog]) {
+      for (const [pipeline, bindGroup, dispatch] of this.programs[this.model.programFor[prog]]) {
         cp.setPipeline(pipeline);
         cp.setBindGroup(0, bindGroup);
         cp.dispatchWorkgroups(...dispatch.map((d) => dispatchSize(d, T)));

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from gguf.quants import dequantize, quantize
 
-from compiler.kernels import Argmax, Attention, Embed, Matmul, MatmulTokens, MatvecCPU, RMSNorm, RopeKV
+from compiler.kernels import Argmax, Attention, Embed, Matmul, MatmulCPU, MatmulTokens, MatvecCPU, RMSNorm, RopeKV
 from compiler.quant import QuantScheme
 from runtime_py.device import NoAdapterError, get_device
 
@@ -107,7 +107,10 @@ ACT = {"silu": lambda g: g * np.exp(-np.logaddexp(0.0, -g)),   # g * sigmoid(g),
 
 def matmul_kernel(tile, quant, gate=None, residual=False, K=None):
     """tile 1 / 8: the k-split Matmul (decode, LM head); "tt": MatmulTokens, what prefill runs (8 tokens per group);
-    "cpu" / "cpu8": MatvecCPU (decode on CPU adapters, T = 1) with 64 / 8 rows per workgroup."""
+    "cpu" / "cpu8": MatvecCPU (decode on CPU adapters, T = 1) with 64 / 8 rows per workgroup; "mm" / "mm16": MatmulCPU
+    (prefill on CPU adapters: 8 tokens per workgroup, 8 / 16 rows per invocation)."""
+    if tile in ("mm", "mm16"):
+        return MatmulCPU(quant=quant, rows=16 if tile == "mm16" else 8, gate=gate, residual=residual), 8
     if tile in ("cpu", "cpu8"):
         return MatvecCPU(quant=quant, xk=K, wg=8 if tile == "cpu8" else 64, gate=gate, residual=residual), 1
     if tile == "tt":
@@ -145,19 +148,19 @@ def check_matmul(quant, tile, T, rows, K, rng, *, gate=None, residual=False, n_o
 
 
 @pytest.mark.parametrize("T,rows,K", [(1, 1, 32), (3, 7, 96), (13, 37, 576)])
-@pytest.mark.parametrize("tile", [1, 8, "tt"])
+@pytest.mark.parametrize("tile", [1, 8, "tt", "mm", "mm16"])
 @pytest.mark.parametrize("quant", SCHEMES)
 def test_matmul(quant, tile, T, rows, K, rng):
     check_matmul(quant, tile, T, rows, K, rng)
 
 
-@pytest.mark.parametrize("tile", [1, 8, "tt"])
+@pytest.mark.parametrize("tile", [1, 8, "tt", "mm", "mm16"])
 @pytest.mark.parametrize("quant", SCHEMES)
 def test_matmul_residual(quant, tile, rng):
     check_matmul(quant, tile, 13, 37, 96, rng, residual=True)
 
 
-@pytest.mark.parametrize("tile", [1, 8, "tt"])
+@pytest.mark.parametrize("tile", [1, 8, "tt", "mm", "mm16"])
 @pytest.mark.parametrize("gate", ["silu", "gelu_tanh"])
 @pytest.mark.parametrize("quant", SCHEMES)
 def test_matmul_gate(quant, gate, tile, rng):
@@ -167,16 +170,17 @@ def test_matmul_gate(quant, gate, tile, rng):
 def test_matmul_gate_residual(rng):
     check_matmul("q4_1", 8, 3, 7, 96, rng, gate="silu", residual=True)
     check_matmul("q4_1", "tt", 3, 7, 96, rng, gate="silu", residual=True)
+    check_matmul("q4_1", "mm", 3, 7, 96, rng, gate="silu", residual=True)
 
 
-@pytest.mark.parametrize("tile", [1, 8, "tt"])
+@pytest.mark.parametrize("tile", [1, 8, "tt", "mm", "mm16"])
 @pytest.mark.parametrize("quant", ["f32", "q8_0", "q5_0"])
 def test_matmul_offset_stride(quant, tile, rng):
     # one tensor's output columns inside a wider row, as q/k/v write into the fused qkv buffer
     check_matmul(quant, tile, 3, 37, 96, rng, n_offset=5, n_stride=50)
 
 
-@pytest.mark.parametrize("tile", [1, 8, "tt"])
+@pytest.mark.parametrize("tile", [1, 8, "tt", "mm", "mm16"])
 def test_matmul_split_parts(tile, rng):
     # a tensor split by rows runs once per part with n_offset = row0; together they make the whole product
     scheme, T, rows, K = QuantScheme.registry["q4_0"], 5, 37, 96
@@ -190,14 +194,14 @@ def test_matmul_split_parts(tile, rng):
     assert_close(y, x.astype(f64) @ w.T, what=k.name)
 
 
-@pytest.mark.parametrize("tile", [1, 8])
+@pytest.mark.parametrize("tile", [1, 8, "mm"])
 @pytest.mark.parametrize("quant", ["f16", "q8_0", "q4_1"])
 @pytest.mark.parametrize("T", [1, 13])
 def test_matmul_last_only(quant, tile, T, rng):
     check_matmul(quant, tile, T, 37, 96, rng, last_only=1)
 
 
-@pytest.mark.parametrize("tile", [1, 8, "tt"])
+@pytest.mark.parametrize("tile", [1, 8, "tt", "mm", "mm16"])
 def test_matmul_real_q4_1_blocks(tile, rng, smollm2):
     t = smollm2.tensor("blk.0.ffn_gate.weight")
     assert t.ggml_type.name == "Q4_1"
