@@ -90,14 +90,16 @@ class Builder:
         wr = self.W(w)
         ur = self.W(up) if up else None
         tile = 1 if last_only else self.tile
-        cpu_mm = self.adapter == "cpu" and self.tile > 1   # prefill / score on a CPU adapter, LM head included
+        # prefill / score on a CPU adapter; not the last-token LM head: with one token in all 8 lanes matmul_cpu does
+        # 8x the loads of a mat-vec (9.2 s vs 0.93 s on lavapipe, busy), so that step keeps the k-split Matmul
+        cpu_mm = self.adapter == "cpu" and self.tile > 1 and not last_only
         for i, (row0, rows) in enumerate(wr.parts):
-            if cpu_mm:   # 3-5x matmul_tt on lavapipe (ARCHITECTURE.md)
+            if cpu_mm:   # 3-4x matmul_tt per dispatch on lavapipe (ARCHITECTURE.md)
                 k = MatmulCPU(quant=wr.quant, gate=gate, residual=residual)
-                tile = 1 if last_only else k.tokens
             elif tile > 1:   # prefill: one invocation per (row, token); 2x the k-split tile kernel on lavapipe
                 k = MatmulTokens(quant=wr.quant, tokens=tile, gate=gate, residual=residual)
-            elif self.adapter == "cpu" and wr.k <= UNIFORM_X_MAX_K:   # 3-5x Matmul on lavapipe (ARCHITECTURE.md)
+            elif self.adapter == "cpu" and self.tile == 1 and wr.k <= UNIFORM_X_MAX_K:   # decode (x row 0 = token 0):
+                # 3-5x Matmul on lavapipe (ARCHITECTURE.md)
                 k = MatvecCPU(quant=wr.quant, xk=wr.k, gate=gate, residual=residual)
             else:
                 k = Matmul(quant=wr.quant, tile=1, gate=gate, residual=residual, **MATMUL_SHAPE)
