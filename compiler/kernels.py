@@ -136,3 +136,40 @@ class Argmax(Kernel):
 
     def bindings(self):
         return [("logits", "read"), ("token", "read_write")]
+
+
+
+@dataclass(frozen=True)
+class MatvecCPU(Kernel):
+    """Decode mat-vec for CPU adapters: one invocation per row, x from a uniform binding (see matvec_cpu.wgsl.j2)."""
+    template: ClassVar[str] = "matvec_cpu"
+    params: ClassVar[tuple[Param, ...]] = Matmul.params
+    quant: str
+    xk: int             # K, compile-time: the uniform x binding is a fixed-size array (K * 4 <= 64 KiB)
+    wg: int = 64        # output rows per workgroup (the SIMD lanes on CPU adapters)
+    gate: str | None = None
+    residual: bool = False
+
+    def bindings(self):
+        w = [("w", "read")] + ([("w_up", "read")] if self.gate else [])
+        return [("x", "uniform"), *w, ("y", "read_write")]
+
+    @property
+    def rows(self) -> int:   # output rows per workgroup, for the dispatch arithmetic
+        return self.wg
+
+
+
+@dataclass(frozen=True)
+class MatmulCPU(Kernel):
+    """Prefill mat-mat for CPU adapters: tokens are the lanes, each invocation owns `rows` output rows
+    (see matmul_cpu.wgsl.j2)."""
+    template: ClassVar[str] = "matmul_cpu"
+    params: ClassVar[tuple[Param, ...]] = Matmul.params
+    quant: str
+    tokens: int = 8     # tokens per workgroup (the SIMD lanes on CPU adapters)
+    rows: int = 8       # output rows per invocation (= per workgroup)
+    gate: str | None = None
+    residual: bool = False
+
+    bindings = Matmul.bindings

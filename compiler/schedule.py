@@ -15,12 +15,18 @@ from __future__ import annotations
 from .config import ModelConfig
 from .errors import UnsupportedModelError
 from .ir import Program, dispatch_size  # noqa: F401  (dispatch_size: runtimes import it from here)
-from .kernels import Argmax, Attention, Embed, Matmul, MatmulTokens, RMSNorm, RopeKV
+from .kernels import Argmax, Attention, Embed, Matmul, MatmulCPU, MatmulTokens, MatvecCPU, RMSNorm, RopeKV
 
 PREFILL_TILE = 8     # tokens per matmul workgroup in prefill
 # mat-vec workgroup shape (output rows x lanes splitting K); measured on lavapipe, where 16x4 beat 8x8 / 32x2 / 64x1
 # for decode by 1.5-3x (see ARCHITECTURE.md, "tuning")
 MATMUL_SHAPE = dict(rows=16, lanes=4)
+# adapter classes with their own variant of a program, stored as programs["<name>@<class>"]; a runtime runs that one
+# when its adapter is of the class (runtime_py/device.py adapter_class, web/device.js adapterClass), else "<name>".
+# "cpu" (lavapipe, SwiftShader): the decode mat-vecs read x from a uniform binding (matvec_cpu.wgsl.j2), the prefill
+# and score mat-mats reuse each x group for 8 rows per invocation (matmul_cpu.wgsl.j2)
+ADAPTER_VARIANTS = {"cpu": ("prefill", "decode", "score")}
+UNIFORM_X_MAX_K = 16384   # matvec_cpu binds x (K f32) as a uniform: K * 4 <= 64 KiB, WebGPU's default binding limit
 SCORE_BYTES = 16 << 20   # the score program's (score_chunk, vocab) f32 logits buffer stays under this
 
 
@@ -34,8 +40,8 @@ class Builder:
     """Emits one program for one phase. `tile` = tokens per matmul workgroup (1 for decode).
     weights: the plan, a callable name -> WeightRef (compiler/plan.py)."""
 
-    def __init__(self, cfg: ModelConfig, weights, tile: int, score: bool = False):
-        self.cfg, self.W, self.tile, self.score = cfg, weights, tile, score
+    def __init__(self, cfg: ModelConfig, weights, tile: int, score: bool = False, adapter: str = "gpu"):
+        self.cfg, self.W, self.tile, self.score, self.adapter = cfg, weights, tile, score, adapter
         self.p = Program()
 
     # -- helpers: one per kernel family ------------------------------------------------------------------------
@@ -44,16 +50,24 @@ class Builder:
         wr = self.W(w)
         ur = self.W(up) if up else None
         tile = 1 if last_only else self.tile
+        # prefill / score on a CPU adapter; not the last-token LM head: with one token in all 8 lanes matmul_cpu does
+        # 8x the loads of a mat-vec (9.2 s vs 0.93 s on lavapipe, busy), so that step keeps the k-split Matmul
+        cpu_mm = self.adapter == "cpu" and self.tile > 1 and not last_only
         for i, (row0, rows) in enumerate(wr.parts):
-            if tile > 1:   # prefill: one invocation per (row, token); 2x the k-split tile kernel on lavapipe
+            if cpu_mm:   # 3-4x matmul_tt per dispatch on lavapipe (ARCHITECTURE.md)
+                k = MatmulCPU(quant=wr.quant, gate=gate, residual=residual)
+            elif tile > 1:   # prefill: one invocation per (row, token); 2x the k-split tile kernel on lavapipe
                 k = MatmulTokens(quant=wr.quant, tokens=tile, gate=gate, residual=residual)
+            elif self.adapter == "cpu" and self.tile == 1 and wr.k <= UNIFORM_X_MAX_K:   # decode (x row 0 = token 0):
+                # 3-5x Matmul on lavapipe (ARCHITECTURE.md)
+                k = MatvecCPU(quant=wr.quant, xk=wr.k, gate=gate, residual=residual)
             else:
                 k = Matmul(quant=wr.quant, gate=gate, residual=residual, **MATMUL_SHAPE)
             if ur and ur.quant != wr.quant:
                 raise UnsupportedModelError(f"{w} and {up} have different types ({wr.quant}, {ur.quant})")
             bind = [x, wr.ref(i)] + ([ur.ref(i)] if ur else []) + [y]
             params = dict(k=wr.k, rows=rows, n_offset=n_offset + row0, n_stride=n_stride or wr.rows)
-            if isinstance(k, Matmul):
+            if "last_only" in dict(k.params):   # Matmul and the CPU-adapter kernels; MatmulTokens has none
                 params["last_only"] = int(last_only)
             self.p.add(k, bind, params, [-(-rows // k.rows), 1 if last_only else f"T/{tile}", 1])
 
@@ -163,17 +177,24 @@ def activation_buffers(cfg: ModelConfig, score_tokens: int | None = None) -> dic
 
 
 def buffer_programs(programs: dict[str, Program]) -> dict[str, list[str]]:
-    """{activation buffer: [programs that bind it]}, in program order."""
+    """{activation buffer: [programs that bind it]}, in program order. An adapter variant (`decode@cpu`) counts as its
+    program (`decode`): it binds the same buffers, and a session runs one or the other."""
     out: dict[str, list[str]] = {}
     for name, prog in programs.items():
+        base = name.split("@")[0]
         for ref in dict.fromkeys(r for s in prog.steps for r in s.bind if "#" not in r):
-            out.setdefault(ref, []).append(name)
+            if base not in out.setdefault(ref, []):
+                out[ref].append(base)
     return out
 
 
 def build_programs(cfg: ModelConfig, weights) -> dict[str, Program]:
-    """weights: the plan, callable name -> WeightRef."""
-    # keys: PROGRAMS
-    return {"prefill": Builder(cfg, weights, PREFILL_TILE).build(),
-            "decode": Builder(cfg, weights, 1).build(),
-            "score": Builder(cfg, weights, PREFILL_TILE, score=True).build()}
+    """weights: the plan, callable name -> WeightRef. Keys: PROGRAMS, then each `<name>@<adapter class>` variant."""
+    progs = {"prefill": Builder(cfg, weights, PREFILL_TILE).build(),
+             "decode": Builder(cfg, weights, 1).build(),
+             "score": Builder(cfg, weights, PREFILL_TILE, score=True).build()}
+    for cls, names in ADAPTER_VARIANTS.items():
+        for name in names:
+            progs[f"{name}@{cls}"] = Builder(cfg, weights, 1 if name == "decode" else PREFILL_TILE,
+                                             score=name == "score", adapter=cls).build()
+    return progs

@@ -50,6 +50,21 @@ def get_adapter():
     return adapter
 
 
+CPU_ADAPTERS = ("llvmpipe", "lavapipe", "swiftshader")   # software Vulkan: invocations run as SIMD lanes of a CPU
+
+
+def adapter_class(info) -> str:
+    """"cpu" for a CPU Vulkan (lavapipe, SwiftShader), else "gpu": which program variants the artifact runs
+    (compiler/schedule.py ADAPTER_VARIANTS). Mirrors web/device.js adapterClass; KILN_ADAPTER_CLASS overrides."""
+    forced = os.environ.get("KILN_ADAPTER_CLASS")
+    if forced:
+        return forced
+    text = " ".join(str(info.get(k, "")) for k in ("vendor", "architecture", "device", "description")).lower()
+    if str(info.get("adapter_type", "")).lower() == "cpu" or any(n in text for n in CPU_ADAPTERS):
+        return "cpu"
+    return "gpu"
+
+
 def get_device():
     """One device per process, with the adapter's full storage limits (the artifact is checked against them)."""
     global _device

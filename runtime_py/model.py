@@ -17,11 +17,15 @@ from compiler.errors import ArtifactError, ContextOverflowError
 from compiler.manifest import check_file, read_manifest
 from compiler.schedule import GENERATE, dispatch_size
 
-from .device import check_fits, get_device
+from .device import adapter_class, check_fits, get_device
 
 UNIFORM_ALIGN = 256          # minUniformBufferOffsetAlignment's default (and maximum)
+UNIFORM_BINDING_MAX = 65536  # maxUniformBufferBindingSize's default: an activation bound as "uniform" binds this much
 STATE_BYTES = 16             # struct State { n_tokens, pos0, pad, pad }
 DEFAULT_CTX = 2048
+
+
+BINDING_TYPES = {"read": "read-only-storage", "read_write": "storage", "uniform": "uniform"}   # kernel binding access
 
 
 def session_buffer_bytes(manifest: dict, ctx: int, programs=GENERATE) -> dict[str, int]:
@@ -58,6 +62,10 @@ class Model:
         check_file(self.dir, tok["file"], tok["sha256"], "tokenizer")
         self.device = device or get_device()
         check_fits(self.device, m, buffer_bytes(m, 16))
+        self.adapter_class = adapter_class(self.device.adapter.info)
+        # program variant per phase for this adapter class: programs["decode@cpu"] replaces "decode" on a CPU adapter
+        self.program_for = {p: f"{p}@{self.adapter_class}" if f"{p}@{self.adapter_class}" in m["programs"] else p
+                            for p in m["programs"] if "@" not in p}
         self.pipelines = {name: self._pipeline(name, k) for name, k in m["kernels"].items()}
         self.weights = self._upload_weights(progress)
         self.params_buf, self.param_offsets = self._params()
@@ -69,7 +77,7 @@ class Model:
                    {"binding": 1, "visibility": wgpu.ShaderStage.COMPUTE, "buffer": {"type": "uniform"}}]
         for i, (_, access) in enumerate(k["bindings"]):
             entries.append({"binding": i + 2, "visibility": wgpu.ShaderStage.COMPUTE,
-                            "buffer": {"type": "read-only-storage" if access == "read" else "storage"}})
+                            "buffer": {"type": BINDING_TYPES[access]}})
         layout = self.device.create_bind_group_layout(entries=entries, label=name)
         module = self.device.create_shader_module(code=code, label=name)
         pipeline = self.device.create_compute_pipeline(
@@ -148,11 +156,14 @@ class Session:
             if prog not in m["programs"]:
                 raise ArtifactError(f"this artifact has no `{prog}` program (compiled by an older kiln); "
                                     "recompile the model")
-            usage = wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_DST | wgpu.BufferUsage.COPY_SRC
+            # UNIFORM too: matvec_cpu reads its x row through a uniform binding (runtime_py/device.py adapter_class)
+            usage = (wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.UNIFORM | wgpu.BufferUsage.COPY_DST
+                     | wgpu.BufferUsage.COPY_SRC)
             for n, size in session_buffer_bytes(m, self.ctx, (prog,)).items():
                 if n not in self.buffers:
                     self.buffers[n] = dev.create_buffer(size=size, usage=usage, label=n)
-            self.programs[prog] = self._bind(prog, m["programs"][prog])
+            variant = self.model.program_for[prog]   # e.g. decode@cpu on a CPU adapter
+            self.programs[prog] = self._bind(variant, m["programs"][variant])
         return self.programs[prog]
 
     def _bind(self, prog: str, steps: list[dict]):
@@ -162,9 +173,11 @@ class Session:
             entries = [{"binding": 0, "resource": {"buffer": self.state, "offset": 0, "size": STATE_BYTES}},
                        {"binding": 1, "resource": {"buffer": model.params_buf, "offset": model.param_offsets[(prog, i)],
                                                    "size": UNIFORM_ALIGN}}]
-            for j, ref in enumerate(s["bind"]):
+            bindings = model.manifest["kernels"][s["kernel"]]["bindings"]
+            for j, (ref, (_, access)) in enumerate(zip(s["bind"], bindings)):
                 buf = self.buffers.get(ref) or model.weights[ref]
-                entries.append({"binding": j + 2, "resource": {"buffer": buf, "offset": 0, "size": buf.size}})
+                size = min(buf.size, UNIFORM_BINDING_MAX) if access == "uniform" else buf.size
+                entries.append({"binding": j + 2, "resource": {"buffer": buf, "offset": 0, "size": size}})
             out.append((pipeline, model.device.create_bind_group(layout=layout, entries=entries), s["dispatch"]))
         return out
 

@@ -52,6 +52,16 @@ export async function getAdapter() {
   return adapter;
 }
 
+const CPU_ADAPTERS = ["llvmpipe", "lavapipe", "swiftshader"];   // software Vulkan: invocations run as SIMD lanes
+
+/** "cpu" for a CPU Vulkan (SwiftShader, lavapipe), else "gpu": which program variants the artifact runs
+ * (compiler/schedule.py ADAPTER_VARIANTS). Mirrors runtime_py/device.py adapter_class. */
+export function adapterClass(adapter) {
+  const text = adapterName(adapter).toLowerCase();
+  return adapter.isFallbackAdapter || adapter.info?.isFallbackAdapter || CPU_ADAPTERS.some((n) => text.includes(n))
+    ? "cpu" : "gpu";
+}
+
 export function adapterName(adapter) {
   const i = adapter.info || {};
   return [i.vendor, i.architecture, i.device, i.description].filter(Boolean).join(" ") || "unknown adapter";

@@ -6,11 +6,14 @@
 //
 // Nothing here knows the architecture: the manifest's programs say which kernel runs on which buffers.
 
-import {bufferBytes, ContextOverflowError, DeviceLostError, getAdapter, getDevice, adapterName} from "./device.js";
+import {ArtifactError, bufferBytes, ContextOverflowError, DeviceLostError, getAdapter, getDevice, adapterClass, adapterName}
+  from "./device.js";
 import {fetchManifest, fetchVerified, loadShards} from "./loader.js";
 
 export const UNIFORM_ALIGN = 256;   // minUniformBufferOffsetAlignment's default (and maximum)
 export const STATE_BYTES = 16;      // struct State { n_tokens, pos0, pad, pad }
+export const UNIFORM_BINDING_MAX = 65536;   // maxUniformBufferBindingSize's default: an activation bound as "uniform"
+const BINDING_TYPES = {read: "read-only-storage", read_write: "storage", uniform: "uniform"};   // kernel binding access
 export const DEFAULT_CTX = 2048;
 
 /** Reference evaluation of a dispatch entry: compiler/schedule.py `dispatch_size`. */
@@ -54,7 +57,7 @@ export class Model {
     const manifest = await fetchManifest(baseUrl);
     const adapter = await getAdapter();
     const device = await getDevice(adapter, manifest, bufferBytes(manifest, sessionCtx(manifest, ctx)));
-    const model = new Model(baseUrl, manifest, device, adapterName(adapter));
+    const model = new Model(baseUrl, manifest, device, adapterName(adapter), adapterClass(adapter));
     device.lost.then((info) => {
       if (model.disposed) return;
       model.lost = `the GPU device was lost (${info.reason || "unknown"}${info.message ? `: ${info.message}` : ""}). ` +
@@ -76,8 +79,11 @@ export class Model {
     return model;
   }
 
-  constructor(baseUrl, manifest, device, adapter) {
-    Object.assign(this, {baseUrl, manifest, device, adapter, config: manifest.config});
+  constructor(baseUrl, manifest, device, adapter, adapterCls = "gpu") {
+    Object.assign(this, {baseUrl, manifest, device, adapter, adapterClass: adapterCls, config: manifest.config});
+    // program variant per phase for this adapter class: programs["decode@cpu"] replaces "decode" on a CPU adapter
+    this.programFor = Object.fromEntries(Object.keys(manifest.programs).filter((p) => !p.includes("@")).map(
+      (p) => [p, `${p}@${adapterCls}` in manifest.programs ? `${p}@${adapterCls}` : p]));
     this.weights = new Map();   // "tensor#part" -> GPUBuffer
     this.disposed = false;
     this.lost = null;
@@ -103,7 +109,7 @@ export class Model {
     const entries = [{binding: 0, visibility: GPUShaderStage.COMPUTE, buffer: {type: "uniform"}},
                      {binding: 1, visibility: GPUShaderStage.COMPUTE, buffer: {type: "uniform"}}];
     k.bindings.forEach(([, access], i) => entries.push({binding: i + 2, visibility: GPUShaderStage.COMPUTE,
-      buffer: {type: access === "read" ? "read-only-storage" : "storage"}}));
+      buffer: {type: BINDING_TYPES[access]}}));
     const layout = dev.createBindGroupLayout({entries, label: name});
     const module = dev.createShaderModule({code, label: name});
     try {
@@ -178,11 +184,16 @@ export class Session {
   _program(prog) {
     if (!this.programs[prog]) {
       const m = this.model.manifest, dev = this.model.device;
-      const usage = GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_DST | GPUBufferUsage.COPY_SRC;
+      if (!(prog in m.programs)) {
+        throw new ArtifactError(`this artifact has no \`${prog}\` program (compiled by an older kiln); recompile the model`);
+      }
+      // UNIFORM too: matvec_cpu reads its x row through a uniform binding (device.js adapterClass)
+      const usage = GPUBufferUsage.STORAGE | GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST | GPUBufferUsage.COPY_SRC;
       for (const [name, size] of Object.entries(sessionBufferBytes(m, this.ctx, [prog]))) {
         if (!this.buffers.has(name)) this.buffers.set(name, dev.createBuffer({size, usage, label: name}));
       }
-      this.programs[prog] = this._bind(prog, m.programs[prog]);
+      const variant = this.model.programFor[prog];   // e.g. decode@cpu on a CPU adapter
+      this.programs[prog] = this._bind(variant, m.programs[variant]);
     }
     return this.programs[prog];
   }
@@ -195,10 +206,12 @@ export class Session {
         {binding: 0, resource: {buffer: this.state, offset: 0, size: STATE_BYTES}},
         {binding: 1, resource: {buffer: model.paramsBuf, offset: model.paramOffsets.get(`${prog}/${i}`),
                                 size: UNIFORM_ALIGN}}];
+      const bindings = model.manifest.kernels[s.kernel].bindings;
       s.bind.forEach((ref, j) => {
         const buffer = this.buffers.get(ref) || model.weights.get(ref);
         if (!buffer) throw new Error(`step ${prog}[${i}] binds unknown buffer ${ref}`);
-        entries.push({binding: j + 2, resource: {buffer, offset: 0, size: buffer.size}});
+        const size = bindings[j][1] === "uniform" ? Math.min(buffer.size, UNIFORM_BINDING_MAX) : buffer.size;
+        entries.push({binding: j + 2, resource: {buffer, offset: 0, size}});
       });
       return [pipeline, model.device.createBindGroup({layout, entries, label: `${prog}[${i}]`}), s.dispatch];
     });

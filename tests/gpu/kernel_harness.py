@@ -15,7 +15,7 @@ from compiler.kernels import Kernel
 from compiler.render import render
 from compiler.schedule import dispatch_size
 from runtime_py.device import get_device
-from runtime_py.model import STATE_BYTES, UNIFORM_ALIGN, pack_params
+from runtime_py.model import BINDING_TYPES, STATE_BYTES, UNIFORM_ALIGN, UNIFORM_BINDING_MAX, pack_params
 
 _pipelines: dict[str, tuple] = {}   # kernel name -> (pipeline, layout); one compile per variant per process
 
@@ -25,7 +25,7 @@ def _pipeline(device, kernel: Kernel):
         entries = [{"binding": i, "visibility": wgpu.ShaderStage.COMPUTE, "buffer": {"type": "uniform"}}
                    for i in (0, 1)]
         entries += [{"binding": i + 2, "visibility": wgpu.ShaderStage.COMPUTE,
-                     "buffer": {"type": "read-only-storage" if access == "read" else "storage"}}
+                     "buffer": {"type": BINDING_TYPES[access]}}
                     for i, (_, access) in enumerate(kernel.bindings())]
         layout = device.create_bind_group_layout(entries=entries, label=kernel.name)
         module = device.create_shader_module(code=render(kernel), label=kernel.name)
@@ -51,7 +51,7 @@ def run_kernel(kernel: Kernel, params: dict, buffers: list[np.ndarray], dispatch
     uniforms = [device.create_buffer_with_data(data=state, usage=wgpu.BufferUsage.UNIFORM),
                 device.create_buffer_with_data(data=blob + b"\0" * (UNIFORM_ALIGN - len(blob)),
                                                usage=wgpu.BufferUsage.UNIFORM)]
-    usage = wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_DST | wgpu.BufferUsage.COPY_SRC
+    usage = wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.UNIFORM | wgpu.BufferUsage.COPY_DST | wgpu.BufferUsage.COPY_SRC
     storage = []
     for a in buffers:
         data = np.ascontiguousarray(a).tobytes()
@@ -60,8 +60,9 @@ def run_kernel(kernel: Kernel, params: dict, buffers: list[np.ndarray], dispatch
 
     entries = [{"binding": 0, "resource": {"buffer": uniforms[0], "offset": 0, "size": STATE_BYTES}},
                {"binding": 1, "resource": {"buffer": uniforms[1], "offset": 0, "size": UNIFORM_ALIGN}}]
-    entries += [{"binding": i + 2, "resource": {"buffer": b, "offset": 0, "size": b.size}}
-                for i, b in enumerate(storage)]
+    entries += [{"binding": i + 2, "resource": {"buffer": b, "offset": 0,   # as runtime_py/model.py Session._bind
+                                                "size": min(b.size, UNIFORM_BINDING_MAX) if acc == "uniform" else b.size}}
+                for i, (b, (_, acc)) in enumerate(zip(storage, bindings))]
     bind_group = device.create_bind_group(layout=layout, entries=entries)
     enc = device.create_command_encoder()
     cp = enc.begin_compute_pass()

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from gguf.quants import dequantize, quantize
 
-from compiler.kernels import Argmax, Attention, Embed, Matmul, MatmulTokens, RMSNorm, RopeKV
+from compiler.kernels import Argmax, Attention, Embed, Matmul, MatmulCPU, MatmulTokens, MatvecCPU, RMSNorm, RopeKV
 from compiler.quant import QuantScheme
 from runtime_py.device import NoAdapterError, get_device
 
@@ -105,8 +105,14 @@ ACT = {"silu": lambda g: g * np.exp(-np.logaddexp(0.0, -g)),   # g * sigmoid(g),
        "gelu_tanh": lambda g: 0.5 * g * (1.0 + np.tanh(math.sqrt(2 / math.pi) * (g + 0.044715 * g ** 3)))}
 
 
-def matmul_kernel(tile, quant, gate=None, residual=False):
-    """tile 1: the k-split Matmul (decode, LM head); "tt": MatmulTokens, what prefill runs (8 tokens per group)."""
+def matmul_kernel(tile, quant, gate=None, residual=False, K=None):
+    """tile 1 / 8: the k-split Matmul (decode, LM head); "tt": MatmulTokens, what prefill runs (8 tokens per group);
+    "cpu" / "cpu8": MatvecCPU (decode on CPU adapters, T = 1) with 64 / 8 rows per workgroup; "mm" / "mm16": MatmulCPU
+    (prefill on CPU adapters: 8 tokens per workgroup, 8 / 16 rows per invocation)."""
+    if tile in ("mm", "mm16"):
+        return MatmulCPU(quant=quant, rows=16 if tile == "mm16" else 8, gate=gate, residual=residual), 8
+    if tile in ("cpu", "cpu8"):
+        return MatvecCPU(quant=quant, xk=K, wg=8 if tile == "cpu8" else 64, gate=gate, residual=residual), 1
     if tile == "tt":
         return MatmulTokens(quant=quant, gate=gate, residual=residual), 8
     return Matmul(quant=quant, gate=gate, residual=residual), 1
@@ -129,7 +135,7 @@ def check_matmul(quant, tile, T, rows, K, rng, *, gate=None, residual=False, n_o
         bufs.append(pack(scheme, raw_u, rows, K))
     n_stride = n_stride or rows
     y0 = rng.standard_normal((T + 1, n_stride)).astype(f32)   # row T: past the tokens, must stay as is
-    k, per_wg = matmul_kernel(tile, quant, gate, residual)
+    k, per_wg = matmul_kernel(tile, quant, gate, residual, K)
     (y,) = run_kernel(k, mm_params(k, k=K, rows=rows, n_offset=n_offset, n_stride=n_stride, last_only=last_only),
                       bufs + [y0], [-(-rows // k.rows), 1 if last_only else f"T/{per_wg}", 1], n_tokens=T)
 
@@ -147,19 +153,19 @@ def check_matmul(quant, tile, T, rows, K, rng, *, gate=None, residual=False, n_o
 
 
 @pytest.mark.parametrize("T,rows,K", [(1, 1, 32), (3, 7, 96), (13, 37, 576)])
-@pytest.mark.parametrize("tile", [1, "tt"])
+@pytest.mark.parametrize("tile", [1, "tt", "mm", "mm16"])
 @pytest.mark.parametrize("quant", SCHEMES)
 def test_matmul(quant, tile, T, rows, K, rng):
     check_matmul(quant, tile, T, rows, K, rng)
 
 
-@pytest.mark.parametrize("tile", [1, "tt"])
+@pytest.mark.parametrize("tile", [1, "tt", "mm", "mm16"])
 @pytest.mark.parametrize("quant", SCHEMES)
 def test_matmul_residual(quant, tile, rng):
     check_matmul(quant, tile, 13, 37, 96, rng, residual=True)
 
 
-@pytest.mark.parametrize("tile", [1, "tt"])
+@pytest.mark.parametrize("tile", [1, "tt", "mm", "mm16"])
 @pytest.mark.parametrize("gate", ["silu", "gelu_tanh"])
 @pytest.mark.parametrize("quant", SCHEMES)
 def test_matmul_gate(quant, gate, tile, rng):
@@ -169,16 +175,17 @@ def test_matmul_gate(quant, gate, tile, rng):
 def test_matmul_gate_residual(rng):
     check_matmul("q4_1", 1, 3, 7, 96, rng, gate="silu", residual=True)
     check_matmul("q4_1", "tt", 3, 7, 96, rng, gate="silu", residual=True)
+    check_matmul("q4_1", "mm", 3, 7, 96, rng, gate="silu", residual=True)
 
 
-@pytest.mark.parametrize("tile", [1, "tt"])
+@pytest.mark.parametrize("tile", [1, "tt", "mm", "mm16"])
 @pytest.mark.parametrize("quant", ["f32", "q8_0", "q5_0"])
 def test_matmul_offset_stride(quant, tile, rng):
     # one tensor's output columns inside a wider row, as q/k/v write into the fused qkv buffer
     check_matmul(quant, tile, 3, 37, 96, rng, n_offset=5, n_stride=50)
 
 
-@pytest.mark.parametrize("tile", [1, "tt"])
+@pytest.mark.parametrize("tile", [1, "tt", "mm", "mm16"])
 def test_matmul_split_parts(tile, rng):
     # a tensor split by rows runs once per part with n_offset = row0; together they make the whole product
     scheme, T, rows, K = QuantScheme.registry["q4_0"], 5, 37, 96
@@ -198,7 +205,7 @@ def test_matmul_last_only(quant, T, rng):
     check_matmul(quant, 1, T, 37, 96, rng, last_only=1)   # the LM head: mat-vec on token T-1 only
 
 
-@pytest.mark.parametrize("tile", [1, "tt"])
+@pytest.mark.parametrize("tile", [1, "tt", "mm", "mm16"])
 def test_matmul_real_q4_1_blocks(tile, rng, smollm2):
     t = smollm2.tensor("blk.0.ffn_gate.weight")
     assert t.ggml_type.name == "Q4_1"
@@ -208,6 +215,54 @@ def test_matmul_real_q4_1_blocks(tile, rng, smollm2):
     raw = np.array(t.data[row0 * rb:(row0 + rows) * rb])
     w = dequantize(raw.reshape(rows, rb), t.ggml_type).astype(f64)
     check_matmul("q4_1", tile, 5, rows, K, rng, weights=(raw, w))
+
+
+# -- matvec_cpu: the decode mat-vec of CPU adapters (T = 1, x through a uniform binding) --------------------------
+@pytest.mark.parametrize("rows,K", [(1, 32), (7, 96), (37, 576), (65, 160)])
+@pytest.mark.parametrize("tile", ["cpu", "cpu8"])
+@pytest.mark.parametrize("quant", SCHEMES)
+def test_matvec_cpu(quant, tile, rows, K, rng):
+    check_matmul(quant, tile, 1, rows, K, rng)
+
+
+@pytest.mark.parametrize("tile", ["cpu", "cpu8"])
+@pytest.mark.parametrize("gate", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("quant", SCHEMES)
+def test_matvec_cpu_gate(quant, gate, tile, rng):
+    check_matmul(quant, tile, 1, 37, 96, rng, gate=gate)
+
+
+@pytest.mark.parametrize("quant", SCHEMES)
+def test_matvec_cpu_residual(quant, rng):
+    check_matmul(quant, "cpu", 1, 37, 96, rng, residual=True)
+    check_matmul(quant, "cpu8", 1, 9, 96, rng, gate="silu", residual=True)
+
+
+@pytest.mark.parametrize("quant", ["f32", "q8_0", "q5_0"])
+def test_matvec_cpu_offset_stride_last_only(quant, rng):
+    check_matmul(quant, "cpu", 1, 37, 96, rng, n_offset=5, n_stride=50)
+    check_matmul(quant, "cpu8", 1, 37, 96, rng, last_only=1)   # the decode LM head step (T = 1)
+
+
+def test_matvec_cpu_split_parts(rng):
+    scheme, rows, K = QuantScheme.registry["q4_0"], 37, 96
+    raw, w = make_weights(scheme, rows, K, rng)
+    x = rng.standard_normal((1, K)).astype(f32)
+    y = rng.standard_normal((1, rows)).astype(f32)
+    k, _ = matmul_kernel("cpu", "q4_0", K=K)
+    for row0, n in [(0, 20), (20, 17)]:
+        (y,) = run_kernel(k, dict(k=K, rows=n, n_offset=row0, n_stride=rows, last_only=0),
+                          [x, pack(scheme, raw, rows, K, row0, n), y], [-(-n // k.rows), 1, 1], n_tokens=1)
+    assert_close(y, x.astype(f64) @ w.T, what=k.name)
+
+
+def test_matvec_cpu_real_q4_1_blocks(rng, smollm2):
+    t = smollm2.tensor("blk.0.ffn_down.weight")   # K = 1536: a 6 KiB uniform x
+    K, rb = t.shape[1], t.n_bytes // t.shape[0]
+    row0, rows = 101, 37
+    raw = np.array(t.data[row0 * rb:(row0 + rows) * rb])
+    w = dequantize(raw.reshape(rows, rb), t.ggml_type).astype(f64)
+    check_matmul("q4_1", "cpu", 1, rows, K, rng, weights=(raw, w))
 
 
 # -- embed --------------------------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ CHOICES = {
     "gate": [None, "silu", "gelu_tanh"],
     "style": ["norm", "neox"],
     "dims_per_thread": [1, 2, 4],
+    "xk": [256, 1536],   # MatvecCPU's compile-time K (a multiple of every scheme's block)
 }
 
 
@@ -96,7 +97,7 @@ def test_variant_renders_and_matches_its_dataclass(kernel):
     assert declared == list(kernel.params), f"struct Params {declared} != {list(kernel.params)}"
     binds = re.findall(r"@group\(0\)\s*@binding\((\d+)\)\s*var<(\w+)(?:,\s*(\w+))?>\s*(\w+)", body)
     assert [(int(i), kind, acc) for i, kind, acc, _ in binds[:2]] == [(0, "uniform", ""), (1, "uniform", "")]
-    storage = [(int(i), name, acc) for i, kind, acc, name in binds[2:]]
+    storage = [(int(i), name, acc or kind) for i, kind, acc, name in binds[2:]]   # access "uniform": var<uniform>
     want = [(i + 2, name, acc) for i, (name, acc) in enumerate(kernel.bindings())]
     assert storage == want, f"storage bindings {storage} != {want}"
     assert re.search(r"@compute\s+@workgroup_size\([^)]*\)\s*fn main\(", body), "no @compute fn main"

@@ -1,0 +1,166 @@
+"""Micro-benchmark of matmul kernel variants on this adapter: GPU time per dispatch from timestamp queries.
+
+    python tests/bench_kernels.py [--reps 7] [--only lm_head]
+
+Every case is one real decode/prefill shape of SmolLM2 / Gemma 3 with random packed weights; each variant runs `--batch`
+back-to-back dispatches inside one pass (timestamps around each), variants interleaved round-robin over `--reps`
+rounds so a busy machine slows them alike; the median per dispatch is reported with the GB/s of weights it implies.
+Not a test: numbers only (the correctness of every variant is tests/gpu/test_kernels*.py).
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import os
+import statistics
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
+import wgpu
+from wgpu.backends.wgpu_native.extras import write_timestamp
+
+from compiler.kernels import Kernel
+from compiler.quant import QuantScheme
+from compiler.render import render
+from compiler.schedule import dispatch_size
+from runtime_py.device import get_adapter
+from runtime_py.model import STATE_BYTES, UNIFORM_ALIGN, pack_params
+
+
+def make_device():
+    ad = get_adapter()
+    lim = ad.limits
+    wanted = {k: lim[k] for k in ("max-storage-buffer-binding-size", "max-buffer-size",
+                                  "max-compute-workgroup-storage-size") if k in lim}
+    feats = ["timestamp-query", "timestamp-query-inside-passes"]
+    return ad, ad.request_device_sync(required_limits=wanted, required_features=feats)
+
+
+class Case:
+    """One kernel + its buffers, ready to dispatch."""
+
+    def __init__(self, dev, kernel: Kernel, params: dict, buffers: list[np.ndarray], dispatch, n_tokens: int,
+                 weight_bytes: int):
+        self.kernel, self.dispatch, self.T, self.weight_bytes = kernel, dispatch, n_tokens, weight_bytes
+        entries = [{"binding": i, "visibility": wgpu.ShaderStage.COMPUTE, "buffer": {"type": "uniform"}} for i in (0, 1)]
+        entries += [{"binding": i + 2, "visibility": wgpu.ShaderStage.COMPUTE,
+                     "buffer": {"type": {"read": "read-only-storage", "uniform": "uniform"}.get(a, "storage")}}
+                    for i, (_, a) in enumerate(kernel.bindings())]
+        layout = dev.create_bind_group_layout(entries=entries)
+        self.pipeline = dev.create_compute_pipeline(
+            layout=dev.create_pipeline_layout(bind_group_layouts=[layout]),
+            compute={"module": dev.create_shader_module(code=render(kernel)), "entry_point": "main"})
+        blob = pack_params({"params": kernel.params}, [params[n] for n in (n for n, _ in kernel.params)])
+        uni = [dev.create_buffer_with_data(data=np.array([n_tokens, 0, 0, 0], np.uint32).tobytes(),
+                                           usage=wgpu.BufferUsage.UNIFORM),
+               dev.create_buffer_with_data(data=blob + b"\0" * (UNIFORM_ALIGN - len(blob)),
+                                           usage=wgpu.BufferUsage.UNIFORM)]
+        bufs = []
+        for a in buffers:
+            data = np.ascontiguousarray(a).tobytes()
+            data += b"\0" * (-len(data) % 16)
+            bufs.append(dev.create_buffer_with_data(data=data, usage=wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_SRC
+                                                    | wgpu.BufferUsage.UNIFORM))
+        self.bufs = bufs
+        self.bg = dev.create_bind_group(layout=layout, entries=[
+            {"binding": 0, "resource": {"buffer": uni[0], "offset": 0, "size": STATE_BYTES}},
+            {"binding": 1, "resource": {"buffer": uni[1], "offset": 0, "size": UNIFORM_ALIGN}},
+            *({"binding": i + 2, "resource": {"buffer": b, "offset": 0, "size": min(b.size, 65536) if a == "uniform" else b.size}}
+              for i, (b, (_, a)) in enumerate(zip(bufs, kernel.bindings())))])
+
+
+def time_cases(dev, cases: list[Case], batch: int, reps: int) -> list[list[float]]:
+    """ns per dispatch: reps medians of `batch` dispatches, per case, cases interleaved within each round."""
+    qs = dev.create_query_set(type=wgpu.QueryType.timestamp, count=2 * batch)
+    qbuf = dev.create_buffer(size=16 * batch, usage=wgpu.BufferUsage.QUERY_RESOLVE | wgpu.BufferUsage.COPY_SRC)
+    out = [[] for _ in cases]
+    for _ in range(reps):
+        for ci, c in enumerate(cases):
+            enc = dev.create_command_encoder()
+            cp = enc.begin_compute_pass()
+            for i in range(batch):
+                cp.set_pipeline(c.pipeline)
+                cp.set_bind_group(0, c.bg)
+                write_timestamp(cp, qs, 2 * i)
+                cp.dispatch_workgroups(*(dispatch_size(d, c.T) for d in c.dispatch))
+                write_timestamp(cp, qs, 2 * i + 1)
+            cp.end()
+            enc.resolve_query_set(qs, 0, 2 * batch, qbuf, 0)
+            dev.queue.submit([enc.finish()])
+            ts = np.frombuffer(dev.queue.read_buffer(qbuf), dtype=np.uint64).astype(np.int64)
+            out[ci].append(float(np.median(ts[1::2] - ts[0::2])))
+    return out
+
+
+def random_packed(quant: str, rows: int, k: int, rng) -> np.ndarray:
+    from gguf.quants import quantize
+    s = QuantScheme.registry[quant]
+    try:
+        raw = quantize(rng.standard_normal((rows, k)).astype(np.float32), s.ggml_type)
+    except NotImplementedError:   # k-quants: random bytes are fine for timing
+        raw = rng.integers(0, 256, (rows * k // s.block_size, s.block_bytes), dtype=np.uint8)
+    return s.pack(np.ascontiguousarray(raw).view(np.uint8).reshape(-1), rows, k)
+
+
+# (name, quant, rows, K, T, gate)
+SHAPES = [
+    ("smollm2 gate_up", "q4_1", 1536, 576, 1, "silu"),
+    ("smollm2 down", "q4_1", 576, 1536, 1, None),
+    ("smollm2 q", "q4_1", 576, 576, 1, None),
+    ("smollm2 lm_head", "q8_0", 49152, 576, 1, None),
+    ("smollm2 prefill gate_up", "q4_1", 1536, 576, 64, "silu"),
+    ("smollm2 prefill down", "q4_1", 576, 1536, 64, None),
+]
+
+
+def variants(quant, T, gate, k):
+    """(label, kernel, dispatch(rows) -> [x, y, z]) of every variant that fits this case."""
+    from compiler import kernels as K
+    out = []
+    if T == 1:
+        out.append(("matmul 16x4", K.Matmul(quant=quant, gate=gate, rows=16, lanes=4),
+                    lambda r, k: [-(-r // k.rows), 1, 1]))
+    else:
+        out.append(("matmul_tt 8x8", K.MatmulTokens(quant=quant, gate=gate), lambda r, k: [-(-r // k.rows), "T/8", 1]))
+    if T == 1:
+        for wg in (32, 64):
+            out.append((f"matvec_cpu wg{wg}", K.MatvecCPU(quant=quant, xk=k, wg=wg, gate=gate),
+                        lambda r, kk: [-(-r // kk.wg), 1, 1]))
+    else:
+        for rows in (4, 8, 16):
+            out.append((f"matmul_cpu 8tok x {rows}rows", K.MatmulCPU(quant=quant, rows=rows, gate=gate),
+                        lambda r, kk: [-(-r // kk.rows), "T/8", 1]))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--only", default="")
+    a = ap.parse_args()
+    ad, dev = make_device()
+    print(f"adapter: {ad.info.get('device', '?')} ({ad.info.get('adapter_type', '?')})")
+    rng = np.random.default_rng(0)
+    for name, quant, rows, k, T, gate in SHAPES:
+        if not re.search(a.only, name):
+            continue
+        w = random_packed(quant, rows, k, rng)
+        wb = w.nbytes * (2 if gate else 1)
+        x = rng.standard_normal((T, k)).astype(np.float32)
+        bufs = [x, w] + ([random_packed(quant, rows, k, rng)] if gate else []) + [np.zeros((T, rows), np.float32)]
+        cases, labels = [], []
+        for lab, kern, disp in variants(quant, T, gate, k):
+            cases.append(Case(dev, kern, dict(k=k, rows=rows, n_offset=0, n_stride=rows, last_only=0),
+                              bufs, disp(rows, kern), T, wb))
+            labels.append(lab)
+        res = time_cases(dev, cases, a.batch, a.reps)
+        print(f"{name}: {quant} ({rows}x{k}) T={T}{' gate' if gate else ''}, {wb / 1e6:.2f} MB of weights")
+        for lab, r in zip(labels, res):
+            med = statistics.median(r)
+            print(f"  {lab:28s} {med / 1e3:9.1f} us  {wb / med:6.2f} GB/s   (min {min(r) / 1e3:.1f})")
+
+
+if __name__ == "__main__":
+    main()
