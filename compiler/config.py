@@ -92,7 +92,8 @@ def read_config(m: GGUFModel, refuse_unsupported: bool = True) -> ModelConfig:
                 break
             also.append(it)
         rest = len(items) - 1 - len(also)
-        more = (f"; also {', '.join(also)}" if also else "") + (f"{' and' if also else '; and'} {rest} more" * (rest > 0))
+        more = (f"; also {', '.join(also)}" if also else "") + \
+            (f"{' and' if also else '; and'} {rest} more" if rest else "")
         raise UnsupportedModelError(f"{m.path}: {items[0]} is not implemented in kiln's {arch} model (ignoring it "
                                     f"would compute a different model){more}")
     return cfg

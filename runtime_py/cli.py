@@ -169,11 +169,10 @@ def cmd_run(a):
 
 
 def cmd_inspect(a):
-    from compiler.config import read_config
+    from compiler.config import read_config, unsupported
     from compiler.gguf_file import GGUFModel
-    from .artifacts import resolve_gguf
-    from compiler.config import unsupported
     from compiler.quant import scheme_for
+    from .artifacts import resolve_gguf
     g = GGUFModel(resolve_gguf(a.model))
     cfg = read_config(g, refuse_unsupported=False)   # listed below instead: what `kiln compile` would refuse
     refused = unsupported(g, cfg)

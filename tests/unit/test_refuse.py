@@ -54,13 +54,15 @@ REFUSED = [
     ("rope-linear", "llama", [("llama.rope.scaling.type", "linear", V.STRING), ("llama.rope.scaling.factor", 4.0,
                                                                                 V.FLOAT32)],
      [], ["llama.rope.scaling.type = 'linear'", "llama.rope.scaling.factor = 4.0"]),
-    ("rope-yarn", "llama", [("llama.rope.scaling.type", "yarn", V.STRING), ("llama.rope.scaling.factor", 1.0, V.FLOAT32),
+    ("rope-yarn", "llama", [("llama.rope.scaling.type", "yarn", V.STRING),
+                            ("llama.rope.scaling.factor", 1.0, V.FLOAT32),
                             ("llama.rope.scaling.original_context_length", 64, V.UINT32)],
      [], ["llama.rope.scaling.type = 'yarn'", "llama.rope.scaling.factor = 1.0",
           "llama.rope.scaling.original_context_length = 64"]),
     ("rope-factor-only", "llama", [("llama.rope.scaling.factor", 8.0, V.FLOAT32)], [],
      ["llama.rope.scaling.factor = 8.0"]),
-    ("rope-scale-linear", "llama", [("llama.rope.scale_linear", 2.0, V.FLOAT32)], [], ["llama.rope.scale_linear = 2.0"]),
+    ("rope-scale-linear", "llama", [("llama.rope.scale_linear", 2.0, V.FLOAT32)], [],
+     ["llama.rope.scale_linear = 2.0"]),
     ("scale-linear-true", "llama", [("llama.rope.scale_linear", True, V.BOOL)], [],   # True == 1, yet not a factor
      ["llama.rope.scale_linear = true"]),
     ("attn-softcap", "llama", [("llama.attn_logit_softcapping", 50.0, V.FLOAT32)], [],
@@ -128,7 +130,8 @@ def test_value_length_differing_from_key_length_is_refused(tmp_path):
 
 # (case, kind, meta added): each value is what kiln computes anyway, so the config is exactly the base file's
 ACCEPTED = [
-    ("descriptive-general", "llama", [("general.license", "apache-2.0", V.STRING), ("general.tags", ["a", "b"], V.ARRAY),
+    ("descriptive-general", "llama", [("general.license", "apache-2.0", V.STRING),
+                                      ("general.tags", ["a", "b"], V.ARRAY),
                                       ("general.file_type", 7, V.UINT32), ("general.quantization_version", 2, V.UINT32),
                                       ("general.base_model.0.name", "x", V.STRING)]),
     ("padding-id", "llama", [("tokenizer.ggml.padding_token_id", 2, V.UINT32),
