@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 
 from .errors import GGUFError, UnsupportedModelError
 from .gguf_file import GGUFModel, escape, quote
+from .tokenizer import TOKENIZER_HARMLESS, TOKENIZER_IRRELEVANT, TOKENIZER_IRRELEVANT_PREFIXES, TOKENIZER_KEYS
 
 
 
@@ -71,7 +72,9 @@ _KEYS = {"n_layer": "block_count", "n_embd": "embedding_length", "n_head": "atte
          "rope_base": "rope.freq_base", "rope_base_local": "rope.freq_base_swa", "attn_scale": "attention.scale"}
 
 
-def read_config(m: GGUFModel) -> ModelConfig:
+def read_config(m: GGUFModel, refuse_unsupported: bool = True) -> ModelConfig:
+    """refuse_unsupported=False: return the config of a file that holds keys or tensors kiln does not implement
+    (`kiln inspect` lists them with `unsupported`); compiling always refuses them."""
     arch = m.arch
     if arch not in ARCH_CONFIG:
         raise UnsupportedModelError(
@@ -81,6 +84,18 @@ def read_config(m: GGUFModel) -> ModelConfig:
     except (TypeError, ValueError, ZeroDivisionError, OverflowError) as e:
         raise GGUFError(f"{m.path}: corrupt {arch} metadata ({type(e).__name__}: {escape(e)})") from None
     check_config(m, cfg)
+    items = unsupported(m, cfg) if refuse_unsupported else []
+    if items:   # one line, short: the first item, then as many others as fit in ~200 characters, then a count
+        also = []
+        for it in items[1:]:
+            if sum(len(a) + 2 for a in also) + len(it) > 200:
+                break
+            also.append(it)
+        rest = len(items) - 1 - len(also)
+        more = (f"; also {', '.join(also)}" if also else "") + \
+            (f"{' and' if also else '; and'} {rest} more" if rest else "")
+        raise UnsupportedModelError(f"{m.path}: {items[0]} is not implemented in kiln's {arch} model (ignoring it "
+                                    f"would compute a different model){more}")
     return cfg
 
 
@@ -111,9 +126,10 @@ def _read_config(m: GGUFModel, arch: str) -> ModelConfig:
     if n_head <= 0:
         raise GGUFError(f"{m.path}: corrupt metadata: {arch}.attention.head_count = {n_head}")
     head_dim = i("attention.key_length", n_embd // n_head)
-    if i("attention.value_length", head_dim) != head_dim:
-        raise UnsupportedModelError(f"{arch}: attention.value_length = {i('attention.value_length')} differs from "
-                                    f"the key length {head_dim}; kiln's attention assumes they are equal")
+    if i("attention.value_length", head_dim) != head_dim:   # equal: the one value the shared kernels need
+        raise UnsupportedModelError(f"{m.path}: {arch}.attention.value_length = {i('attention.value_length')} "
+                                    f"(differing from the key length {head_dim}) is not implemented: kiln's "
+                                    f"attention assumes they are equal")
     tokens = m.require("tokenizer.ggml.tokens")
     if not isinstance(tokens, list):
         raise GGUFError(f"{m.path}: corrupt metadata: tokenizer.ggml.tokens is not an array of strings")
@@ -162,7 +178,7 @@ def check_config(m: GGUFModel, c: ModelConfig):
     """Metadata that is out of range, contradicts itself or the tensors' shapes means a corrupt file (a flipped byte in
     a count): fail here with the field's name instead of compiling a model that computes garbage or crashes later.
     Every tensor of every layer is checked; a tensor kiln would not read (a bias, llama 3.1's rope_freqs) is refused
-    by name too, since ignoring it would run a different model than the file describes."""
+    by name by `unsupported`, since ignoring it would run a different model than the file describes."""
     def bad(msg):
         return GGUFError(f"{m.path}: corrupt metadata: {msg}")
 
@@ -194,8 +210,7 @@ def check_config(m: GGUFModel, c: ModelConfig):
         if name not in expect:
             if name.startswith("blk.") and not (name.split(".")[1].isdigit() and int(name.split(".")[1]) < c.n_layer):
                 raise bad(f"block_count = {c.n_layer} but the file has tensor {quote(name)}")
-            raise UnsupportedModelError(f"{m.path}: tensor {quote(name)} is not used by kiln's {c.arch} model "
-                                        f"(not supported; ignoring it would compute a different model)")
+            continue   # not read by kiln: refused by name in `unsupported`
     missing = [n for n in expect if n not in m.tensors]
     if missing:
         raise GGUFError(f"{m.path}: tensor {missing[0]} is missing"
@@ -252,11 +267,12 @@ def gemma3_config(m: GGUFModel, common: dict) -> ModelConfig:
     swa = swa_layer_pattern(m, arch, n_layer, GEMMA3_SWA_PERIOD) if window else ()
     factor = f("rope.scaling.factor", 1.0)
     if str(a("rope.scaling.type", "none")) not in ("none", "") and factor != 1.0:
-        raise UnsupportedModelError(f"{arch}: rope scaling ({quote(a('rope.scaling.type'))}, factor {factor}) is not "
-                                    f"supported yet")
+        raise UnsupportedModelError(f"{m.path}: {arch}.rope.scaling.type = {_show(a('rope.scaling.type'))} (factor "
+                                    f"{_show(factor)}) is not implemented in kiln's {arch} model")
     for key in ("final_logit_softcapping", "attn_logit_softcapping"):
         if f(key, 0.0):
-            raise UnsupportedModelError(f"{arch}: {key} = {f(key, 0.0)} is not supported yet")
+            raise UnsupportedModelError(f"{m.path}: {arch}.{key} = {_show(f(key, 0.0))} is not implemented in kiln's "
+                                        f"{arch} model")
     scale = f("attention.scale", 0.0) or None
     if scale is None and n_layer == 62:   # the 27B, as llama.cpp: query_pre_attn_scalar = n_embd / n_head
         scale = 1.0 / math.sqrt(common["n_embd"] / common["n_head"])
@@ -276,3 +292,92 @@ def gemma3_config(m: GGUFModel, common: dict) -> ModelConfig:
 
 # architecture -> config reader; the schedule builder for each lives in compiler/schedule.py
 ARCH_CONFIG = {"llama": llama_config, "gemma3": gemma3_config}
+
+
+# ---- Refuse what is not implemented (issue 12) ----------------------------------------------------------------------
+# Every metadata key of a file is read by a reader (ARCH_KEYS here, TOKENIZER_KEYS in tokenizer.py), known to be
+# irrelevant (the lists below, each with its reason), has a value that is what kiln computes anyway (*_HARMLESS), or
+# makes compile fail naming it. Likewise every tensor is read by the schedule (expected_shapes) or refused. A key
+# added to a reader must be added to its list here; `tests/unit/test_refuse.py` checks the two real models.
+
+# "{arch}." keys each architecture's reader reads (_read_config + its ARCH_CONFIG function)
+_COMMON_KEYS = frozenset(["block_count", "context_length", "embedding_length", "feed_forward_length",
+                          "attention.head_count", "attention.head_count_kv", "attention.key_length",
+                          "attention.value_length",   # checked equal to key_length (_read_config)
+                          "attention.layer_norm_rms_epsilon", "rope.freq_base", "rope.dimension_count", "vocab_size"])
+ARCH_KEYS = {
+    "llama": _COMMON_KEYS,
+    "gemma3": _COMMON_KEYS | {"attention.sliding_window", "attention.sliding_window_pattern", "attention.scale",
+                              "rope.freq_base_swa", "rope.scaling.type", "rope.scaling.factor",   # refused unless 1
+                              "attn_logit_softcapping", "final_logit_softcapping"},              # refused unless 0
+}
+GENERAL_KEYS = frozenset(["general.architecture", "general.name"])   # read by read_config
+# general.* is the file's description (type, author, organization, basename, finetune, size_label, license, tags,
+# languages, datasets, base_model.*, source.*, url, uuid, sampling.* hints, ...): none of it changes what the model
+# computes. Two of them describe the tensors instead: general.file_type (the dominant tensor type) and
+# general.quantization_version (the ggml quant format revision): both are implied by each tensor's own ggml type,
+# which is what kiln reads; general.alignment is read by the GGUF reader (gguf_file.py). GGUF.* are the header fields
+# (version, tensor_count, kv_count) gguf.GGUFReader exposes as fields.
+IRRELEVANT_PREFIXES = ("general.", "GGUF.") + TOKENIZER_IRRELEVANT_PREFIXES
+
+
+def _is_num(v, *values) -> bool:
+    """v is a number (not a bool: True == 1 in Python) equal to one of `values`."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v in values
+
+
+def _scaling_off(m: GGUFModel, arch: str) -> bool:
+    """No rope scaling: no type or "none", or linear by a factor of 1 (0 = unset: llama.cpp reads it as 1)."""
+    kind, factor = m.get(f"{arch}.rope.scaling.type", "none"), m.get(f"{arch}.rope.scaling.factor", 1.0)
+    return kind in ("none", "") or (kind == "linear" and _is_num(factor, 0, 1))
+
+
+# "{arch}." keys no reader needs when their value is the neutral one (value, model, arch) -> bool; other values refused
+ARCH_HARMLESS = {
+    "rope.scaling.type": lambda v, m, a: _scaling_off(m, a),
+    "rope.scaling.factor": lambda v, m, a: _is_num(v, 0, 1) and _scaling_off(m, a),   # a factor 1 scales nothing
+    "rope.scale_linear": lambda v, m, a: _is_num(v, 0, 1),                            # the old name of that factor
+    # read only by rope scaling (yarn / llama3 / longrope), which is refused when on
+    "rope.scaling.original_context_length": lambda v, m, a: _scaling_off(m, a),
+    "rope.scaling.finetuned": lambda v, m, a: True,       # descriptive: llama.cpp reads it and uses it for nothing
+    # a window at least as long as the trained context never slides (0 = none): kiln never runs past context_length
+    "attention.sliding_window": lambda v, m, a: _is_num(v, 0) or (
+        _is_num(v, v) and v >= meta_int(m, f"{a}.context_length", 2048)),
+    "attn_logit_softcapping": lambda v, m, a: _is_num(v, 0),    # 0 = no soft-capping
+    "final_logit_softcapping": lambda v, m, a: _is_num(v, 0),
+    "expert_count": lambda v, m, a: _is_num(v, 0),              # 0 experts = a dense model (what kiln runs)
+    "expert_used_count": lambda v, m, a: _is_num(v, 0),
+    "attention.causal": lambda v, m, a: v is True,       # kiln's attention is causal
+}
+
+
+def _show(v) -> str:
+    """A metadata value for a message: strings quoted and escaped, true/false, numbers as they are, arrays by size."""
+    if isinstance(v, (list, tuple)):
+        return f"[{len(v)} values]"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):   # float32 in the file: 7 significant digits (1e-06, not 9.999999974752427e-07)
+        g = f"{v:.7g}"
+        return g if any(c in g for c in ".en") else g + ".0"
+    return escape(v) if isinstance(v, int) else quote(v)
+
+
+def unsupported(m: GGUFModel, c: ModelConfig) -> list[str]:
+    """Every metadata key and tensor of the file that kiln does not implement, as "key = 'value'" / "tensor 'name'"
+    (escaped), in file order: keys first, then tensors."""
+    arch, out = c.arch, []
+    consumed = GENERAL_KEYS | TOKENIZER_KEYS | {f"{arch}.{k}" for k in ARCH_KEYS[arch]}
+    for key in m.reader.fields:
+        if key in consumed or key in TOKENIZER_IRRELEVANT or key.startswith(IRRELEVANT_PREFIXES):
+            continue
+        v = m.get(key)
+        suffix = key[len(arch) + 1:] if key.startswith(arch + ".") else None
+        if key in TOKENIZER_HARMLESS and TOKENIZER_HARMLESS[key][0](v):
+            continue
+        if suffix in ARCH_HARMLESS and ARCH_HARMLESS[suffix](v, m, arch):   # a value of the wrong kind is not harmless
+            continue
+        out.append(f"{escape(key)} = {_show(v)}")
+    expect = expected_shapes(c)
+    out += [f"tensor {quote(n)}" for n in m.tensors if n not in expect]
+    return out

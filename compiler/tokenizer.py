@@ -94,6 +94,31 @@ _FIM_OTHER_TEXTS = frozenset([   # FIM prefix/suffix/middle: forced to CONTROL b
 ])
 
 
+# ---- every `tokenizer.*` key is read below, known to be irrelevant, or refused by name (config.unsupported) --------
+TOKENIZER_KEYS = frozenset("tokenizer." + k for k in (   # what read_meta reads
+    "ggml.model", "ggml.pre", "ggml.tokens", "ggml.token_type", "ggml.scores", "ggml.merges", "ggml.bos_token_id",
+    "ggml.eos_token_id", "ggml.unknown_token_id", "ggml.eot_token_id", "ggml.eom_token_id", "ggml.add_bos_token",
+    "ggml.add_space_prefix", "chat_template"))
+TOKENIZER_IRRELEVANT = {
+    # kiln never pads: one sequence per session, no batching by padding (llama.cpp does not use it either)
+    "tokenizer.ggml.padding_token_id": "padding id",
+    # BERT-style specials: llama.cpp inserts them only for its WPM tokenizer or with add_sep_token, which is refused
+    # below unless false; kiln's two tokenizer models (gpt2, llama) never emit them
+    "tokenizer.ggml.seperator_token_id": "separator id",   # (gguf's spelling)
+    "tokenizer.ggml.mask_token_id": "mask id",
+    # the list of named chat templates (tokenizer.chat_template.<name>, e.g. tool_use): kiln renders the default one
+    "tokenizer.chat_templates": "named chat templates",
+}
+TOKENIZER_IRRELEVANT_PREFIXES = ("tokenizer.chat_template.",)   # the named templates themselves (see above)
+# keys whose value here is what kiln does anyway; any other value changes the token ids, so it is refused
+TOKENIZER_HARMLESS = {
+    "tokenizer.ggml.add_eos_token": (lambda v: v is False, "false: no EOS appended to a prompt"),
+    "tokenizer.ggml.add_sep_token": (lambda v: v is False, "false: no SEP appended to a prompt"),
+    # llama.cpp reads it for its UGM (T5) tokenizer only; refused when true all the same, to be safe
+    "tokenizer.ggml.remove_extra_whitespaces": (lambda v: v is False, "false: whitespace kept as is"),
+}
+
+
 @dataclass
 class TokenizerMeta:
     """The GGUF `tokenizer.*` keys this module uses, with llama.cpp's defaults filled in."""

@@ -169,11 +169,19 @@ def cmd_run(a):
 
 
 def cmd_inspect(a):
-    from compiler.config import read_config
+    from compiler.config import read_config, unsupported
     from compiler.gguf_file import GGUFModel
+    from compiler.quant import scheme_for
     from .artifacts import resolve_gguf
     g = GGUFModel(resolve_gguf(a.model))
-    cfg = read_config(g)
+    cfg = read_config(g, refuse_unsupported=False)   # listed below instead: what `kiln compile` would refuse
+    refused = unsupported(g, cfg)
+    cannot_run = set()
+    for t in g.tensors.values():
+        try:
+            scheme_for(t.ggml_type)
+        except KilnError:
+            cannot_run.add(t.ggml_type.name)
     n_params = sum(int(__import__("math").prod(t.shape)) for t in g.tensors.values())
     from compiler.plan import tensor_types
     types = Counter()
@@ -194,7 +202,8 @@ def cmd_inspect(a):
             "layers": cfg.n_layer, "n_embd": cfg.n_embd, "heads": cfg.n_head, "kv_heads": cfg.n_kv_head,
             "head_dim": cfg.head_dim, "n_ff": cfg.n_ff, "vocab": cfg.vocab, "context_length": cfg.context_length,
             "tensor_bytes_by_type": dict(types), "weights_bytes": weights, "ctx": ctx, "kv_cache_bytes_f32": kv,
-            "activation_bytes": act, "total_gpu_bytes": weights + kv + act}
+            "activation_bytes": act, "total_gpu_bytes": weights + kv + act,
+            "unsupported_tensor_types": sorted(cannot_run), "not_implemented": refused}
     if a.json:
         print(json.dumps(info, indent=1))
         return
@@ -202,12 +211,14 @@ def cmd_inspect(a):
     print(f"  {cfg.n_layer} layers, n_embd {cfg.n_embd}, {cfg.n_head} heads / {cfg.n_kv_head} KV heads, head_dim "
           f"{cfg.head_dim}, n_ff {cfg.n_ff}, vocab {cfg.vocab}, trained context {cfg.context_length}")
     for name, b in types.most_common():
-        print(f"  {name:6s} {b / 2**20:9.2f} MiB")
+        print(f"  {name:6s} {b / 2**20:9.2f} MiB" + ("  <- kiln cannot run this type" * (name in cannot_run)))
     print(f"  weights on GPU      {weights / 2**20:9.2f} MiB (stays quantized)")
     print(f"  KV cache @ ctx {ctx:<5d} {kv / 2**20:9.2f} MiB (2 x {cfg.n_layer} layers x {cfg.n_kv_head} kv heads x "
           f"{cfg.head_dim} x {ctx} x 4 B)")
     print(f"  activations         {act / 2**20:9.2f} MiB (prefill chunk {DEFAULT_PREFILL_CHUNK}, logits)")
     print(f"  total               {(weights + kv + act) / 2**20:9.2f} MiB")
+    for item in refused:
+        print(f"  not implemented: {item} (kiln compile refuses this file)")
 
 
 def cmd_serve(a):
