@@ -16,13 +16,17 @@ from dataclasses import dataclass, field
 
 from .config import ModelConfig
 from .errors import UnsupportedModelError
-from .kernels import Argmax, Attention, Embed, Kernel, Matmul, MatmulTokens, RMSNorm, RopeKV
+from .kernels import Argmax, AttentionReduce, AttentionSplit, Embed, Kernel, Matmul, MatmulTokens, RMSNorm, RopeKV
 
 PREFILL_TILE = 8     # tokens per matmul workgroup in prefill
 MAX_WORKGROUPS = 65535
 # mat-vec workgroup shape (output rows x lanes splitting K); measured on lavapipe, where 16x4 beat 8x8 / 32x2 / 64x1
 # for decode by 1.5-3x (see ARCHITECTURE.md, "tuning")
 MATMUL_SHAPE = dict(rows=16, lanes=4)
+# decode attention splits each (KV head)'s keys across this many workgroups (flash-decoding) and reduces the partials;
+# prefill has a workgroup per token already and uses one split. On lavapipe 16 keeps position 1000 within 1.3x the
+# attention cost of position 100 (see ARCHITECTURE.md, "attention")
+DECODE_SPLITS = 16
 SCORE_BYTES = 16 << 20   # the score program's (score_chunk, vocab) f32 logits buffer stays under this
 
 
@@ -127,15 +131,27 @@ class Builder:
                    ["qkv", self.W("rope_inv_freq_local" if swa else "rope_inv_freq").ref(0),
                     f"k_cache.{L}", f"v_cache.{L}"],
                    dict(n_head=c.n_head, n_kv=c.n_kv_head, head_dim=c.head_dim, rot_dim=c.rope_dim), ["T", 1, 1])
-        att = Attention(dims_per_thread=-(-c.head_dim // Attention.wg))
-        self.p.add(att, ["qkv", f"k_cache.{L}", f"v_cache.{L}", "attn"],
-                   dict(n_head=c.n_head, n_kv=c.n_kv_head, head_dim=c.head_dim,
-                        window=c.sliding_window if swa else 0, scale=c.softmax_scale), [c.n_head, "T", 1])
+        self.attention(L, window=c.sliding_window if swa else 0)
         if c.post_norms:
             self.matmul("attn", blk + "attn_output.weight", "xn")
             self.rmsnorm_add("xn", blk + "post_attention_norm.weight", "x")
         else:
             self.matmul("attn", blk + "attn_output.weight", "x", residual=True)
+
+    def attention(self, L: int, window: int):
+        """Split-K attention: DECODE_SPLITS workgroups per KV head in decode (then a reduce), one per token in prefill."""
+        c = self.cfg
+        if c.head_dim % 4 or c.n_head % c.n_kv_head:
+            raise UnsupportedModelError(f"attention needs head_dim % 4 == 0 and n_head % n_kv_head == 0 "
+                                        f"(head_dim {c.head_dim}, {c.n_head} heads, {c.n_kv_head} KV heads)")
+        splits = DECODE_SPLITS if self.tile == 1 else 1
+        self.p.add(AttentionSplit.for_heads(c.n_head, c.n_kv_head, c.head_dim),
+                   ["qkv", f"k_cache.{L}", f"v_cache.{L}", "attn_part", "attn"],
+                   dict(n_head=c.n_head, n_kv=c.n_kv_head, head_dim=c.head_dim, window=window,
+                        scale=c.softmax_scale, splits=splits), [c.n_kv_head, splits, "T"])
+        if splits > 1:
+            self.p.add(AttentionReduce(), ["attn_part", "attn"],
+                       dict(n_head=c.n_head, head_dim=c.head_dim, splits=splits), [c.n_head, "T", 1])
 
     def ffn_block(self, L: int):
         c = self.cfg
@@ -184,6 +200,7 @@ def activation_buffers(cfg: ModelConfig, score_tokens: int | None = None) -> dic
         "qkv": {"shape": ["T", q_dim + 2 * kv_dim], "dtype": "f32"},      # (T, (n_head + 2 n_kv) hd)
         "attn": {"shape": ["T", q_dim], "dtype": "f32"},                  # (T, n_head hd)
         "ff": {"shape": ["T", cfg.n_ff], "dtype": "f32"},                 # (T, n_ff)
+        "attn_part": {"shape": ["T", cfg.n_head, DECODE_SPLITS, cfg.head_dim + 2], "dtype": "f32"},  # (T, n_head, S, hd + 2)
         "logits": {"shape": [cfg.vocab], "dtype": "f32"},                 # (vocab,) last token only
     }
     if score_tokens:
