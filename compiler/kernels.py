@@ -146,3 +146,40 @@ class AttentionReduce(Kernel):
 
     def bindings(self):
         return [("part", "read"), ("out", "read_write")]
+
+
+@dataclass(frozen=True)
+class SamplePrep(Kernel):
+    """GPU sampling 1/3: logit bias + repetition/presence/frequency penalties into a copy; logsumexp of the logits."""
+    template: ClassVar[str] = "sample_prep"
+    params: ClassVar[tuple[Param, ...]] = (("n", "u32"),)
+    wg: int = 256
+
+    def bindings(self):
+        return [("cfg", "read"), ("history", "read"), ("logits", "read"), ("logits_s", "read_write"),
+                ("state", "read_write")]
+
+
+@dataclass(frozen=True)
+class SampleTopK(Kernel):
+    """GPU sampling 2/3: exact top-k (ties by index) by radix select; sampling candidates or logprobs."""
+    template: ClassVar[str] = "sample_topk"
+    params: ClassVar[tuple[Param, ...]] = (("n", "u32"), ("mode", "u32"))
+    k_max: int = 64
+    wg: int = 256
+
+    def bindings(self):
+        return [("cfg", "read"), ("src", "read"), ("cand", "read_write")]
+
+
+@dataclass(frozen=True)
+class SampleDraw(Kernel):
+    """GPU sampling 3/3: top-p / min-p / temperature / Mulberry32 draw over the candidates; writes the token."""
+    template: ClassVar[str] = "sample_draw"
+    params: ClassVar[tuple[Param, ...]] = (("n", "u32"), ("ring", "u32"))
+    k_max: int = 64
+    lp_max: int = 20
+
+    def bindings(self):
+        return [("cfg", "read"), ("logits", "read"), ("state", "read_write"), ("cand", "read"),
+                ("history", "read_write"), ("tokens", "read_write"), ("ring", "read_write")]

@@ -25,6 +25,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    logit_bias: dict[int, float] = field(default_factory=dict)   # token id -> added to its logit before penalties
 
     def validate(self):
         checks = [
@@ -74,6 +75,11 @@ class Sampler:
 
     def apply_penalties(self, logits: np.ndarray, history: list[int]) -> np.ndarray:
         p = self.p
+        if p.logit_bias:   # added first, as llama.cpp's sampler chain does; ids outside the vocabulary are ignored
+            logits = logits.copy()
+            for tok, b in p.logit_bias.items():
+                if 0 <= int(tok) < len(logits):
+                    logits[int(tok)] += b
         recent = history[-p.repeat_last_n:] if p.repeat_last_n > 0 else []
         if not recent or (p.repeat_penalty == 1 and not p.presence_penalty and not p.frequency_penalty):
             return logits

@@ -8,9 +8,9 @@
 
 export class SamplingParams {
   constructor({temperature = 0.7, top_k = 40, top_p = 0.95, min_p = 0.05, repeat_penalty = 1.0, repeat_last_n = 64,
-               presence_penalty = 0.0, frequency_penalty = 0.0, seed = null, stop = []} = {}) {
+               presence_penalty = 0.0, frequency_penalty = 0.0, seed = null, stop = [], logit_bias = {}} = {}) {
     Object.assign(this, {temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, presence_penalty,
-                         frequency_penalty, seed, stop});
+                         frequency_penalty, seed, stop, logit_bias});
   }
 
   validate() {
@@ -118,6 +118,11 @@ export class Sampler {
 
   applyPenalties(logits, history) {
     const p = this.p;
+    const bias = Object.entries(p.logit_bias || {});
+    if (bias.length) {   // added first, as llama.cpp's sampler chain does; ids outside the vocabulary are ignored
+      logits = Float64Array.from(logits);
+      for (const [tok, b] of bias) if (tok >= 0 && tok < logits.length) logits[tok] += b;
+    }
     const recent = p.repeat_last_n > 0 ? history.slice(-p.repeat_last_n) : [];
     if (!recent.length || (p.repeat_penalty === 1 && !p.presence_penalty && !p.frequency_penalty)) return logits;
     logits = Float64Array.from(logits);
