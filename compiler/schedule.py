@@ -1,9 +1,10 @@
 """Stage 4 — the op schedule: which kernel runs when, on which buffers, with which uniforms and dispatch sizes.
 
 A *program* is a flat list of steps the runtimes replay verbatim: no model logic lives in runtime_py/ or web/.
-Three programs per model: `prefill` (T <= prefill_chunk tokens, mat-mat kernels), `decode` (T = 1, mat-vec kernels)
-and `score` (prefill whose LM head writes the logits of every token, T <= limits.score_chunk, into `logits_all`: what
-perplexity needs; see runtime_py/quality.py).
+Four programs per model: `prefill` (T <= prefill_chunk tokens, mat-mat kernels), `decode` (T = 1, mat-vec kernels),
+`score` (prefill whose LM head writes the logits of every token, T <= limits.score_chunk, into `logits_all`: what
+perplexity needs; see runtime_py/quality.py) and `sample` (GPU sampling of the next token from `logits`, replayed
+after `decode` or the last prefill chunk; several decode + sample steps share one submit, see runtime_py/model.py).
 
 Step (JSON):
     {"kernel": name, "bind": [buffer refs, binding 2..], "params": [values, Params order], "dispatch": [x, y, z]}
@@ -16,7 +17,8 @@ from dataclasses import dataclass, field
 
 from .config import ModelConfig
 from .errors import UnsupportedModelError
-from .kernels import Argmax, AttentionReduce, AttentionSplit, Embed, Kernel, Matmul, MatmulTokens, RMSNorm, RopeKV
+from .kernels import (Argmax, AttentionReduce, AttentionSplit, Embed, Kernel, Matmul, MatmulTokens, RMSNorm, RopeKV,
+                      SampleDraw, SamplePrep, SampleTopK)
 
 PREFILL_TILE = 8     # tokens per matmul workgroup in prefill
 MAX_WORKGROUPS = 65535
@@ -27,7 +29,11 @@ MATMUL_SHAPE = dict(rows=16, lanes=4)
 # prefill has a workgroup per token already and uses one split. On lavapipe 16 keeps position 1000 within 1.3x the
 # attention cost of position 100 (see ARCHITECTURE.md, "attention")
 DECODE_SPLITS = 16
-SCORE_BYTES = 16 << 20   # the score program's (score_chunk, vocab) f32 logits buffer stays under this
+SCORE_BYTES = 16 << 20
+# the `sample` program (GPU sampling, runtime_py/gpu_sampling.py): decode steps one submit can collect in `ring`, and
+# the most logit_bias entries `sampler_cfg` holds
+SAMPLE_RING = 32
+SAMPLE_MAX_BIAS = 1024   # the score program's (score_chunk, vocab) f32 logits buffer stays under this
 
 
 def score_chunk(vocab: int, prefill_chunk: int) -> int:
@@ -180,6 +186,19 @@ class Builder:
         self.matmul("xn", out, "logits", last_only=True, n_stride=c.vocab)
         self.p.add(Argmax(), ["logits", "tokens"], dict(n=c.vocab), [1, 1, 1])
 
+    def sample(self) -> Program:
+        """The `sample` program, replayed after `decode` (or the last prefill chunk) in the same pass: penalties and
+        bias -> top logprobs of the raw logits (when asked) -> top-k candidates -> draw; the token goes to tokens[0],
+        where the next decode step's embedding reads it, and to the ring slot State.step."""
+        n = self.cfg.vocab
+        self.p.add(SamplePrep(), ["sampler_cfg", "history", "logits", "logits_s", "sampler_state"], dict(n=n),
+                   [1, 1, 1])
+        self.p.add(SampleTopK(), ["sampler_cfg", "logits", "cand"], dict(n=n, mode=1), [1, 1, 1])
+        self.p.add(SampleTopK(), ["sampler_cfg", "logits_s", "cand"], dict(n=n, mode=0), [1, 1, 1])
+        self.p.add(SampleDraw(), ["sampler_cfg", "logits", "sampler_state", "cand", "history", "tokens", "ring"],
+                   dict(n=n, ring=SAMPLE_RING), [1, 1, 1])
+        return self.p
+
     def build(self) -> Program:
         self.embed()
         for L in range(self.cfg.n_layer):
@@ -203,6 +222,14 @@ def activation_buffers(cfg: ModelConfig, score_tokens: int | None = None) -> dic
         "attn_part": {"shape": ["T", cfg.n_head, DECODE_SPLITS, cfg.head_dim + 2], "dtype": "f32"},  # (T, n_head, S, hd + 2)
         "logits": {"shape": [cfg.vocab], "dtype": "f32"},                 # (vocab,) last token only
     }
+    # GPU sampling (the `sample` program); u32 words
+    lp, k_max = SampleDraw.lp_max, SampleDraw.k_max
+    bufs["sampler_cfg"] = {"shape": [12 + 2 * SAMPLE_MAX_BIAS], "dtype": "u32"}    # struct SampleCfg + bias pairs
+    bufs["history"] = {"shape": ["ctx"], "dtype": "u32"}                           # (ctx,) the sequence's ids
+    bufs["logits_s"] = {"shape": [cfg.vocab], "dtype": "f32"}                      # (vocab,) biased + penalised
+    bufs["sampler_state"] = {"shape": [4], "dtype": "u32"}                         # [rng, logsumexp, -, -]
+    bufs["cand"] = {"shape": [2, 2, k_max], "dtype": "u32"}                        # [sample | logprobs][ids | values]
+    bufs["ring"] = {"shape": [2 * SAMPLE_RING + SAMPLE_RING * lp * 2], "dtype": "u32"}  # tokens, logprobs, tops
     if score_tokens:
         bufs["logits_all"] = {"shape": [score_tokens, cfg.vocab], "dtype": "f32"}   # (score_chunk, vocab): score
     for L in range(cfg.n_layer):
@@ -215,4 +242,5 @@ def build_programs(cfg: ModelConfig, weights) -> dict[str, Program]:
     """weights: callable name -> WeightRef (records which tensors the schedule uses)."""
     return {"prefill": Builder(cfg, weights, PREFILL_TILE).build(),
             "decode": Builder(cfg, weights, 1).build(),
-            "score": Builder(cfg, weights, PREFILL_TILE, score=True).build()}
+            "score": Builder(cfg, weights, PREFILL_TILE, score=True).build(),
+            "sample": Builder(cfg, weights, 1).sample()}

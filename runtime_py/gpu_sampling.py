@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from compiler.kernels import SampleDraw
+from compiler.schedule import SAMPLE_MAX_BIAS, SAMPLE_RING
+
 from .sampling import SamplingParams
 
-K_MAX = 64          # SampleTopK/SampleDraw k_max: most candidates the GPU sampler ranks
-LP_MAX = 20         # SampleDraw lp_max: most top logprobs per token
-RING = 32           # SampleDraw ring: decode steps one submit can collect (tokens, logprobs)
-MAX_BIAS = 1024     # logit_bias entries
+K_MAX = SampleDraw.k_max    # most candidates the GPU sampler ranks
+LP_MAX = SampleDraw.lp_max  # most top logprobs per token
+RING = SAMPLE_RING          # decode steps one submit can collect (tokens, logprobs)
+MAX_BIAS = SAMPLE_MAX_BIAS   # logit_bias entries
 CFG_HEAD_WORDS = 12  # struct SampleCfg up to `bias`
 
 

@@ -15,12 +15,13 @@ import wgpu
 
 from compiler.errors import ArtifactError, ContextOverflowError
 from compiler.manifest import read_manifest
-from compiler.schedule import dispatch_size
+from compiler.schedule import SAMPLE_RING, dispatch_size
 
 from .device import check_fits, get_device
 
 UNIFORM_ALIGN = 256          # minUniformBufferOffsetAlignment's default (and maximum)
-STATE_BYTES = 16             # struct State { n_tokens, pos0, pad, pad }
+STATE_BYTES = 16             # struct State { n_tokens, pos0, step, pad }; one record per decode step of a submit,
+                             # UNIFORM_ALIGN apart, bound with a dynamic offset
 DEFAULT_CTX = 2048
 
 
@@ -60,7 +61,8 @@ class Model:
             code = path.read_text()
         except FileNotFoundError:
             raise ArtifactError(f"{path}: shader missing from the artifact") from None
-        entries = [{"binding": 0, "visibility": wgpu.ShaderStage.COMPUTE, "buffer": {"type": "uniform"}},
+        entries = [{"binding": 0, "visibility": wgpu.ShaderStage.COMPUTE,
+                    "buffer": {"type": "uniform", "has_dynamic_offset": True}},
                    {"binding": 1, "visibility": wgpu.ShaderStage.COMPUTE, "buffer": {"type": "uniform"}}]
         for i, (_, access) in enumerate(k["bindings"]):
             entries.append({"binding": i + 2, "visibility": wgpu.ShaderStage.COMPUTE,
@@ -133,7 +135,8 @@ class Session:
         check_fits(dev, m, sizes)
         usage = wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_DST | wgpu.BufferUsage.COPY_SRC
         self.buffers = {n: dev.create_buffer(size=s, usage=usage, label=n) for n, s in sizes.items()}
-        self.state = dev.create_buffer(size=STATE_BYTES, usage=wgpu.BufferUsage.UNIFORM | wgpu.BufferUsage.COPY_DST)
+        self.state = dev.create_buffer(size=SAMPLE_RING * UNIFORM_ALIGN,
+                                       usage=wgpu.BufferUsage.UNIFORM | wgpu.BufferUsage.COPY_DST)
         self.programs = {p: self._bind(p, steps) for p, steps in m["programs"].items()}
         self.pos = 0
 
@@ -162,20 +165,85 @@ class Session:
             chunk = ids[c0:c0 + self.chunk]
             self._run("decode" if len(chunk) == 1 else "prefill", chunk)
 
-    def _run(self, prog: str, chunk: list[int]):
-        """One submit: write the chunk's ids and the State, replay program `prog`, advance pos."""
+    def _run(self, prog: str, chunk: list[int], then_sample: bool = False):
+        """One submit: write the chunk's ids and the State, replay program `prog` (and `sample` after it), advance pos."""
         dev, T = self.model.device, len(chunk)
         dev.queue.write_buffer(self.buffers["tokens"], 0, np.asarray(chunk, dtype=np.uint32).tobytes())
         dev.queue.write_buffer(self.state, 0, np.array([T, self.pos, 0, 0], dtype=np.uint32).tobytes())
         enc = dev.create_command_encoder()
         cp = enc.begin_compute_pass()
-        for pipeline, bind_group, dispatch in self.programs[prog]:
-            cp.set_pipeline(pipeline)
-            cp.set_bind_group(0, bind_group)
-            cp.dispatch_workgroups(*(dispatch_size(d, T) for d in dispatch))
+        self._encode(cp, prog, T, 0)
+        if then_sample:
+            self._encode(cp, "sample", T, 0)
         cp.end()
         dev.queue.submit([enc.finish()])
         self.pos += T
+
+    def _encode(self, cp, prog: str, T: int, slot: int):
+        """Record program `prog` into the pass, reading State record `slot`."""
+        offset = [slot * UNIFORM_ALIGN]
+        for pipeline, bind_group, dispatch in self.programs[prog]:
+            cp.set_pipeline(pipeline)
+            cp.set_bind_group(0, bind_group, offset)
+            cp.dispatch_workgroups(*(dispatch_size(d, T) for d in dispatch))
+
+    # -- sampling on the GPU, several decode steps per submit (runtime_py/gpu_sampling.py) -----------------------
+    def gpu_sampling(self) -> bool:
+        """Whether this artifact has the `sample` program (older ones sample on the CPU)."""
+        return "sample" in self.programs
+
+    def begin_sampling(self, params, history: list[int], n_logprobs: int = 0):
+        """Write the request's settings, its PRNG seed and the sequence so far (the penalties' window) to the GPU."""
+        from .gpu_sampling import pack_config, seed_of
+        q, self._n_logprobs = self.model.device.queue, n_logprobs
+        q.write_buffer(self.buffers["sampler_cfg"], 0, pack_config(params, n_logprobs))
+        q.write_buffer(self.buffers["sampler_state"], 0, np.array([seed_of(params), 0, 0, 0], np.uint32).tobytes())
+        if history:
+            q.write_buffer(self.buffers["history"], 0, np.asarray(history, np.uint32).tobytes())
+
+    def prefill_sample(self, ids: list[int]):
+        """forward(ids) with the first token sampled on the GPU in the last chunk's submit; [(id, logprob, tops)]."""
+        if self.pos + len(ids) > self.ctx:
+            raise ContextOverflowError(f"sequence of {self.pos + len(ids)} tokens exceeds the context of {self.ctx}")
+        chunks = [ids[c0:c0 + self.chunk] for c0 in range(0, len(ids), self.chunk)]
+        for i, chunk in enumerate(chunks):
+            self._run("decode" if len(chunk) == 1 else "prefill", chunk, then_sample=i == len(chunks) - 1)
+        return self._read_ring(1)
+
+    def decode_sample(self, n: int):
+        """n decode steps in one submit, each fed the token the previous one sampled (tokens[0]); [(id, lp, tops)]
+        for the n tokens. The steps' positions are self.pos .. self.pos + n - 1 (the last sampled token is fed first)."""
+        dev = self.model.device
+        if not 1 <= n <= SAMPLE_RING:
+            raise ValueError(f"decode_sample: 1 <= n <= {SAMPLE_RING}")
+        if self.pos + n > self.ctx:
+            raise ContextOverflowError(f"sequence of {self.pos + n} tokens exceeds the context of {self.ctx}")
+        states = np.zeros((n, UNIFORM_ALIGN // 4), np.uint32)
+        states[:, 0], states[:, 1], states[:, 2] = 1, self.pos + np.arange(n), np.arange(n)
+        dev.queue.write_buffer(self.state, 0, states.tobytes())
+        enc = dev.create_command_encoder()
+        cp = enc.begin_compute_pass()
+        for step in range(n):
+            self._encode(cp, "decode", 1, step)
+            self._encode(cp, "sample", 1, step)
+        cp.end()
+        dev.queue.submit([enc.finish()])
+        self.pos += n
+        return self._read_ring(n)
+
+    def _read_ring(self, n: int):
+        """One read: the n tokens (4 bytes each), plus their logprobs and top logprobs when the request wants them."""
+        from .gpu_sampling import LP_MAX
+        R, k = SAMPLE_RING, self._n_logprobs
+        words = 2 * R + n * LP_MAX * 2 if k else n
+        raw = np.frombuffer(self.model.device.queue.read_buffer(self.buffers["ring"], 0, 4 * words), np.uint32)
+        if not k:
+            return [(int(t), None, None) for t in raw[:n]]
+        lps = raw[R:R + n].view(np.float32)
+        pairs = raw[2 * R:].reshape(n, LP_MAX, 2)[:, :k]
+        return [(int(raw[i]), float(lps[i]), [(int(a), float(b)) for a, b in zip(pairs[i, :, 0],
+                                                                                  pairs[i, :, 1].view(np.float32))])
+                for i in range(n)]
 
     def logits(self) -> np.ndarray:
         """(vocab,) float32 logits of the last token of the last forward."""
