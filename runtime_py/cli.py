@@ -54,7 +54,9 @@ def cmd_compile(a):
 def _sampling(a):
     from .sampling import SamplingParams
     return SamplingParams(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
-                          repeat_penalty=a.repeat_penalty, seed=a.seed, stop=a.stop or [])
+                          repeat_penalty=a.repeat_penalty, repeat_last_n=a.repeat_last_n,
+                          presence_penalty=a.presence_penalty, frequency_penalty=a.frequency_penalty, seed=a.seed,
+                          stop=a.stop or [], max_tokens=a.max_tokens)
 
 
 def load(model: str | None, ctx: int | None = None, quiet=False):
@@ -88,7 +90,7 @@ def cmd_run(a):
     prompt = a.prompt if a.prompt is not None else sys.stdin.read()
     ids = build_prompt(tok, m, prompt, a.chat, a.system, a.chat_template)
     tops, done = [], None
-    for ev in generate(session, tok, ids, params, max_tokens=a.max_tokens, logprobs=5 if a.json else 0,
+    for ev in generate(session, tok, ids, params, logprobs=5 if a.json else 0,
                        eog_ids=tok.eog_ids):
         if isinstance(ev, Done):
             done = ev
@@ -168,13 +170,21 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     r.add_argument("--system", help="system message (with --chat)")
     r.add_argument("--chat-template", help="jinja chat template file overriding the model's")
-    r.add_argument("--max-tokens", "-n", type=int, default=128)
-    r.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
-    r.add_argument("--top-k", type=int, default=40)
-    r.add_argument("--top-p", type=float, default=0.95)
-    r.add_argument("--min-p", type=float, default=0.05)
-    r.add_argument("--repeat-penalty", type=float, default=1.0, help="1 = off (llama.cpp default)")
-    r.add_argument("--seed", type=int, default=None)
+    # sampling flags: defaults are SamplingParams' (runtime_py/sampling.py REQUEST_TABLE), the API's and the browser's
+    from .sampling import SamplingParams
+    d = SamplingParams()
+    r.add_argument("--max-tokens", "-n", type=int, default=d.max_tokens,
+                   help="tokens to generate (default: until EOS, a stop string or the end of the context)")
+    r.add_argument("--temperature", type=float, default=d.temperature, help=f"0 = greedy (default {d.temperature})")
+    r.add_argument("--top-k", type=int, default=d.top_k, help=f"<= 0 = off (default {d.top_k})")
+    r.add_argument("--top-p", type=float, default=d.top_p, help=f"1 = off (default {d.top_p})")
+    r.add_argument("--min-p", type=float, default=d.min_p, help=f"0 = off (default {d.min_p})")
+    r.add_argument("--repeat-penalty", type=float, default=d.repeat_penalty, help="1 = off (llama.cpp default)")
+    r.add_argument("--repeat-last-n", type=int, default=d.repeat_last_n,
+                   help=f"tokens the penalties look at; 0 = off, -1 = all (default {d.repeat_last_n})")
+    r.add_argument("--presence-penalty", type=float, default=d.presence_penalty)
+    r.add_argument("--frequency-penalty", type=float, default=d.frequency_penalty)
+    r.add_argument("--seed", type=int, default=d.seed)
     r.add_argument("--stop", action="append", help="stop string (repeatable)")
     r.add_argument("--ctx", type=int, default=None, help="context length (default 2048, at most the model's)")
     r.add_argument("--json", action="store_true", help="print one JSON object: model, prompt_ids, ids, text, "

@@ -1,5 +1,5 @@
 """The decode loop: prefill the prompt, then choose / feed one token at a time until EOS, a stop string or the limit.
-Mirrors web/engine.js `generate`.
+Mirrors web/generate.js step for step.
 
     for ev in generate(session, tok, prompt_ids, params, max_tokens=64): ...   # ev: Token, then one Done
 """
@@ -69,15 +69,18 @@ class StopStrings:
         return out
 
 
-def generate(session, tokenizer, prompt_ids: list[int], params: SamplingParams, *, max_tokens: int = 256,
+def generate(session, tokenizer, prompt_ids: list[int], params: SamplingParams, *, max_tokens: int | None = None,
              logprobs: int = 0, eog_ids=(), should_stop=lambda: False):
-    """Yields Token events then one Done. The session is reset to position 0 first (no prefix reuse yet)."""
+    """Yields Token events then one Done. The session is reset to position 0 first (no prefix reuse yet).
+    max_tokens overrides params.max_tokens; both None: until EOS, a stop string or the end of the context."""
     if not prompt_ids:
         raise ContextOverflowError("empty prompt: nothing to condition on")
     if len(prompt_ids) >= session.ctx:
         raise ContextOverflowError(f"prompt is {len(prompt_ids)} tokens but the context holds {session.ctx} "
                                    f"(use a shorter prompt or a larger --ctx)")
-    max_tokens = min(max_tokens, session.ctx - len(prompt_ids))
+    room = session.ctx - len(prompt_ids)
+    max_tokens = max_tokens if max_tokens is not None else params.max_tokens
+    max_tokens = room if max_tokens is None else min(max_tokens, room)
     sampler = Sampler(params)
     fast_greedy = params.greedy and not logprobs and params.repeat_penalty == 1 \
         and not params.presence_penalty and not params.frequency_penalty
@@ -102,7 +105,7 @@ def generate(session, tokenizer, prompt_ids: list[int], params: SamplingParams, 
             tok, lp = session.next_token(), None
         else:
             logits = session.logits()
-            tok = sampler(logits, history)
+            tok = sampler.sample(logits, history)
             lp = top_logprobs(logits, logprobs) if logprobs else None
         if t_first is None:
             t_first = time.perf_counter()

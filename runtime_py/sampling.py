@@ -6,11 +6,56 @@ top-p and min-p look at the untempered distribution, as llama.cpp does; temperat
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from compiler.errors import KilnError
+from compiler.errors import InvalidParameterError
+
+
+# The request table: OpenAI / llama.cpp request fields -> SamplingParams, shared by `kiln serve` (runtime_py/api.py),
+# the browser API (web/api.js) and, for its defaults, `kiln run`. web/sampler.js holds the same table (REQUEST_TABLE,
+# compared by tests/e2e/test_mirrors.py); `from_request` / `fromRequest` implement it identically.
+#
+#   field              request names (aliases)         type          default  valid                 meaning
+#   temperature        temperature                     number        0.7      [0, 2] (*)            0 = greedy
+#   top_k              top_k                           integer       40       any                   <= 0: off
+#   top_p              top_p                           number        0.95     [0, 1] (*)            1: off; 0 = top_k 1
+#   min_p              min_p                           number        0.05     [0, 1]                0: off
+#   repeat_penalty     repetition_penalty,             number        1.0      > 0                   1: off
+#                      repeat_penalty
+#   repeat_last_n      repeat_last_n                   integer       64       >= -1                 0: off; -1: all
+#   presence_penalty   presence_penalty                number        0.0      [-2, 2]
+#   frequency_penalty  frequency_penalty               number        0.0      [-2, 2]
+#   seed               seed                            integer|null  null     any integer           null: random;
+#                                                                                                   used mod 2**32
+#   stop               stop                            string|list   []       <= 4 strings (*)      "" ignored
+#   max_tokens         max_tokens,                     integer|null  null     >= 1                  null: until EOS,
+#                      max_completion_tokens                                                        a stop or ctx end
+#
+# (*) request-only rules, OpenAI's: temperature <= 2, top_p 0 accepted (becomes top_k 1, top_p 1: only the most
+# likely token, as OpenAI and llama.cpp do), at most 4 stop strings. SamplingParams itself (what `kiln run` flags
+# build) keeps temperature >= 0 and top_p in (0, 1].
+# Absent and null fields keep the default. Aliases must agree when several are given (a conflict is refused, not
+# resolved by an order nobody can guess). Types are strict: true is not a number, "0.5" is not a number, 1.5 is not
+# an integer (2.0 is 2, as in JavaScript). Every refusal is an InvalidParameterError naming the request field.
+REQUEST_TABLE = [
+    {"field": "temperature", "names": ["temperature"], "type": "number", "min": 0, "max": None, "request_max": 2},
+    {"field": "top_k", "names": ["top_k"], "type": "integer", "min": None, "max": None},
+    {"field": "top_p", "names": ["top_p"], "type": "number", "min": 0, "max": 1, "min_open": True,
+     "request_min_open": False},
+    {"field": "min_p", "names": ["min_p"], "type": "number", "min": 0, "max": 1},
+    {"field": "repeat_penalty", "names": ["repetition_penalty", "repeat_penalty"], "type": "number", "min": 0,
+     "max": None, "min_open": True},
+    {"field": "repeat_last_n", "names": ["repeat_last_n"], "type": "integer", "min": -1, "max": None},
+    {"field": "presence_penalty", "names": ["presence_penalty"], "type": "number", "min": -2, "max": 2},
+    {"field": "frequency_penalty", "names": ["frequency_penalty"], "type": "number", "min": -2, "max": 2},
+    {"field": "seed", "names": ["seed"], "type": "integer|null", "min": None, "max": None},
+    {"field": "stop", "names": ["stop"], "type": "stop", "request_max_items": 4},
+    {"field": "max_tokens", "names": ["max_tokens", "max_completion_tokens"], "type": "integer|null", "min": 1,
+     "max": None},
+]
 
 
 @dataclass
@@ -20,30 +65,82 @@ class SamplingParams:
     top_p: float = 0.95         # 1: off
     min_p: float = 0.05         # 0: off
     repeat_penalty: float = 1.0  # 1: off; llama.cpp-style divide/multiply over the last `repeat_last_n` tokens
-    repeat_last_n: int = 64
+    repeat_last_n: int = 64      # 0: off; -1: the whole history
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     logit_bias: dict[int, float] = field(default_factory=dict)   # token id -> added to its logit before penalties
+    max_tokens: int | None = None   # None: until EOS, a stop string or the end of the context
+
+    @classmethod
+    def from_request(cls, req: dict) -> SamplingParams:
+        """An OpenAI / llama.cpp style request (a dict; other keys ignored) -> validated params, by REQUEST_TABLE.
+        Mirrors web/sampler.js `SamplingParams.fromRequest`."""
+        kw = {}
+        for row in REQUEST_TABLE:
+            given = [(n, req[n]) for n in row["names"] if req.get(n) is not None]
+            if not given:
+                continue
+            (name, value), *others = [(n, _check(row, n, v, request=True)) for n, v in given]
+            for other, v in others:
+                if v != value:
+                    raise InvalidParameterError(f"{name} and {other} are two names for one setting and were given "
+                                                f"different values ({_show(value)}, {_show(v)}); give one",
+                                                param=other)
+            kw[row["field"]] = value
+        p = cls(**kw)
+        if p.top_p == 0:            # OpenAI accepts 0: only the most likely token
+            p.top_p, p.top_k = 1.0, 1
+        return p.validate()
 
     def validate(self):
-        checks = [
-            (self.temperature >= 0, "temperature must be >= 0"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
-            (self.repeat_penalty > 0, "repeat_penalty must be > 0"),
-            (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
-            (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise KilnError(msg)
+        for row in REQUEST_TABLE:
+            _check(row, row["field"], getattr(self, row["field"]))
         return self
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def _show(value) -> str:
+    """A value as JSON.stringify writes it (2.0 as 2), so both runtimes word their messages alike."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _check(row: dict, name: str, value, request: bool = False):
+    """`value` of table row `row` (given as `name`), type- and range-checked; returns it normalised."""
+    kind = row["type"]
+    if kind == "stop":
+        value = [value] if isinstance(value, str) else value
+        if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+            raise InvalidParameterError(f"{name} must be a string or a list of strings", param=name)
+        limit = row.get("request_max_items") if request else None
+        if limit is not None and len(value) > limit:
+            raise InvalidParameterError(f"{name} takes at most {limit} strings (got {len(value)})", param=name)
+        return list(value)
+    if value is None and kind.endswith("|null"):
+        return None
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind.startswith("integer"):
+        if not number or (isinstance(value, float) and not value.is_integer()):
+            raise InvalidParameterError(f"{name} must be an integer (got {_show(value)})", param=name)
+        value = int(value)
+    elif not number:
+        raise InvalidParameterError(f"{name} must be a number (got {_show(value)})", param=name)
+    lo, hi = row.get("min"), row.get("request_max") if request and "request_max" in row else row.get("max")
+    lo_open = row.get("request_min_open" if request and "request_min_open" in row else "min_open", False)
+    ok = (lo is None or (value > lo if lo_open else value >= lo)) and (hi is None or value <= hi)
+    if not ok:   # also NaN, which compares false
+        if hi is None:
+            rng = f"{'>' if lo_open else '>='} {lo}"
+        else:
+            rng = f"in {'(' if lo_open else '['}{lo}, {hi}]"
+        raise InvalidParameterError(f"{name} must be {rng} (got {_show(value)})", param=name)
+    return value
 
 
 GREEDY = SamplingParams(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=1.0)
@@ -80,7 +177,8 @@ class Sampler:
             for tok, b in p.logit_bias.items():
                 if 0 <= int(tok) < len(logits):
                     logits[int(tok)] += b
-        recent = history[-p.repeat_last_n:] if p.repeat_last_n > 0 else []
+        n = len(history) if p.repeat_last_n < 0 else p.repeat_last_n
+        recent = history[len(history) - n:] if n > 0 else []
         if not recent or (p.repeat_penalty == 1 and not p.presence_penalty and not p.frequency_penalty):
             return logits
         logits = logits.copy()
@@ -91,7 +189,8 @@ class Sampler:
         logits[ids] = sel
         return logits
 
-    def __call__(self, logits: np.ndarray, history: list[int]) -> int:
+    def sample(self, logits: np.ndarray, history: list[int]) -> int:
+        """logits: (vocab,) float; history: prompt + generated ids. Returns the chosen id."""
         p = self.p
         logits = self.apply_penalties(np.asarray(logits, dtype=np.float64), history)
         if p.greedy:

@@ -4,7 +4,8 @@
 //   const engine = await createEngine("/models/smollm2/", {onProgress: (p) => ..., onDeviceLost: (msg) => ...});
 //   engine.selftest      // {ok, max_diff, tolerance, ...}: check it before trusting the output (see engine.js)
 //   for await (const chunk of await engine.chat.completions.create({messages, stream: true, temperature: 0.7,
-//       top_p, top_k, min_p, repetition_penalty, presence_penalty, frequency_penalty, seed, stop, max_tokens})) {
+//       top_p, top_k, min_p, repetition_penalty (alias repeat_penalty), repeat_last_n, presence_penalty,
+//       frequency_penalty, seed, stop, max_tokens (alias max_completion_tokens)})) {
 //     out += chunk.choices[0]?.delta?.content ?? "";
 //   }
 //   engine.interrupt();  // ends the running generation after its current token (finish_reason "stop")
@@ -12,9 +13,14 @@
 // Also engine.completions.create({prompt, ...}) (raw text, no chat template; `prompt` may be token ids).
 // Streams end with a chunk carrying `usage` (always sent) and `kiln: {prompt_ids, ids, timings}` with
 // timings {ttft_s, prefill_tok_s, decode_tok_s, total_s}; non-streaming responses carry both too.
-// Leaving a `for await` early interrupts that request. Errors are the classes exported by device.js.
+// Sampling fields go through SamplingParams.fromRequest (web/sampler.js), the same table as the native server's
+// (runtime_py/sampling.py REQUEST_TABLE): same defaults, aliases and checks; max_tokens defaults to the rest of the
+// context. A bad value rejects with InvalidParameterError (`param` names the field) before anything runs.
+// Leaving a `for await` early interrupts that request. Errors are the classes of errors.js (re-exported here), also
+// when they were thrown in the worker.
 
-import {DeviceLostError, ERRORS, KilnError} from "./device.js";
+import {DeviceLostError, ERRORS, KilnError, errorFromJson} from "./errors.js";
+import {SamplingParams} from "./sampler.js";
 
 export * from "./device.js";
 
@@ -29,19 +35,6 @@ function libUrls() {
   };
   return {tokenizers: resolve("@huggingface/tokenizers", "./node_modules/@huggingface/tokenizers/dist/tokenizers.mjs"),
           jinja: resolve("@huggingface/jinja", "./node_modules/@huggingface/jinja/dist/index.js")};
-}
-
-const toError = ({name, message}) => new (ERRORS[name] || KilnError)(message);
-
-/** Sampling fields of an OpenAI-style request -> runtime SamplingParams fields (unset ones keep their defaults). */
-function samplingParams(req) {
-  const p = {};
-  const copy = {temperature: "temperature", top_p: "top_p", top_k: "top_k", min_p: "min_p", seed: "seed",
-                repetition_penalty: "repeat_penalty", repeat_penalty: "repeat_penalty", repeat_last_n: "repeat_last_n",
-                presence_penalty: "presence_penalty", frequency_penalty: "frequency_penalty"};
-  for (const [from, to] of Object.entries(copy)) if (req[from] !== undefined && req[from] !== null) p[to] = req[from];
-  if (req.stop) p.stop = Array.isArray(req.stop) ? req.stop : [req.stop];
-  return p;
 }
 
 /** A queue the worker fills and a `for await` drains. */
@@ -97,7 +90,7 @@ class Engine {
     if (!h) return;
     if (msg.type === "token") h.token(msg.token);
     else if (msg.type === "done") { this._active.delete(msg.id); h.done(msg.done); }
-    else if (msg.type === "error") { this._active.delete(msg.id); h.fail(toError(msg.error)); }
+    else if (msg.type === "error") { this._active.delete(msg.id); h.fail(errorFromJson(msg.error)); }
   }
 
   /** kind "chat" (messages) or "text" (prompt). Resolves to an async iterable of chunks when stream is set. */
@@ -113,7 +106,7 @@ class Engine {
     const created = Math.floor(Date.now() / 1000);
     const model = req.model || this.model;
     const topN = kind === "chat" ? (req.logprobs ? (req.top_logprobs ?? 0) || 1 : 0) : (req.logprobs ?? 0);
-    const request = {params: samplingParams(req), max_tokens: req.max_tokens ?? 256, logprobs: topN};
+    const request = {params: {...SamplingParams.fromRequest(req)}, logprobs: topN};   // throws InvalidParameterError
     if (kind === "chat") request.messages = req.messages; else request.prompt = req.prompt;
 
     const base = {id, object: kind === "chat" ? "chat.completion.chunk" : "text_completion", created, model};
@@ -199,7 +192,7 @@ export async function createEngine(modelUrl, {onProgress = () => {}, onDeviceLos
       if (engine) return engine._onMessage(msg);
       if (msg.type === "progress") onProgress(msg.progress);
       else if (msg.type === "loaded") resolve(msg.info);
-      else if (msg.type === "load-error") reject(toError(msg.error));
+      else if (msg.type === "load-error") reject(errorFromJson(msg.error));
       else if (msg.type === "lost") reject(new DeviceLostError(msg.message));
     };
     worker.onerror = (e) => reject(new KilnError(`the engine worker failed to start: ${e.message || "script error"}`));

@@ -5,26 +5,9 @@
 //   checkAdapter(adapter, manifest, bufferBytes(manifest, ctx)); // FeatureMissingError, ModelTooLargeError
 //   const device = await getDevice(adapter, manifest, bufferBytes(manifest, ctx));
 
-export class KilnError extends Error {
-  get name() { return this.constructor.name; }
-}
-/** No navigator.gpu, an insecure context, or requestAdapter() returned null. */
-export class WebGPUUnavailableError extends KilnError {}
-/** The artifact's shaders need an optional WebGPU feature (e.g. "shader-f16") this adapter lacks. */
-export class FeatureMissingError extends KilnError {}
-/** A buffer or binding the model needs exceeds what this adapter allows. */
-export class ModelTooLargeError extends KilnError {}
-/** A shard's sha256 differs from the manifest's, from the network too after one retry. */
-export class ShardCorruptError extends KilnError {}
-/** The GPU device went away (driver reset, out of memory, tab in background on mobile). */
-export class DeviceLostError extends KilnError {}
-/** The load-time self-test found this GPU/browser computing different logits than the compiler's machine. */
-export class SelfTestError extends KilnError {}
-/** Prompt + generation would not fit the session's context. */
-export class ContextOverflowError extends KilnError {}
+import {FeatureMissingError, ModelTooLargeError, WebGPUUnavailableError} from "./errors.js";
 
-export const ERRORS = {KilnError, WebGPUUnavailableError, FeatureMissingError, ModelTooLargeError, ShardCorruptError,
-                       DeviceLostError, SelfTestError, ContextOverflowError};
+export * from "./errors.js";   // the error classes live in errors.js; importers of device.js / api.js see them here
 
 const UNAVAILABLE_HELP = "Use a recent Chrome or Edge (113+) on a machine with a GPU driver, or enable WebGPU " +
   "(chrome://flags/#enable-unsafe-webgpu; on Linux also #enable-vulkan).";

@@ -9,12 +9,12 @@
 // ShardCorruptError. A connection dropped mid-shard is resumed with an HTTP Range request (up to 3 times). A shard is cached under its URL + "?sha256=<hash>", so a recompiled model never reuses a stale
 // shard, and entries of this model that the manifest no longer lists are evicted after a load.
 
-import {KilnError, ShardCorruptError} from "./device.js";
+import {ArtifactError, KilnError, ShardCorruptError} from "./errors.js";
 
 export const CACHE_NAME = "kiln-shards-v1";
 export const MANIFEST_VERSION = 1;
 
-export class ArtifactError extends KilnError {}
+export {ArtifactError};   // defined in errors.js with every other error class
 
 export async function fetchManifest(baseUrl) {
   const url = new URL("manifest.json", baseUrl).href;

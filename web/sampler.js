@@ -6,27 +6,99 @@
 // Arithmetic is float64 like numpy's, and sums over many terms use numpy's pairwise summation, so the two runtimes
 // agree bit for bit except where Math.exp and the C library's exp differ in the last place.
 
+import {InvalidParameterError} from "./errors.js";
+
+// The request table: OpenAI / llama.cpp request fields -> SamplingParams. The same rows as runtime_py/sampling.py's
+// REQUEST_TABLE, where the table is written out with its meaning (defaults, aliases, ranges, request-only rules);
+// tests/e2e/test_mirrors.py compares the two and feeds both the same requests.
+export const REQUEST_TABLE = [
+  {field: "temperature", names: ["temperature"], type: "number", min: 0, max: null, request_max: 2},
+  {field: "top_k", names: ["top_k"], type: "integer", min: null, max: null},
+  {field: "top_p", names: ["top_p"], type: "number", min: 0, max: 1, min_open: true, request_min_open: false},
+  {field: "min_p", names: ["min_p"], type: "number", min: 0, max: 1},
+  {field: "repeat_penalty", names: ["repetition_penalty", "repeat_penalty"], type: "number", min: 0, max: null,
+   min_open: true},
+  {field: "repeat_last_n", names: ["repeat_last_n"], type: "integer", min: -1, max: null},
+  {field: "presence_penalty", names: ["presence_penalty"], type: "number", min: -2, max: 2},
+  {field: "frequency_penalty", names: ["frequency_penalty"], type: "number", min: -2, max: 2},
+  {field: "seed", names: ["seed"], type: "integer|null", min: null, max: null},
+  {field: "stop", names: ["stop"], type: "stop", request_max_items: 4},
+  {field: "max_tokens", names: ["max_tokens", "max_completion_tokens"], type: "integer|null", min: 1, max: null},
+];
+
 export class SamplingParams {
   constructor({temperature = 0.7, top_k = 40, top_p = 0.95, min_p = 0.05, repeat_penalty = 1.0, repeat_last_n = 64,
-               presence_penalty = 0.0, frequency_penalty = 0.0, seed = null, stop = [], logit_bias = {}} = {}) {
+               presence_penalty = 0.0, frequency_penalty = 0.0, seed = null, stop = [], max_tokens = null,
+               logit_bias = {}} = {}) {
     Object.assign(this, {temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, presence_penalty,
-                         frequency_penalty, seed, stop, logit_bias});
+                         frequency_penalty, seed, stop, max_tokens, logit_bias});
+  }
+
+  /** An OpenAI / llama.cpp style request (other keys ignored) -> validated params, by REQUEST_TABLE.
+   *  Mirrors runtime_py/sampling.py `SamplingParams.from_request`. */
+  static fromRequest(req) {
+    const kw = {};
+    for (const row of REQUEST_TABLE) {
+      const given = row.names.filter((n) => req[n] !== undefined && req[n] !== null)
+        .map((n) => [n, check(row, n, req[n], true)]);
+      if (!given.length) continue;
+      const [[name, value], ...others] = given;
+      for (const [other, v] of others) {
+        if (!sameValue(v, value)) {
+          throw new InvalidParameterError(`${name} and ${other} are two names for one setting and were given ` +
+                                          `different values (${show(value)}, ${show(v)}); give one`, other);
+        }
+      }
+      kw[row.field] = value;
+    }
+    const p = new SamplingParams(kw);
+    if (p.top_p === 0) [p.top_p, p.top_k] = [1.0, 1];   // OpenAI accepts 0: only the most likely token
+    return p.validate();
   }
 
   validate() {
-    const checks = [
-      [this.temperature >= 0, "temperature must be >= 0"],
-      [0 < this.top_p && this.top_p <= 1, "top_p must be in (0, 1]"],
-      [0 <= this.min_p && this.min_p <= 1, "min_p must be in [0, 1]"],
-      [this.repeat_penalty > 0, "repeat_penalty must be > 0"],
-      [-2 <= this.presence_penalty && this.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"],
-      [-2 <= this.frequency_penalty && this.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"],
-    ];
-    for (const [ok, msg] of checks) if (!ok) throw new RangeError(msg);
+    for (const row of REQUEST_TABLE) check(row, row.field, this[row.field]);
     return this;
   }
 
   get greedy() { return this.temperature === 0; }
+}
+
+/** A value as Python's json.dumps writes it, so both runtimes word their messages alike. */
+const show = (value) => JSON.stringify(value);
+const sameValue = (a, b) => JSON.stringify(a) === JSON.stringify(b);
+
+/** `value` of table row `row` (given as `name`), type- and range-checked; returns it normalised. */
+function check(row, name, value, request = false) {
+  const kind = row.type;
+  if (kind === "stop") {
+    value = typeof value === "string" ? [value] : value;
+    if (!Array.isArray(value) || !value.every((s) => typeof s === "string")) {
+      throw new InvalidParameterError(`${name} must be a string or a list of strings`, name);
+    }
+    const limit = request ? row.request_max_items ?? null : null;
+    if (limit !== null && value.length > limit) {
+      throw new InvalidParameterError(`${name} takes at most ${limit} strings (got ${value.length})`, name);
+    }
+    return [...value];
+  }
+  if (value === null && kind.endsWith("|null")) return null;
+  const number = typeof value === "number";
+  if (kind.startsWith("integer")) {
+    if (!number || !Number.isInteger(value)) {
+      throw new InvalidParameterError(`${name} must be an integer (got ${show(value)})`, name);
+    }
+  } else if (!number) {
+    throw new InvalidParameterError(`${name} must be a number (got ${show(value)})`, name);
+  }
+  const lo = row.min ?? null, hi = (request && "request_max" in row ? row.request_max : row.max) ?? null;
+  const loOpen = (request && "request_min_open" in row ? row.request_min_open : row.min_open) ?? false;
+  const ok = (lo === null || (loOpen ? value > lo : value >= lo)) && (hi === null || value <= hi);
+  if (!ok) {   // also NaN, which compares false
+    const range = hi === null ? `${loOpen ? ">" : ">="} ${lo}` : `in ${loOpen ? "(" : "["}${lo}, ${hi}]`;
+    throw new InvalidParameterError(`${name} must be ${range} (got ${show(value)})`, name);
+  }
+  return value;
 }
 
 export const GREEDY = new SamplingParams({temperature: 0, top_k: 0, top_p: 1, min_p: 0, repeat_penalty: 1});
@@ -123,7 +195,8 @@ export class Sampler {
       logits = Float64Array.from(logits);
       for (const [tok, b] of bias) if (tok >= 0 && tok < logits.length) logits[tok] += b;
     }
-    const recent = p.repeat_last_n > 0 ? history.slice(-p.repeat_last_n) : [];
+    const n = p.repeat_last_n < 0 ? history.length : p.repeat_last_n;
+    const recent = n > 0 ? history.slice(history.length - n) : [];
     if (!recent.length || (p.repeat_penalty === 1 && !p.presence_penalty && !p.frequency_penalty)) return logits;
     logits = Float64Array.from(logits);
     const counts = new Map();

@@ -2,18 +2,20 @@
 // downloads, hashing, shader compilation and the decode loop never block the page. api.js is its only client.
 //
 // Messages in:   {type: "load", modelUrl, libs: {tokenizers, jinja}, options: {ctx, selftest}}
-//                {type: "generate", id, request: {prompt | messages, params, max_tokens, logprobs}}
+//                {type: "generate", id, request: {prompt | messages, params, logprobs}}   params: SamplingParams
 //                {type: "interrupt", ids}     stop these requests after their current token
 //                {type: "unload"}             destroy the device (not reported as a loss)
 //                {type: "debug:lose-device"}  destroy the device as a driver reset would (tests, demo)
 // Messages out:  {type: "progress", progress} | {type: "loaded", info} | {type: "load-error", error}
 //                {type: "token", id, token} | {type: "done", id, done} | {type: "error", id, error}
 //                {type: "lost", message}
-// Errors travel as {name, message}; api.js turns them back into the classes of device.js.
+// Errors travel as errors.js errorToJson makes them ({name, message, param?}); api.js turns them back into their
+// classes with errorFromJson.
 
 import {renderChat} from "./chat.js";
-import {DeviceLostError} from "./device.js";
-import {Model, generate, selftest} from "./engine.js";
+import {DeviceLostError, errorToJson} from "./errors.js";
+import {Model, selftest} from "./engine.js";
+import {generate} from "./generate.js";
 import {SamplingParams} from "./sampler.js";
 import {Tokenizer} from "./tokenizer.js";
 
@@ -22,7 +24,6 @@ const interrupted = new Set();
 let queue = Promise.resolve();   // requests run one at a time, in arrival order
 
 const post = (msg) => self.postMessage(msg);
-const errorJson = (e) => ({name: e?.name || "Error", message: e?.message || String(e)});
 
 async function load({modelUrl, libs, options = {}}) {
   const t0 = performance.now();
@@ -69,7 +70,7 @@ async function run(id, request) {
   }
   const params = new SamplingParams(request.params || {});
   const events = generate(session, tokenizer, ids, params, {
-    maxTokens: request.max_tokens ?? 256, logprobs: request.logprobs || 0, eogIds: [...tokenizer.eog_ids],
+    logprobs: request.logprobs || 0, eogIds: [...tokenizer.eog_ids],
     shouldStop: () => interrupted.has(id)});
   for await (const ev of events) {
     if (ev.type === "token") {
@@ -89,12 +90,12 @@ self.onmessage = async ({data: msg}) => {
         post({type: "loaded", info: await load(msg)});
       } catch (e) {
         console.error(e);
-        post({type: "load-error", error: errorJson(e)});
+        post({type: "load-error", error: errorToJson(e)});
       }
       break;
     case "generate":
       queue = queue.then(() => run(msg.id, msg.request)).catch((e) => post({type: "error", id: msg.id,
-                                                                            error: errorJson(e)}))
+                                                                            error: errorToJson(e)}))
         .finally(() => interrupted.delete(msg.id));
       break;
     case "interrupt":

@@ -1,9 +1,13 @@
-"""The browser's mirrors of runtime_py, run in the page against the Python originals (no GPU work, a few seconds):
+"""The browser's mirrors of runtime_py, run in the page against the Python originals (little GPU work, a few seconds;
+the list of mirrors is ARCHITECTURE.md's "Mirrors"):
 
-    web/sampler.js    == runtime_py/sampling.py   same ids for the same seed, across the sampling chain
+    web/sampler.js    == runtime_py/sampling.py   the request table: same requests -> same params or the same error;
+                                                  same ids for the same seed, across the sampling chain
+    web/errors.js     == compiler/errors.py       ERROR_TABLE's JS column is ERRORS; errors keep their class across
+                                                  the worker boundary
     web/tokenizer.js  == llama.cpp's ids          tests/fixtures/smollm2_tokenizer.json (control tokens parsed)
     web/chat.js       == runtime_py/chat.py       the model's template and the fallback ones
-    web/engine.js     == runtime_py/generate.py   StopStrings
+    web/generate.js   == runtime_py/generate.py   StopStrings
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ import numpy as np
 import pytest
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
-SAMPLING_CASES = [
+SAMPLING_CASES = [                  # requests, through from_request / fromRequest on both sides
     {},
     {"top_k": 0},
     {"top_k": 0, "top_p": 1.0, "min_p": 0.0, "temperature": 1.5},
@@ -23,6 +27,32 @@ SAMPLING_CASES = [
     {"repeat_penalty": 1.3, "presence_penalty": 0.5, "frequency_penalty": 0.3},
     {"temperature": 0.0},
     {"temperature": 0.0, "repeat_penalty": 1.5},
+    {"top_p": 0, "temperature": 1.0},                                  # only the most likely token
+    {"repetition_penalty": 1.5, "repeat_last_n": -1, "top_k": 0},      # the whole history
+    {"repetition_penalty": 1.2, "repeat_last_n": 8, "frequency_penalty": 0.4, "min_p": 0.0},
+]
+
+# The request table's cases: valid, invalid, aliases, nulls, top_p=0, penalties, stop lists, seeds, max_tokens.
+REQUEST_CASES = [
+    {}, {"model": "smollm2", "messages": [], "user": "u", "stream": True, "unknown": [1]},
+    {"temperature": None, "top_k": None, "seed": None, "stop": None, "max_tokens": None},
+    {"temperature": 0}, {"temperature": 2}, {"temperature": 2.5}, {"temperature": -0.1}, {"temperature": "0.5"},
+    {"temperature": True}, {"temperature": [1]},
+    {"top_p": 0}, {"top_p": 0, "top_k": 7}, {"top_p": 1}, {"top_p": 1.5}, {"top_p": -0.1},
+    {"top_k": 0}, {"top_k": -1}, {"top_k": 1.5}, {"top_k": 3.0}, {"top_k": "3"},
+    {"min_p": 0}, {"min_p": 1}, {"min_p": 1.1},
+    {"repetition_penalty": 1.3}, {"repeat_penalty": 1.3}, {"repetition_penalty": 1.3, "repeat_penalty": 1.3},
+    {"repetition_penalty": 1.3, "repeat_penalty": 1.1}, {"repeat_penalty": 0}, {"repetition_penalty": -1},
+    {"repetition_penalty": None, "repeat_penalty": 1.1}, {"repetition_penalty": "x", "repeat_penalty": 1.1},
+    {"repeat_last_n": 0}, {"repeat_last_n": -1}, {"repeat_last_n": -2}, {"repeat_last_n": 1.5},
+    {"presence_penalty": 2}, {"presence_penalty": 2.5}, {"frequency_penalty": -2}, {"frequency_penalty": -3},
+    {"seed": 0}, {"seed": -5}, {"seed": 2 ** 32 + 7}, {"seed": 1.5}, {"seed": "1"},
+    {"stop": "\n"}, {"stop": ["a", "b", "", "d"]}, {"stop": ["a", "b", "c", "d", "e"]}, {"stop": 5},
+    {"stop": ["a", 1]}, {"stop": []},
+    {"max_tokens": 1}, {"max_tokens": 0}, {"max_tokens": 2.5}, {"max_completion_tokens": 5},
+    {"max_tokens": 5, "max_completion_tokens": 6}, {"max_tokens": 5, "max_completion_tokens": 5},
+    {"temperature": 0.9, "top_p": 0.8, "top_k": 20, "min_p": 0.1, "repeat_penalty": 1.1, "repeat_last_n": 32,
+     "presence_penalty": 0.5, "frequency_penalty": 0.25, "seed": 42, "stop": ["</s>", "\n\n"], "max_tokens": 64},
 ]
 
 
@@ -42,9 +72,9 @@ def test_sampler_matches_python(page):
         logits = (rng.normal(size=4096) * 3).astype(np.float32)
         logits[rng.integers(0, 4096, 8)] = logits.max()          # ties at the top: order must be stable
         history = [int(x) for x in rng.integers(0, 4096, 80)] + [int(np.argmax(logits))]
-        s = Sampler(SamplingParams(seed=1000 + i, **kw))
+        s = Sampler(SamplingParams.from_request({**kw, "seed": 1000 + i}))
         cases.append({"kw": kw, "seed": 1000 + i, "logits": logits.tolist(), "history": history,
-                      "ids": [s(logits, history) for _ in range(25)]})
+                      "ids": [s.sample(logits, history) for _ in range(25)]})
     rand = Mulberry32(42)
     want_rand = [rand.next() for _ in range(100)]
     got = page.evaluate("""async ({cases}) => {
@@ -52,7 +82,7 @@ def test_sampler_matches_python(page):
         const r = new Mulberry32(42);
         return {rand: Array.from({length: 100}, () => r.next()),
                 ids: cases.map((c) => {
-                  const s = new Sampler(new SamplingParams({...c.kw, seed: c.seed}));
+                  const s = new Sampler(SamplingParams.fromRequest({...c.kw, seed: c.seed}));
                   const logits = Float32Array.from(c.logits);
                   return Array.from({length: 25}, () => s.sample(logits, c.history));
                 })};
@@ -60,6 +90,80 @@ def test_sampler_matches_python(page):
     assert got["rand"] == want_rand
     for c, ids in zip(cases, got["ids"]):
         assert ids == c["ids"], c["kw"]
+
+
+def _py_request(req: dict) -> dict:
+    from dataclasses import asdict
+
+    from compiler.errors import KilnError
+    from runtime_py.sampling import SamplingParams
+    try:
+        return {"params": asdict(SamplingParams.from_request(req))}
+    except KilnError as e:
+        return {"error": [type(e).__name__, getattr(e, "param", None), str(e)]}
+
+
+def test_request_table_is_the_same_table(page):
+    from runtime_py.sampling import REQUEST_TABLE
+    js = page.evaluate("async () => (await import('/web/sampler.js')).REQUEST_TABLE")
+    assert js == REQUEST_TABLE
+
+
+def test_requests_give_the_same_params_or_the_same_error(page):
+    want = [_py_request(json.loads(json.dumps(req))) for req in REQUEST_CASES]   # as both sides get it: JSON
+    got = page.evaluate("""async (cases) => {
+        const {SamplingParams} = await import('/web/sampler.js');
+        return cases.map((req) => {
+          try {
+            return {params: {...SamplingParams.fromRequest(req)}};
+          } catch (e) {
+            return {error: [e.constructor.name, e.param ?? null, e.message]};
+          }
+        });
+    }""", REQUEST_CASES)
+    for req, w, g in zip(REQUEST_CASES, want, got):
+        assert g == w, req
+    errors = [w["error"] for w in want if "error" in w]
+    assert len(errors) >= 25 and {e[0] for e in errors} == {"InvalidParameterError"}   # the invalid cases are refused
+
+
+def test_error_table_is_the_js_error_map(page):
+    import importlib
+
+    from compiler.errors import ERROR_TABLE, KilnError
+    for py, module, _ in ERROR_TABLE:
+        if py:
+            assert issubclass(getattr(importlib.import_module(module), py), KilnError), py
+    js_names = sorted(js for _, _, js in ERROR_TABLE if js)
+    got = page.evaluate("""async (names) => {
+        const m = await import('/web/errors.js');
+        const api = await import('/web/api.js');
+        return {keys: Object.keys(m.ERRORS).sort(),
+                // each class survives the trip the worker's errors make (errorToJson -> postMessage -> errorFromJson)
+                trips: names.map((n) => {
+                  const e = structuredClone(m.errorToJson(new m.ERRORS[n]("message of " + n, "field")));
+                  const back = m.errorFromJson(e);
+                  return [back.constructor === m.ERRORS[n], back instanceof m.KilnError, back.name, back.message,
+                          n === "InvalidParameterError" ? back.param : null, api[n] === m.ERRORS[n]];
+                })};
+    }""", js_names)
+    assert got["keys"] == js_names
+    for n, trip in zip(js_names, got["trips"]):
+        assert trip == [True, True, n, f"message of {n}", "field" if n == "InvalidParameterError" else None, True]
+
+
+def test_errors_thrown_in_the_worker_keep_their_class(page):
+    got = page.evaluate("""async () => {
+        const api = await import('/web/api.js');
+        try {
+          await api.createEngine('/models/no-such-model/', {selftest: 'off'});
+          return null;
+        } catch (e) {
+          return [e.constructor.name, e instanceof api.ArtifactError, e instanceof api.KilnError, e.message];
+        }
+    }""")
+    assert got is not None and got[:3] == ["ArtifactError", True, True], got
+    assert "/models/no-such-model/manifest.json" in got[3]
 
 
 def test_tokenizer_matches_llamacpp(page):
@@ -119,7 +223,7 @@ def test_stop_strings_match_python(page):
             out.append([s.flush(), False])
         want.append(out)
     got = page.evaluate("""async (cases) => {
-        const {StopStrings} = await import('/web/engine.js');
+        const {StopStrings} = await import('/web/generate.js');
         return cases.map(([stops, deltas]) => {
             const s = new StopStrings(stops), out = [];
             for (const d of deltas) {
@@ -132,3 +236,23 @@ def test_stop_strings_match_python(page):
         });
     }""", [list(c) for c in cases])
     assert got == want
+
+
+def test_a_loaded_engine_reports_request_and_template_errors_by_class(demo):
+    """ChatTemplateError is thrown inside the worker (chat.js); InvalidParameterError in the page (fromRequest)."""
+    got = demo.evaluate("""async () => {
+        const api = await import('/web/api.js');
+        const engine = window.kiln.engine;
+        const fail = async (req) => {
+          try {
+            await engine.chat.completions.create(req);
+            return null;
+          } catch (e) {
+            return [e.constructor.name, e instanceof api.KilnError, e.param ?? null, e.message];
+          }
+        };
+        return [await fail({messages: [{content: "no role"}], max_tokens: 1}),
+                await fail({messages: [{role: "user", content: "hi"}], repetition_penalty: 1.1, repeat_penalty: 1.2})];
+    }""")
+    assert got[0] is not None and got[0][:3] == ["ChatTemplateError", True, None], got[0]
+    assert got[1] is not None and got[1][:3] == ["InvalidParameterError", True, "repeat_penalty"], got[1]

@@ -93,7 +93,7 @@ def margin_ok(logits, history, params, seed) -> bool:
 
 
 def check(logits, history, params, seed, n_logprobs=0):
-    want = Sampler(SamplingParams(**{**params.__dict__, "seed": seed}))(np.asarray(logits), list(history))
+    want = Sampler(SamplingParams(**{**params.__dict__, "seed": seed})).sample(np.asarray(logits), list(history))
     got, state, lp, tops = gpu_sample(logits, history, params, seed, n_logprobs)
     ref_rng = Mulberry32(seed)
     if not params.greedy:
@@ -139,6 +139,7 @@ CASES = [
     SamplingParams(temperature=0.9, top_k=20, top_p=0.99, min_p=0.0, presence_penalty=0.5, frequency_penalty=0.7),
     SamplingParams(temperature=0.8, top_k=30, top_p=1.0, min_p=0.0, logit_bias={3: 2.5, 17: -100.0, 999: 1.0}),
     SamplingParams(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=1.5),   # greedy with a penalty
+    SamplingParams(temperature=0.6, top_k=10, top_p=1.0, min_p=0.0, repeat_penalty=1.2, repeat_last_n=-1),  # all
 ]
 
 

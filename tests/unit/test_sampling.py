@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from compiler.errors import ContextOverflowError, KilnError
+from compiler.errors import ContextOverflowError, InvalidParameterError, KilnError
 from runtime_py.generate import Done, StopStrings, Token, generate
 from runtime_py.sampling import GREEDY, Mulberry32, Sampler, SamplingParams, top_logprobs
 
@@ -27,7 +27,7 @@ def params(**kw) -> SamplingParams:
 
 def draws(p: SamplingParams, logits, n: int, history=()) -> Counter:
     s = Sampler(p)
-    return Counter(s(np.asarray(logits, dtype=np.float32), list(history)) for _ in range(n))
+    return Counter(s.sample(np.asarray(logits, dtype=np.float32), list(history)) for _ in range(n))
 
 
 # -- filters and temperature ------------------------------------------------------------------------------------
@@ -47,8 +47,8 @@ def test_tiny_top_p_is_argmax(seed):
 def test_temperature_zero_is_greedy_whatever_the_seed():
     for seed in (None, 0, 7):
         s = Sampler(params(temperature=0.0, top_k=40, top_p=0.5, min_p=0.3, seed=seed))
-        assert all(s(LOGITS, []) == 1 for _ in range(20))
-    assert GREEDY.greedy and Sampler(GREEDY)(LOGITS, []) == 1
+        assert all(s.sample(LOGITS, []) == 1 for _ in range(20))
+    assert GREEDY.greedy and Sampler(GREEDY).sample(LOGITS, []) == 1
 
 
 def test_top_k_keeps_the_k_best():
@@ -115,9 +115,9 @@ def test_penalties_do_not_modify_the_callers_logits():
 
 def test_repeat_penalty_changes_the_greedy_choice():
     logits = np.array([3.0, 2.9, 0.0], dtype=np.float32)
-    assert Sampler(params(temperature=0.0))(logits, [0]) == 0
-    assert Sampler(params(temperature=0.0, repeat_penalty=1.1))(logits, [0]) == 1     # 3 / 1.1 < 2.9
-    assert Sampler(params(temperature=0.0, presence_penalty=0.2))(logits, [0]) == 1
+    assert Sampler(params(temperature=0.0)).sample(logits, [0]) == 0
+    assert Sampler(params(temperature=0.0, repeat_penalty=1.1)).sample(logits, [0]) == 1     # 3 / 1.1 < 2.9
+    assert Sampler(params(temperature=0.0, presence_penalty=0.2)).sample(logits, [0]) == 1
 
 
 @pytest.mark.parametrize("kw, msg", [
@@ -192,17 +192,17 @@ def test_mulberry32_matches_web_sampler_js(tmp_path):
 def test_draw_uses_the_generator_as_documented():
     # flat logits, no filters: the cdf is [1, 2, 3, 4], so each draw is floor(4 u) for the generator's next u
     s = Sampler(params(seed=42))
-    got = [s(np.zeros(4, np.float32), []) for _ in range(6)]
+    got = [s.sample(np.zeros(4, np.float32), []) for _ in range(6)]
     assert got == [int(4 * u) for u in MULBERRY32_JS[42]] == [2, 1, 3, 2, 0, 2]
 
 
 def test_same_seed_same_draws_different_seed_different_draws():
     logits = np.zeros(50, np.float32)
-    a = [Sampler(params(seed=7))(logits, []) for _ in range(1)]
+    a = [Sampler(params(seed=7)).sample(logits, []) for _ in range(1)]
     s1, s2, s3 = Sampler(params(seed=7)), Sampler(params(seed=7)), Sampler(params(seed=8))
-    seq1 = [s1(logits, []) for _ in range(20)]
-    assert seq1 == [s2(logits, []) for _ in range(20)]
-    assert seq1 != [s3(logits, []) for _ in range(20)]
+    seq1 = [s1.sample(logits, []) for _ in range(20)]
+    assert seq1 == [s2.sample(logits, []) for _ in range(20)]
+    assert seq1 != [s3.sample(logits, []) for _ in range(20)]
     assert a[0] == seq1[0]
 
 
@@ -361,3 +361,61 @@ def test_generate_refuses_a_prompt_as_long_as_the_context():
         next(generate(FakeSession([], ctx=8), tok, tok.encode("abcdefgh"), GREEDY))
     with pytest.raises(ContextOverflowError, match="empty prompt"):
         next(generate(FakeSession([], ctx=8), tok, [], GREEDY))
+
+
+# -- the request table: SamplingParams.from_request (web/sampler.js fromRequest: tests/e2e/test_mirrors.py) ------
+def test_from_request_defaults_are_the_dataclass_defaults():
+    assert SamplingParams.from_request({}) == SamplingParams()
+    ignored = {"temperature": None, "stop": None, "model": "x", "user": "u"}     # null = absent; others not ours
+    assert SamplingParams.from_request(ignored) == SamplingParams()
+    assert SamplingParams().max_tokens is None       # until EOS, a stop string or the end of the context
+
+
+def test_from_request_top_p_zero_is_the_most_likely_token():
+    p = SamplingParams.from_request({"top_p": 0, "top_k": 50, "temperature": 1.5})
+    assert (p.top_p, p.top_k) == (1.0, 1)
+    assert set(draws(p, LOGITS, 200)) == {1}
+
+
+def test_from_request_aliases_agree_or_are_refused():
+    assert SamplingParams.from_request({"repetition_penalty": 1.2}).repeat_penalty == 1.2
+    assert SamplingParams.from_request({"repeat_penalty": 1.2}).repeat_penalty == 1.2
+    assert SamplingParams.from_request({"repeat_penalty": 1.2, "repetition_penalty": 1.2}).repeat_penalty == 1.2
+    with pytest.raises(InvalidParameterError, match="repetition_penalty and repeat_penalty") as e:
+        SamplingParams.from_request({"repeat_penalty": 1.2, "repetition_penalty": 1.1})
+    assert e.value.param == "repeat_penalty"
+    assert SamplingParams.from_request({"max_completion_tokens": 7}).max_tokens == 7
+    with pytest.raises(InvalidParameterError) as e:
+        SamplingParams.from_request({"max_tokens": 7, "max_completion_tokens": 8})
+    assert e.value.param == "max_completion_tokens"
+
+
+@pytest.mark.parametrize("req, param", [
+    ({"temperature": 2.5}, "temperature"), ({"temperature": "0.5"}, "temperature"),
+    ({"temperature": True}, "temperature"),
+    ({"top_p": 1.01}, "top_p"), ({"top_k": 1.5}, "top_k"), ({"min_p": -0.1}, "min_p"),
+    ({"repetition_penalty": 0}, "repetition_penalty"), ({"repeat_last_n": -2}, "repeat_last_n"),
+    ({"presence_penalty": 2.5}, "presence_penalty"), ({"frequency_penalty": -3}, "frequency_penalty"),
+    ({"seed": 1.5}, "seed"), ({"stop": 5}, "stop"), ({"stop": ["a", 1]}, "stop"), ({"stop": list("abcde")}, "stop"),
+    ({"max_tokens": 0}, "max_tokens"), ({"max_completion_tokens": -1}, "max_completion_tokens"),
+])
+def test_from_request_refuses_naming_the_field_as_given(req, param):
+    with pytest.raises(InvalidParameterError) as e:
+        SamplingParams.from_request(req)
+    assert e.value.param == param and str(e.value).startswith(param)
+
+
+def test_from_request_normalises_types():
+    p = SamplingParams.from_request({"top_k": 3.0, "stop": "\n", "seed": -5, "repeat_last_n": -1})
+    assert p.top_k == 3 and isinstance(p.top_k, int) and p.stop == ["\n"] and p.seed == -5 and p.repeat_last_n == -1
+
+
+def test_repeat_last_n_minus_one_penalises_the_whole_history():
+    s = Sampler(params(repeat_penalty=2.0, repeat_last_n=-1))
+    np.testing.assert_allclose(s.apply_penalties(np.array([2.0, 2.0, 2.0]), [0, 1] + [2] * 100), [1.0, 1.0, 1.0])
+
+
+def test_cli_sampling_defaults_are_sampling_params():
+    from runtime_py.cli import _sampling, parser
+    a = parser().parse_args(["run", "--prompt", "hi"])
+    assert _sampling(a) == SamplingParams()

@@ -1,0 +1,270 @@
+"""The GPU worker behind `kiln serve`: one thread per router owns every model load and forward pass (`Engine`).
+
+Each model has up to `slots` Sessions (KV caches, created on demand and reused); an admitted request gets one for
+itself and keeps it to the end, so concurrent requests never share state. The worker interleaves the active requests
+round-robin, one step each per turn: a step is one prefill chunk of the prompt or one decode token
+(`session.forward([tok])`), so every active stream progresses and a long prompt delays the others by at most one
+prefill chunk. Requests beyond the slots wait, FIFO, in a bounded queue (`max_queue` per model); `submit` raises
+Overloaded when slots + queue are full. A client that disconnects (or a stream that is closed) marks its Job
+cancelled: the worker drops it before its next step and returns its slot. Sequences are not batched into the same
+kernels (the compiled programs take one sequence), so aggregate throughput is that of one stream, shared.
+
+Events go back to each request's event loop as tuples: ("token", id, text, logprob | None), ("done", Done),
+("error", APIError).
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from compiler.errors import ContextOverflowError, KilnError
+
+from .schemas import APIError, to_api_error
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the GPU worker
+
+
+class Overloaded(Exception):
+    pass
+
+
+@dataclass
+class Job:
+    """One request as the worker sees it. Events go back to the request's event loop through `queue`."""
+    model_id: str
+    prompt_ids: list[int]
+    params: Any                    # SamplingParams
+    max_tokens: int
+    logprobs: int                  # top-k alternatives wanted per token; -1: no logprobs at all
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    # worker-side state
+    session: Any = None
+    gen: Any = None
+    prefilled: int = 0
+    prefill_to: int = 0
+    tap: Any = None
+    engine: Any = None
+
+    def post(self, item):
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:      # the event loop is gone (server shutting down)
+            self.cancelled.set()
+
+    def cancel(self):
+        if not self.cancelled.is_set():
+            self.cancelled.set()
+            if self.engine is not None:
+                self.engine.wake()
+
+
+class _Tap:
+    """The Session as generate() sees it: keeps the last logits (for the chosen token's logprob), and skips the
+    prompt prefix that the worker already prefilled chunk by chunk (same chunk boundaries as Session.forward, so
+    the result is bit-identical to one forward over the whole prompt)."""
+
+    def __init__(self, session, skip: int):
+        self.s, self.skip, self.last = session, skip, None
+
+    @property
+    def ctx(self):
+        return self.s.ctx
+
+    def reset(self, pos: int = 0):
+        self.s.reset(pos + self.skip)
+
+    def forward(self, ids):
+        if self.skip:
+            ids, self.skip = ids[self.skip:], 0
+        self.s.forward(ids)
+
+    def logits(self):
+        self.last = self.s.logits()
+        return self.last
+
+    def next_token(self):
+        return self.s.next_token()
+
+
+class _GPUModel:
+    def __init__(self, model):
+        self.model = model
+        self.free: list = []
+        self.n_sessions = 0
+
+
+class Engine:
+    """Owns the GPU: one worker thread runs every model load and forward pass, round-robin over active jobs."""
+
+    def __init__(self, infos: dict, artifacts: dict[str, Path], ctx: int | None, slots: int,
+                 max_queue: int):
+        self.artifacts, self.ctx, self.slots, self.max_queue = artifacts, ctx, slots, max_queue
+        self._info = infos                           # model id -> () -> ModelInfo (cached)
+        self._cv = threading.Condition()
+        self._waiting: dict[str, deque[Job]] = {m: deque() for m in artifacts}
+        self._admitted: dict[str, int] = {m: 0 for m in artifacts}   # waiting + active, per model
+        self._active: list[Job] = []                 # worker thread only (len read by stats())
+        self._gpu: dict[str, _GPUModel] = {}         # worker thread only
+        self._thread: threading.Thread | None = None
+        self._stop = False
+
+    # -- any thread -------------------------------------------------------------------------------------------
+    def submit(self, job: Job):
+        with self._cv:
+            if self._admitted[job.model_id] >= self.slots + self.max_queue:
+                raise Overloaded()
+            self._admitted[job.model_id] += 1
+            job.engine = self
+            self._waiting[job.model_id].append(job)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="kiln-gpu", daemon=True)
+                self._thread.start()
+            self._cv.notify()
+
+    def wake(self):
+        with self._cv:
+            self._cv.notify()
+
+    def close(self):
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+
+    def stats(self) -> dict:
+        with self._cv:
+            active = {}
+            for j in list(self._active):
+                active[j.model_id] = active.get(j.model_id, 0) + 1
+            return {m: {"loaded": m in self._gpu, "slots": self.slots,
+                        "sessions": self._gpu[m].n_sessions if m in self._gpu else 0, "active": active.get(m, 0),
+                        "queued": len(self._waiting[m]), "max_queue": self.max_queue} for m in self.artifacts}
+
+    # -- worker thread ----------------------------------------------------------------------------------------
+    def _run(self):
+        while True:
+            try:
+                if self._turn():
+                    return
+            except Exception as e:  # noqa: BLE001 — a bug here must not leave every client hanging
+                traceback.print_exc()
+                for job in list(self._active):
+                    try:
+                        self._fail(job, e)
+                    except Exception:  # noqa: BLE001
+                        pass
+
+    def _turn(self) -> bool:
+        """Admit waiting jobs into free slots, then one step for every active job. True: stop the worker."""
+        starts = []
+        with self._cv:
+            while not self._stop and not self._active and not any(self._waiting.values()):
+                self._cv.wait()
+            if self._stop:
+                return True
+            for mid, q in self._waiting.items():
+                for j in [j for j in q if j.cancelled.is_set()]:   # gave up while waiting
+                    q.remove(j)
+                    self._admitted[mid] -= 1
+                busy = sum(1 for j in self._active if j.model_id == mid)
+                while q and busy < self.slots:
+                    starts.append(q.popleft())
+                    busy += 1
+            self._active.extend(starts)
+        for job in starts:
+            self._start(job)
+        for job in list(self._active):
+            self._step(job)
+        return False
+
+    def _finish(self, job: Job, item=None):
+        if item is not None:
+            job.post(item)
+        if job.gen is not None:
+            try:
+                job.gen.close()
+            except Exception:  # noqa: BLE001
+                pass
+            job.gen = None
+        if job.session is not None:
+            self._gpu[job.model_id].free.append(job.session)
+            job.session = None
+        with self._cv:
+            if job in self._active:
+                self._active.remove(job)
+                self._admitted[job.model_id] -= 1
+
+    def _fail(self, job: Job, exc: Exception):
+        if isinstance(exc, ContextOverflowError):      # the user's prompt (checked before; kept as a safety net)
+            err = to_api_error(exc)
+        else:                                          # the server's own failure: model load, GPU, ...
+            if not isinstance(exc, KilnError):
+                traceback.print_exc()
+            err = APIError(500, f"{type(exc).__name__}: {exc}" if isinstance(exc, KilnError)
+                           else f"internal server error: {type(exc).__name__}: {exc}")
+        self._finish(job, ("error", err))
+
+    def _start(self, job: Job):
+        from .generate import generate
+        if job.cancelled.is_set():
+            return self._finish(job)
+        try:
+            g = self._gpu.get(job.model_id)
+            if g is None:
+                from .model import Model
+                g = self._gpu[job.model_id] = _GPUModel(Model(self.artifacts[job.model_id]))
+            if g.free:
+                job.session = g.free.pop()
+            else:
+                job.session = g.model.session(self.ctx)
+                g.n_sessions += 1
+            info = self._info[job.model_id]()
+            n, chunk = len(job.prompt_ids), job.session.chunk
+            job.prefill_to = ((n - 1) // chunk) * chunk      # whole chunks before the last prompt token's chunk
+            job.session.reset(0)
+            job.tap = _Tap(job.session, job.prefill_to)
+            job.gen = generate(job.tap, info.tokenizer, job.prompt_ids, job.params, max_tokens=job.max_tokens,
+                               logprobs=max(job.logprobs, 1) if job.logprobs >= 0 else 0,
+                               eog_ids=info.tokenizer.eog_ids, should_stop=job.cancelled.is_set)
+        except Exception as e:  # noqa: BLE001
+            self._fail(job, e)
+
+    def _step(self, job: Job):
+        from .generate import Done
+        if job not in self._active:
+            return
+        if job.cancelled.is_set():
+            return self._finish(job)
+        try:
+            if job.prefilled < job.prefill_to:                # one prefill chunk per turn
+                s = job.session
+                c = job.prompt_ids[job.prefilled:job.prefilled + s.chunk]
+                s.forward(c)
+                job.prefilled += len(c)
+                return
+            ev = next(job.gen)
+        except StopIteration:
+            return self._finish(job)
+        except Exception as e:  # noqa: BLE001
+            return self._fail(job, e)
+        if isinstance(ev, Done):
+            return self._finish(job, ("done", ev))
+        lp = None
+        if job.logprobs >= 0 and ev.id >= 0 and job.tap.last is not None:
+            tok = self._info[job.model_id]().tokenizer
+            x = job.tap.last.astype(np.float64)
+            m = x.max()
+            lse = m + np.log(np.exp(x - m).sum())
+            top = [(tok.decode([i]), lpv) for i, lpv in (ev.top_logprobs or [])[:job.logprobs]]
+            lp = (tok.decode([ev.id]), float(x[ev.id] - lse), top)
+        job.post(("token", ev.id, ev.text, lp))

@@ -1,0 +1,116 @@
+// The decode loop: prefill the prompt, then choose / feed one token at a time until EOS, a stop string or the limit.
+// Mirrors runtime_py/generate.py step for step (same names, same order of operations).
+//
+//   for await (const ev of generate(session, tokenizer, promptIds, params, {maxTokens: 64})) ...
+//   // ev: {type: "token", ...} events, then one {type: "done", ...}
+
+import {ContextOverflowError} from "./device.js";
+import {Sampler, topLogprobs} from "./sampler.js";
+
+/** Finds stop strings in streamed text; holds back a tail that could still become one. */
+export class StopStrings {
+  constructor(stops) {
+    this.stops = (stops || []).filter(Boolean);
+    this.text = "";      // all text so far
+    this.emitted = 0;    // chars released to the caller
+  }
+
+  feed(delta) {
+    this.text += delta;
+    // the earliest stop wins, whichever string it is (one delta may complete several)
+    const hits = this.stops.map((s) => this.text.indexOf(s, Math.max(0, this.emitted - s.length))).filter((i) => i >= 0);
+    if (hits.length) {
+      const i = Math.min(...hits);
+      const out = this.text.slice(this.emitted, i);
+      [this.text, this.emitted] = [this.text.slice(0, i), i];
+      return [out, true];
+    }
+    let hold = 0;
+    for (const s of this.stops) {   // longest suffix of text that is a proper prefix of a stop string
+      for (let n = Math.min(s.length - 1, this.text.length); n > 0; n--) {
+        if (this.text.endsWith(s.slice(0, n))) { hold = Math.max(hold, n); break; }
+      }
+    }
+    const end = Math.max(this.emitted, this.text.length - hold);
+    const out = this.text.slice(this.emitted, end);
+    this.emitted = end;
+    return [out, false];
+  }
+
+  flush() {
+    const out = this.text.slice(this.emitted);
+    this.emitted = this.text.length;
+    return out;
+  }
+}
+
+const now = () => performance.now() / 1000;
+const round = (x, d) => Math.round(x * 10 ** d) / 10 ** d;
+
+/**
+ * Yields {type: "token", id, text, top_logprobs} events then one {type: "done", ids, text, finish_reason, timings}.
+ * The session is reset to position 0 first (no prefix reuse yet). Same order of operations as generate.py.
+ * maxTokens overrides params.max_tokens; both null: until EOS, a stop string or the end of the context.
+ */
+export async function* generate(session, tokenizer, promptIds, params, {maxTokens = null, logprobs = 0, eogIds = [],
+                                                                        shouldStop = () => false} = {}) {
+  if (!promptIds.length) throw new ContextOverflowError("empty prompt: nothing to condition on");
+  if (promptIds.length >= session.ctx) {
+    throw new ContextOverflowError(`prompt is ${promptIds.length} tokens but the context holds ${session.ctx} ` +
+      "(use a shorter prompt or a larger context)");
+  }
+  const room = session.ctx - promptIds.length;
+  maxTokens = maxTokens ?? params.max_tokens ?? null;
+  maxTokens = maxTokens === null ? room : Math.min(maxTokens, room);
+  const sampler = new Sampler(params);
+  const fastGreedy = params.greedy && !logprobs && params.repeat_penalty === 1 && !params.presence_penalty &&
+    !params.frequency_penalty;
+  const decoder = tokenizer.streamDecoder(), stops = new StopStrings(params.stop);
+  const history = [...promptIds], outIds = [], text = [];
+  const eog = new Set(eogIds);
+
+  const t0 = now();
+  session.reset();
+  session.forward(promptIds);
+  let tFirst = null, finish = "length", cut = false;
+  while (outIds.length < maxTokens) {
+    let tok, lp = null;
+    if (fastGreedy) {
+      tok = await session.nextToken();
+    } else {
+      const logits = await session.logits();
+      tok = sampler.sample(logits, history);
+      if (logprobs) lp = topLogprobs(logits, logprobs);
+    }
+    if (tFirst === null) tFirst = now();
+    if (eog.has(tok)) { finish = "stop"; break; }
+    outIds.push(tok);
+    history.push(tok);
+    let delta;
+    [delta, cut] = stops.feed(decoder.push(tok));
+    text.push(delta);
+    yield {type: "token", id: tok, text: delta, top_logprobs: lp};
+    if (cut || shouldStop()) { finish = "stop"; break; }
+    if (outIds.length < maxTokens) session.forward([tok]);
+  }
+  if (!cut) {   // release what was held back: an unfinished UTF-8 sequence, a possible stop-string prefix
+    let tail;
+    [tail, cut] = stops.feed(decoder.flush());
+    tail += cut ? "" : stops.flush();
+    if (cut) finish = "stop";
+    if (tail) {
+      text.push(tail);
+      yield {type: "token", id: -1, text: tail, top_logprobs: null};   // id -1: text released at the end
+    }
+  }
+  const tEnd = now(), n = outIds.length;
+  const timings = {
+    prompt_tokens: promptIds.length, generated_tokens: n,
+    ttft_s: round((tFirst ?? tEnd) - t0, 4),
+    prefill_tok_s: round(promptIds.length / Math.max((tFirst ?? tEnd) - t0, 1e-9), 2),
+    decode_tok_s: n > 1 && tFirst !== null ? round((n - 1) / (tEnd - tFirst), 2) : null,
+    total_s: round(tEnd - t0, 4),
+  };
+  yield {type: "done", ids: outIds, text: text.join(""), finish_reason: finish, timings};
+}
+
