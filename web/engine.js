@@ -7,10 +7,12 @@
 // Nothing here knows the architecture: the manifest's programs say which kernel runs on which buffers.
 
 import {bufferBytes, ContextOverflowError, DeviceLostError, getAdapter, getDevice, adapterName} from "./device.js";
+import {LP_MAX, packConfig, sampleLimits, seedOf} from "./gpu_sampling.js";
 import {fetchManifest, loadShards} from "./loader.js";
 
 export const UNIFORM_ALIGN = 256;   // minUniformBufferOffsetAlignment's default (and maximum)
-export const STATE_BYTES = 16;      // struct State { n_tokens, pos0, pad, pad }
+export const STATE_BYTES = 16;      // struct State { n_tokens, pos0, step, pad }; one record per decode step of a
+                                    // submit, UNIFORM_ALIGN apart, bound with a dynamic offset
 export const DEFAULT_CTX = 2048;
 
 /** Reference evaluation of a dispatch entry: compiler/schedule.py `dispatch_size`. */
@@ -92,7 +94,7 @@ export class Model {
     if (!r.ok) throw new Error(`${url}: HTTP ${r.status} (shader missing from the artifact)`);
     const code = await r.text();
     const dev = this.device;
-    const entries = [{binding: 0, visibility: GPUShaderStage.COMPUTE, buffer: {type: "uniform"}},
+    const entries = [{binding: 0, visibility: GPUShaderStage.COMPUTE, buffer: {type: "uniform", hasDynamicOffset: true}},
                      {binding: 1, visibility: GPUShaderStage.COMPUTE, buffer: {type: "uniform"}}];
     k.bindings.forEach(([, access], i) => entries.push({binding: i + 2, visibility: GPUShaderStage.COMPUTE,
       buffer: {type: access === "read" ? "read-only-storage" : "storage"}}));
@@ -158,7 +160,13 @@ export class Session {
     const usage = GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_DST | GPUBufferUsage.COPY_SRC;
     this.buffers = new Map(Object.entries(bufferBytes(m, this.ctx)).map(
       ([name, size]) => [name, dev.createBuffer({size, usage, label: name})]));
-    this.state = dev.createBuffer({size: STATE_BYTES, usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST});
+    this.sampleLimits = "sample" in m.programs ? sampleLimits(m) : null;
+    this.state = dev.createBuffer({size: (this.sampleLimits?.ring || 1) * UNIFORM_ALIGN,
+                                   usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST});
+    if (this.sampleLimits) {
+      this.ringRead = dev.createBuffer({size: this.buffers.get("ring").size,
+                                        usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST});
+    }
     // readback staging: the logits (vocab f32) and the argmax token (tokens[0])
     this.logitsRead = dev.createBuffer({size: this.buffers.get("logits").size,
                                         usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST});
@@ -193,24 +201,103 @@ export class Session {
     if (this.pos + ids.length > this.ctx) {
       throw new ContextOverflowError(`sequence of ${this.pos + ids.length} tokens exceeds the context of ${this.ctx}`);
     }
-    const dev = this.model.device;
     for (let c0 = 0; c0 < ids.length; c0 += this.chunk) {
       const chunk = ids.slice(c0, c0 + this.chunk);
-      const T = chunk.length;
-      const prog = T === 1 ? "decode" : "prefill";
-      dev.queue.writeBuffer(this.buffers.get("tokens"), 0, new Uint32Array(chunk));
-      dev.queue.writeBuffer(this.state, 0, new Uint32Array([T, this.pos, 0, 0]));
-      const enc = dev.createCommandEncoder();
-      const cp = enc.beginComputePass();
-      for (const [pipeline, bindGroup, dispatch] of this.programs[prog]) {
-        cp.setPipeline(pipeline);
-        cp.setBindGroup(0, bindGroup);
-        cp.dispatchWorkgroups(...dispatch.map((d) => dispatchSize(d, T)));
-      }
-      cp.end();
-      dev.queue.submit([enc.finish()]);
-      this.pos += T;
+      this._run(chunk.length === 1 ? "decode" : "prefill", chunk);
     }
+  }
+
+  /** One submit: write the chunk's ids and the State, replay program `prog` (and `sample` after it), advance pos. */
+  _run(prog, chunk, thenSample = false) {
+    const dev = this.model.device, T = chunk.length;
+    dev.queue.writeBuffer(this.buffers.get("tokens"), 0, new Uint32Array(chunk));
+    dev.queue.writeBuffer(this.state, 0, new Uint32Array([T, this.pos, 0, 0]));
+    const enc = dev.createCommandEncoder();
+    const cp = enc.beginComputePass();
+    this._encode(cp, prog, T, 0);
+    if (thenSample) this._encode(cp, "sample", T, 0);
+    cp.end();
+    dev.queue.submit([enc.finish()]);
+    this.pos += T;
+  }
+
+  /** Record program `prog` into the pass, reading State record `slot`. */
+  _encode(cp, prog, T, slot) {
+    const offset = [slot * UNIFORM_ALIGN];
+    for (const [pipeline, bindGroup, dispatch] of this.programs[prog]) {
+      cp.setPipeline(pipeline);
+      cp.setBindGroup(0, bindGroup, offset);
+      cp.dispatchWorkgroups(...dispatch.map((d) => dispatchSize(d, T)));
+    }
+  }
+
+  // -- sampling on the GPU, several decode steps per submit (web/gpu_sampling.js) ---------------------------------
+  /** Whether this artifact has the `sample` program (older ones sample on the CPU). */
+  gpuSampling() { return this.sampleLimits !== null; }
+
+  /** Write the request's settings, its PRNG seed and the sequence so far (the penalties' window) to the GPU. */
+  beginSampling(params, history, nLogprobs = 0) {
+    const q = this.model.device.queue;
+    this.nLogprobs = nLogprobs;
+    q.writeBuffer(this.buffers.get("sampler_cfg"), 0, packConfig(params, nLogprobs, this.sampleLimits));
+    q.writeBuffer(this.buffers.get("sampler_state"), 0, new Uint32Array([seedOf(params), 0, 0, 0]));
+    if (history.length) q.writeBuffer(this.buffers.get("history"), 0, new Uint32Array(history));
+  }
+
+  /** forward(ids) with the first token sampled on the GPU in the last chunk's submit; [[id, logprob, tops]]. */
+  async prefillSample(ids) {
+    if (this.model.lost) throw new DeviceLostError(this.model.lost);
+    if (this.pos + ids.length > this.ctx) {
+      throw new ContextOverflowError(`sequence of ${this.pos + ids.length} tokens exceeds the context of ${this.ctx}`);
+    }
+    for (let c0 = 0; c0 < ids.length; c0 += this.chunk) {
+      const chunk = ids.slice(c0, c0 + this.chunk);
+      this._run(chunk.length === 1 ? "decode" : "prefill", chunk, c0 + this.chunk >= ids.length);
+    }
+    return this._readRing(1);
+  }
+
+  /** n decode steps in one submit, each fed the token the previous one sampled (tokens[0]); [[id, lp, tops]]. */
+  async decodeSample(n) {
+    if (this.model.lost) throw new DeviceLostError(this.model.lost);
+    const ring = this.sampleLimits.ring;
+    if (!(n >= 1 && n <= ring)) throw new RangeError(`decodeSample: 1 <= n <= ${ring}`);
+    if (this.pos + n > this.ctx) {
+      throw new ContextOverflowError(`sequence of ${this.pos + n} tokens exceeds the context of ${this.ctx}`);
+    }
+    const dev = this.model.device, words = UNIFORM_ALIGN / 4;
+    const states = new Uint32Array(n * words);
+    for (let i = 0; i < n; i++) states.set([1, this.pos + i, i, 0], i * words);
+    dev.queue.writeBuffer(this.state, 0, states);
+    const enc = dev.createCommandEncoder();
+    const cp = enc.beginComputePass();
+    for (let step = 0; step < n; step++) {
+      this._encode(cp, "decode", 1, step);
+      this._encode(cp, "sample", 1, step);
+    }
+    cp.end();
+    dev.queue.submit([enc.finish()]);
+    this.pos += n;
+    return this._readRing(n);
+  }
+
+  /** One read: the n tokens (4 bytes each), plus their logprobs and top logprobs when the request wants them. */
+  async _readRing(n) {
+    const R = this.sampleLimits.ring, k = this.nLogprobs;
+    const words = k ? 2 * R + n * LP_MAX * 2 : n;
+    const raw = await this._read(this.buffers.get("ring"), this.ringRead, 4 * words);
+    const u = new Uint32Array(raw), f = new Float32Array(raw);
+    const out = [];
+    for (let i = 0; i < n; i++) {
+      if (!k) { out.push([u[i], null, null]); continue; }
+      const tops = [];
+      for (let j = 0; j < k; j++) {
+        const b = 2 * R + (i * LP_MAX + j) * 2;
+        tops.push([u[b], f[b + 1]]);
+      }
+      out.push([u[i], f[R + i], tops]);
+    }
+    return out;
   }
 
   async _read(src, staging, size) {
@@ -239,7 +326,7 @@ export class Session {
 
   destroy() {
     for (const b of this.buffers.values()) b.destroy();
-    for (const b of [this.state, this.logitsRead, this.tokenRead]) b.destroy();
+    for (const b of [this.state, this.logitsRead, this.tokenRead, this.ringRead]) b?.destroy();
   }
 }
 
