@@ -206,6 +206,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 routes")
     s.add_argument("--ctx", type=int, default=None)
     s.set_defaults(fn=cmd_serve)
+    b = sub.add_parser("bench", add_help=False, help="dispatches / submits / bytes per token, tok/s at positions 100 "
+                                                     "and 1000, roofline, llama.cpp beside it (see runtime_py/bench.py)")
+    b.add_argument("args", nargs=argparse.REMAINDER)
+    b.set_defaults(fn=lambda a: __import__("runtime_py.bench", fromlist=["main"]).main(a.args))
     return p
 
 
