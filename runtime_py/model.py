@@ -176,6 +176,8 @@ class Session:
         if then_sample:
             self._encode(cp, "sample", T, 0)
         cp.end()
+        if then_sample:
+            self._copy_ring(enc, 1)
         dev.queue.submit([enc.finish()])
         self.pos += T
 
@@ -227,16 +229,33 @@ class Session:
             self._encode(cp, "decode", 1, step)
             self._encode(cp, "sample", 1, step)
         cp.end()
+        self._copy_ring(enc, n)
         dev.queue.submit([enc.finish()])
         self.pos += n
         return self._read_ring(n)
 
-    def _read_ring(self, n: int):
-        """One read: the n tokens (4 bytes each), plus their logprobs and top logprobs when the request wants them."""
+    def _ring_words(self, n: int) -> int:
+        """u32 words of the ring the host reads after n steps: the tokens, or everything up to the n-th slot's tops."""
         from .gpu_sampling import LP_MAX
-        R, k = SAMPLE_RING, self._n_logprobs
-        words = 2 * R + n * LP_MAX * 2 if k else n
-        raw = np.frombuffer(self.model.device.queue.read_buffer(self.buffers["ring"], 0, 4 * words), np.uint32)
+        return 2 * SAMPLE_RING + n * LP_MAX * 2 if self._n_logprobs else n
+
+    def _copy_ring(self, enc, n: int):
+        """Copy the ring to the mappable staging buffer in the same submit as the steps (no second submit to read)."""
+        if getattr(self, "_ring_read", None) is None:
+            self._ring_read = self.model.device.create_buffer(
+                size=self.buffers["ring"].size, usage=wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST)
+        enc.copy_buffer_to_buffer(self.buffers["ring"], 0, self._ring_read, 0, 4 * self._ring_words(n))
+
+    def _read_ring(self, n: int):
+        """One map of the staging buffer: the n tokens (4 bytes each), plus their logprobs and top logprobs when the
+        request wants them."""
+        from .gpu_sampling import LP_MAX
+        R, k, nbytes = SAMPLE_RING, self._n_logprobs, 4 * self._ring_words(n)
+        self._ring_read.map_async(wgpu.MapMode.READ, 0, nbytes).sync_wait()
+        try:
+            raw = np.frombuffer(self._ring_read.read_mapped(0, nbytes), np.uint32).copy()
+        finally:
+            self._ring_read.unmap()
         if not k:
             return [(int(t), None, None) for t in raw[:n]]
         lps = raw[R:R + n].view(np.float32)

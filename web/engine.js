@@ -217,6 +217,7 @@ export class Session {
     this._encode(cp, prog, T, 0);
     if (thenSample) this._encode(cp, "sample", T, 0);
     cp.end();
+    if (thenSample) this._copyRing(enc, 1);
     dev.queue.submit([enc.finish()]);
     this.pos += T;
   }
@@ -276,16 +277,28 @@ export class Session {
       this._encode(cp, "sample", 1, step);
     }
     cp.end();
+    this._copyRing(enc, n);
     dev.queue.submit([enc.finish()]);
     this.pos += n;
     return this._readRing(n);
   }
 
-  /** One read: the n tokens (4 bytes each), plus their logprobs and top logprobs when the request wants them. */
+  /** u32 words of the ring the host reads after n steps: the tokens, or everything up to the n-th slot's tops. */
+  _ringWords(n) { return this.nLogprobs ? 2 * this.sampleLimits.ring + n * LP_MAX * 2 : n; }
+
+  /** Copy the ring to the mappable staging buffer in the same submit as the steps (no second submit to read). */
+  _copyRing(enc, n) { enc.copyBufferToBuffer(this.buffers.get("ring"), 0, this.ringRead, 0, 4 * this._ringWords(n)); }
+
+  /** One map of the staging buffer: the n tokens (4 bytes each), plus logprobs and top logprobs when asked. */
   async _readRing(n) {
-    const R = this.sampleLimits.ring, k = this.nLogprobs;
-    const words = k ? 2 * R + n * LP_MAX * 2 : n;
-    const raw = await this._read(this.buffers.get("ring"), this.ringRead, 4 * words);
+    const R = this.sampleLimits.ring, k = this.nLogprobs, size = 4 * this._ringWords(n);
+    try {
+      await this.ringRead.mapAsync(GPUMapMode.READ, 0, size);
+    } catch (e) {
+      throw new DeviceLostError(this.model.lost || `reading from the GPU failed: ${e.message}`);
+    }
+    const raw = this.ringRead.getMappedRange(0, size).slice(0);
+    this.ringRead.unmap();
     const u = new Uint32Array(raw), f = new Float32Array(raw);
     const out = [];
     for (let i = 0; i < n; i++) {
