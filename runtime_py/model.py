@@ -251,7 +251,10 @@ class Session:
         request wants them."""
         from .gpu_sampling import LP_MAX
         R, k, nbytes = SAMPLE_RING, self._n_logprobs, 4 * self._ring_words(n)
-        self._ring_read.map_async(wgpu.MapMode.READ, 0, nbytes).sync_wait()
+        # "READ_NOSYNC": the copy was submitted just before (as in wgpu-py's own queue.read_buffer, which maps this way);
+        # plain READ makes wgpu-py submit an empty command buffer first (a wgpu-native workaround for maps with no
+        # submit in between), which would be a second submit per batch for nothing
+        self._ring_read.map_async("READ_NOSYNC", 0, nbytes).sync_wait()
         try:
             raw = np.frombuffer(self._ring_read.read_mapped(0, nbytes), np.uint32).copy()
         finally:
