@@ -493,9 +493,12 @@ def _worker(conn, seed: int, tmp: str, manifest_share: float):
 
 
 def fuzz(n_cases: int, seed: int = 0, *, manifest_share: float = 0.25, only: int | None = None,
-         log=print, case_seconds: float = CASE_SECONDS) -> dict:
-    """Runs the cases in one worker process (restarted after a hang or a crash). Returns {"counts", "bad"}."""
-    ctx = mp.get_context("fork")
+         log=print, case_seconds: float = CASE_SECONDS, start_method: str = "spawn") -> dict:
+    """Runs the cases in one worker process (restarted after a hang or a crash). Returns {"counts", "bad"}.
+    start_method "fork" lets a test's monkeypatching reach the worker."""
+    # spawn, not fork: a forked child inherits the parent's memory maps, and inside a full test run (lavapipe devices,
+    # loaded models) that left mmap in the child failing with ENOMEM (vm.max_map_count) -- a test artefact, not a bug
+    ctx = mp.get_context(start_method)
     counts, by_what, bad = Counter(), Counter(), []
     tmp = tempfile.mkdtemp(prefix="kiln-fuzz-")
     proc = conn = None

@@ -27,7 +27,7 @@ def test_a_known_bad_case_is_reported(monkeypatch):
     """The harness itself: a stage that raises a plain exception is counted as a traceback, not a refusal."""
     import compiler.pipeline
     monkeypatch.setattr(compiler.pipeline, "compile_model", lambda *a, **k: (_ for _ in ()).throw(IndexError("x")))
-    result = fuzz(3, 5, manifest_share=0.0, log=None)
+    result = fuzz(3, 5, manifest_share=0.0, log=None, start_method="fork")   # the patch must reach the worker
     assert result["counts"].get("traceback", 0) + sum(v for k, v in result["counts"].items()
                                                       if k.startswith("refused")) == 3
     assert result["counts"].get("traceback", 0) >= 1 and result["bad"]
