@@ -3,7 +3,8 @@
     POST /v1/chat/completions   chat (messages rendered with the model's chat template), streaming or not
     POST /v1/completions        plain text completion (prompt: string, [string], token ids or [token ids])
     GET  /v1/models             the served models;  GET /v1/models/{id}
-    GET  /health                liveness + slot / queue occupancy (never needs the API key)
+    GET  /health                liveness; per model running / waiting requests, KV slots busy and the tokens each
+                                holds (never needs the API key)
 
 Responses are shaped like OpenAI's (ids, object, created, model, choices, usage, logprobs); streaming is SSE
 (`data: {json}\\n\\n` ... `data: [DONE]\\n\\n`), with a final usage chunk (empty choices) when
@@ -233,7 +234,7 @@ def make_router(artifacts: dict[str, Path], *, api_key: str | None, ctx: int | N
                         done = ev[1]
                         yield sse(finish_chunk(done.finish_reason))
                         if include_usage:
-                            yield sse(usage_chunk(len(job.prompt_ids), len(done.ids)))
+                            yield sse(usage_chunk(len(job.prompt_ids), len(done.ids), job.cached))
                         break
                     else:
                         yield sse(ev[1].body())
@@ -310,7 +311,7 @@ def make_router(artifacts: dict[str, Path], *, api_key: str | None, ctx: int | N
                       "logprobs": chat_logprobs(lps) if want_lp >= 0 else None, "finish_reason": done.finish_reason}
             if r.return_token_ids:
                 choice["token_ids"] = done.ids
-            return {**head, "choices": [choice], "usage": usage(len(ids), len(done.ids)), **extra}
+            return {**head, "choices": [choice], "usage": usage(len(ids), len(done.ids), job.cached), **extra}
 
         include_usage = bool(r.stream_options and r.stream_options.include_usage)
         chead = {**head, "object": "chat.completion.chunk"}
@@ -328,7 +329,7 @@ def make_router(artifacts: dict[str, Path], *, api_key: str | None, ctx: int | N
                       lambda text, tids, lp: chunk({"content": text}, None,
                                                    chat_logprobs([lp]) if lp is not None else None, tids),
                       first, lambda fr: chunk({}, fr),
-                      lambda n_p, n_c: {**chead, "choices": [], "usage": usage(n_p, n_c)}, include_usage)
+                      lambda n_p, n_c, n_k: {**chead, "choices": [], "usage": usage(n_p, n_c, n_k)}, include_usage)
 
     @router.post("/v1/completions")
     async def completions(request: Request):
@@ -367,7 +368,7 @@ def make_router(artifacts: dict[str, Path], *, api_key: str | None, ctx: int | N
                       "finish_reason": done.finish_reason}
             if r.return_token_ids:
                 choice["token_ids"] = done.ids
-            return {**head, "choices": [choice], "usage": usage(len(ids), len(done.ids)), **extra}
+            return {**head, "choices": [choice], "usage": usage(len(ids), len(done.ids), job.cached), **extra}
 
         include_usage = bool(r.stream_options and r.stream_options.include_usage)
         u = {"usage": None} if include_usage else {}
@@ -385,7 +386,7 @@ def make_router(artifacts: dict[str, Path], *, api_key: str | None, ctx: int | N
             return chunk(text, None, lpo, tids)
         first = [{**chunk(echo), **extra}] if (echo or r.return_token_ids) else []
         return stream(request, job, token_chunk, first, lambda fr: chunk("", fr),
-                      lambda n_p, n_c: {**head, "choices": [], "usage": usage(n_p, n_c)}, include_usage)
+                      lambda n_p, n_c, n_k: {**head, "choices": [], "usage": usage(n_p, n_c, n_k)}, include_usage)
 
     known = {"/v1/chat/completions": "POST", "/v1/completions": "POST", "/v1/models": "GET"}
 

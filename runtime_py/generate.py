@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from compiler.errors import ContextOverflowError
 
+from .kvcache import reuse_prefix
 from .sampling import Sampler, SamplingParams, top_logprobs
 from .tokenizer import StreamDecoder
 
@@ -62,8 +63,9 @@ class StopStrings:
 
 
 def generate(session, tokenizer, prompt_ids: list[int], params: SamplingParams, *, max_tokens: int | None = None,
-             logprobs: int = 0, eog_ids=(), should_stop=lambda: False):
-    """Yields Token events then one Done. The session is reset to position 0 first (no prefix reuse yet).
+             logprobs: int = 0, eog_ids=(), should_stop=lambda: False, reuse: bool = True):
+    """Yields Token events then one Done. The prompt's leading tokens that the session's cache already holds are
+    kept (runtime_py/kvcache.py; reuse=False: the session starts at position 0) and only the rest is prefilled.
     max_tokens overrides params.max_tokens; both None: until EOS, a stop string or the end of the context."""
     if not prompt_ids:
         raise ContextOverflowError("empty prompt: nothing to condition on")
@@ -81,8 +83,12 @@ def generate(session, tokenizer, prompt_ids: list[int], params: SamplingParams, 
     eog = set(eog_ids)
 
     t0 = time.perf_counter()
-    session.reset()
-    session.forward(prompt_ids)
+    if reuse:
+        cached = reuse_prefix(session, prompt_ids)
+    else:
+        session.reset()
+        cached = 0
+    session.forward(prompt_ids[cached:])
     t_first = None
     finish, cut = "length", False
     while len(out_ids) < max_tokens:
@@ -117,9 +123,9 @@ def generate(session, tokenizer, prompt_ids: list[int], params: SamplingParams, 
     t_end = time.perf_counter()
     n = len(out_ids)
     timings = {
-        "prompt_tokens": len(prompt_ids), "generated_tokens": n,
+        "prompt_tokens": len(prompt_ids), "cached_tokens": cached, "generated_tokens": n,
         "ttft_s": round((t_first or t_end) - t0, 4),
-        "prefill_tok_s": round(len(prompt_ids) / max((t_first or t_end) - t0, 1e-9), 2),
+        "prefill_tok_s": round((len(prompt_ids) - cached) / max((t_first or t_end) - t0, 1e-9), 2),
         "decode_tok_s": round((n - 1) / (t_end - t_first), 2) if n > 1 and t_first else None,
         "total_s": round(t_end - t0, 4),
     }

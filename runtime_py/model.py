@@ -148,6 +148,7 @@ class Session:
         for prog in GENERATE:   # bound now; `score` (and its logits_all) on the first score_chunks
             self._program(prog)
         self.pos = 0
+        self.held: list[int] = []   # the token ids whose K/V the cache holds, in order (runtime_py/kvcache.py)
 
     def _program(self, prog: str):
         """Program `prog` bound to this session, allocating the buffers it needs on its first use."""
@@ -183,7 +184,10 @@ class Session:
 
     def reset(self, pos: int = 0):
         """Forget the sequence after `pos` tokens (the cache beyond is simply overwritten later)."""
+        if not 0 <= pos <= len(self.held):
+            raise ValueError(f"reset({pos}): the cache holds {len(self.held)} tokens")
         self.pos = pos
+        del self.held[pos:]
 
     def forward(self, ids: list[int]):
         """Run the model on `ids` (appended at self.pos); afterwards logits / next_token describe the last one."""
@@ -207,6 +211,7 @@ class Session:
         cp.end()
         dev.queue.submit([enc.finish()])
         self.pos += T
+        self.held.extend(int(t) for t in chunk)
 
     def logits(self) -> np.ndarray:
         """(vocab,) float32 logits of the last token of the last forward."""

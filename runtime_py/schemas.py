@@ -232,8 +232,10 @@ def check_common(r: CommonRequest):
 # response shapes
 
 
-def usage(n_prompt: int, n_out: int) -> dict:
-    return {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
+def usage(n_prompt: int, n_out: int, cached: int = 0) -> dict:
+    """OpenAI's usage object; `cached`: prompt tokens whose KV was reused instead of prefilled."""
+    return {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def _bytes(s: str) -> list[int]:
