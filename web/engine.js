@@ -178,6 +178,7 @@ export class Session {
                                         usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST});
     this.tokenRead = dev.createBuffer({size: 4, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST});
     this.pos = 0;
+    this.held = [];   // the token ids whose K/V the cache holds, in order (kvcache.js)
   }
 
   /** Program `prog` bound to this session, allocating the buffers it needs on its first use. */
@@ -218,7 +219,11 @@ export class Session {
   }
 
   /** Forget the sequence after `pos` tokens (the cache beyond is simply overwritten later). */
-  reset(pos = 0) { this.pos = pos; }
+  reset(pos = 0) {
+    if (!(pos >= 0 && pos <= this.held.length)) throw new RangeError(`reset(${pos}): the cache holds ${this.held.length} tokens`);
+    this.pos = pos;
+    this.held.length = pos;
+  }
 
   /** Run the model on `ids` (appended at this.pos); afterwards logits() / nextToken() describe the last one. */
   forward(ids) {
@@ -243,6 +248,7 @@ export class Session {
       cp.end();
       dev.queue.submit([enc.finish()]);
       this.pos += T;
+      this.held.push(...chunk);
     }
   }
 

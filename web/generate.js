@@ -5,6 +5,7 @@
 //   // ev: {type: "token", ...} events, then one {type: "done", ...}
 
 import {ContextOverflowError} from "./device.js";
+import {reusePrefix} from "./kvcache.js";
 import {Sampler, topLogprobs} from "./sampler.js";
 
 /** Finds stop strings in streamed text; holds back a tail that could still become one. */
@@ -49,11 +50,12 @@ const round = (x, d) => Math.round(x * 10 ** d) / 10 ** d;
 
 /**
  * Yields {type: "token", id, text, top_logprobs} events then one {type: "done", ids, text, finish_reason, timings}.
- * The session is reset to position 0 first (no prefix reuse yet). Same order of operations as generate.py.
+ * The prompt's leading tokens that the session's cache already holds are kept (kvcache.js; reuse false: the session
+ * starts at position 0) and only the rest is prefilled. Same order of operations as generate.py.
  * maxTokens overrides params.max_tokens; both null: until EOS, a stop string or the end of the context.
  */
 export async function* generate(session, tokenizer, promptIds, params, {maxTokens = null, logprobs = 0, eogIds = [],
-                                                                        shouldStop = () => false} = {}) {
+                                                                        shouldStop = () => false, reuse = true} = {}) {
   if (!promptIds.length) throw new ContextOverflowError("empty prompt: nothing to condition on");
   if (promptIds.length >= session.ctx) {
     throw new ContextOverflowError(`prompt is ${promptIds.length} tokens but the context holds ${session.ctx} ` +
@@ -70,8 +72,14 @@ export async function* generate(session, tokenizer, promptIds, params, {maxToken
   const eog = new Set(eogIds);
 
   const t0 = now();
-  session.reset();
-  session.forward(promptIds);
+  let cached;
+  if (reuse) {
+    cached = reusePrefix(session, promptIds);
+  } else {
+    session.reset();
+    cached = 0;
+  }
+  session.forward(promptIds.slice(cached));
   let tFirst = null, finish = "length", cut = false;
   while (outIds.length < maxTokens) {
     let tok, lp = null;
@@ -105,9 +113,9 @@ export async function* generate(session, tokenizer, promptIds, params, {maxToken
   }
   const tEnd = now(), n = outIds.length;
   const timings = {
-    prompt_tokens: promptIds.length, generated_tokens: n,
+    prompt_tokens: promptIds.length, cached_tokens: cached, generated_tokens: n,
     ttft_s: round((tFirst ?? tEnd) - t0, 4),
-    prefill_tok_s: round(promptIds.length / Math.max((tFirst ?? tEnd) - t0, 1e-9), 2),
+    prefill_tok_s: round((promptIds.length - cached) / Math.max((tFirst ?? tEnd) - t0, 1e-9), 2),
     decode_tok_s: n > 1 && tFirst !== null ? round((n - 1) / (tEnd - tFirst), 2) : null,
     total_s: round(tEnd - t0, 4),
   };
