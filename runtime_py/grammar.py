@@ -85,8 +85,12 @@ def _grammar_text(kind: str, source: str, param: str) -> str:
             return LLMatcher.grammar_from_json_schema(source, defaults=JSON_OPTIONS)
         if kind == "regex":
             return LLMatcher.grammar_from_regex(source)
-        return LLMatcher.grammar_from_lark(gbnf_to_lark(source))
-    except (ValueError, GbnfToLarkError) as e:
+        try:
+            lark = gbnf_to_lark(source)
+        except (GbnfToLarkError, Exception) as e:   # noqa: BLE001 — the converter raises plain Exception too
+            raise InvalidParameterError(f"the grammar engine rejected it (GBNF): {e}", param=param) from None
+        return LLMatcher.grammar_from_lark(lark)
+    except ValueError as e:
         raise InvalidParameterError(f"the grammar engine rejected it: {e}", param=param) from None
 
 
