@@ -53,6 +53,14 @@ REQUEST_CASES = [
     {"max_tokens": 5, "max_completion_tokens": 6}, {"max_tokens": 5, "max_completion_tokens": 5},
     {"temperature": 0.9, "top_p": 0.8, "top_k": 20, "min_p": 0.1, "repeat_penalty": 1.1, "repeat_last_n": 32,
      "presence_penalty": 0.5, "frequency_penalty": 0.25, "seed": 42, "stop": ["</s>", "\n\n"], "max_tokens": 64},
+    # output constraints: shapes checked by the table on both sides (the schema itself by the grammar engine)
+    {"response_format": {"type": "text"}}, {"response_format": {"type": "json_object"}},
+    {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}},
+    {"response_format": {"type": "xml"}}, {"response_format": {}}, {"response_format": "json"},
+    {"response_format": {"type": "json_schema"}}, {"response_format": {"type": "json_schema", "json_schema": []}},
+    {"grammar": 'root ::= "a"'}, {"grammar": 5}, {"regex": "[0-9]+"}, {"regex": ["a"]},
+    {"grammar": 'root ::= "a"', "regex": "a"}, {"response_format": {"type": "json_object"}, "grammar": "x"},
+    {"response_format": {"type": "text"}, "regex": "a"},
 ]
 
 
