@@ -85,8 +85,26 @@ def test_http_schema_outputs_validate(client, model, case):
 
 @pytest.mark.parametrize("model", MODELS)
 def test_http_json_object_parses(client, model):
-    r = chat(client, model, "Give me a JSON object with one key.", response_format={"type": "json_object"})
-    assert isinstance(json.loads(r.choices[0].message.content), dict), r
+    # json_object leaves the contents free: a model may fill an array until max_tokens. A reply that stopped is a
+    # whole object; one cut short must say "length" with exactly max_tokens tokens (never "stop" on a partial one).
+    r = chat(client, model, 'Reply with a JSON object: {"name": <your name>}.', response_format={"type": "json_object"})
+    c = r.choices[0]
+    if c.finish_reason == "stop":
+        assert isinstance(json.loads(c.message.content), dict), r
+    else:
+        assert c.finish_reason == "length" and r.usage.completion_tokens == MAX_TOKENS, r
+        assert c.message.content.startswith("{"), r
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_http_json_object_cut_short_says_length(client, model):
+    r = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Give me a JSON object with one key."}], temperature=0,
+        max_tokens=3, response_format={"type": "json_object"})
+    c = r.choices[0]
+    assert c.finish_reason == "length" and r.usage.completion_tokens == 3, r
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(c.message.content)
 
 
 @pytest.mark.parametrize("model", MODELS)
