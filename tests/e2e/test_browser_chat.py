@@ -163,7 +163,8 @@ def test_stop_button_ends_generation(demo):
 def test_second_chat_turn_prefills_only_its_own_tokens(demo, native):
     """The worker keeps the conversation's KV cache: turn 2 (the whole conversation re-sent, as OpenAI clients do)
     reports turn 1's prompt as cached through usage.prompt_tokens_details, and its ids equal a native run of the
-    whole turn-2 prompt without any reuse. resetChat() forgets: the same request then has nothing cached."""
+    whole turn-2 prompt without any reuse. resetChat() forgets: turn 1 again (a prefix of what was held) then has
+    nothing cached."""
     r = demo.evaluate("""async () => {
         const e = window.kiln.engine;
         e.resetChat();
@@ -173,7 +174,7 @@ def test_second_chat_turn_prefills_only_its_own_tokens(demo, native):
                        {role: "user", content: "And of Italy?"}];
         const b = await e.chat.completions.create({messages: turn2, temperature: 0, max_tokens: 3});
         e.resetChat();
-        const c = await e.chat.completions.create({messages: turn2, temperature: 0, max_tokens: 1});
+        const c = await e.chat.completions.create({messages: turn1, temperature: 0, max_tokens: 1});
         return {a: {usage: a.usage, ...a.kiln}, b: {usage: b.usage, ...b.kiln}, c: {usage: c.usage}};
     }""")
     a, b, c = r["a"], r["b"], r["c"]
