@@ -220,7 +220,9 @@ export class Session {
 
   /** Forget the sequence after `pos` tokens (the cache beyond is simply overwritten later). */
   reset(pos = 0) {
-    if (!(pos >= 0 && pos <= this.held.length)) throw new RangeError(`reset(${pos}): the cache holds ${this.held.length} tokens`);
+    if (!(pos >= 0 && pos <= this.held.length)) {
+      throw new RangeError(`reset(${pos}): the cache holds ${this.held.length} tokens`);
+    }
     this.pos = pos;
     this.held.length = pos;
   }
