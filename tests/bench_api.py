@@ -166,7 +166,12 @@ def main():
     try:
         asyncio.run(level(url, a.model, 1, 2, headers))               # warm-up: model load, pipelines
         reuse = asyncio.run(prefix_reuse(url, a.model, a.prefix_tokens, headers)) if a.prefix_tokens else []
-        rows = [asyncio.run(level(url, a.model, n, a.max_tokens, headers)) for n in levels]
+        if reuse:
+            print(f"prefix reuse: {reuse}", file=sys.stderr, flush=True)   # progress; the tables follow at the end
+        rows = []
+        for n in levels:
+            rows.append(asyncio.run(level(url, a.model, n, a.max_tokens, headers)))
+            print(f"{n} clients: {rows[-1]}", file=sys.stderr, flush=True)
     finally:
         if proc:
             proc.terminate()
