@@ -66,7 +66,7 @@ fuzz: venv
 # decode/prefill speed of kiln next to llama.cpp (llama-cpp-python) measured in the same run
 bench: setup
 	$(PY) -m pip install -q -e '.[bench]'
-	$(PY) tests/bench.py
+	$(PY) -m runtime_py.cli bench
 
 # the OpenAI server: aggregate decode tok/s at 1, 4, 16 clients; TTFT with and without a cached ~400-token prefix
 bench-serve: setup

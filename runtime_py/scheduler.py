@@ -75,19 +75,38 @@ class Job:
 
 
 class _Tap:
-    """The Session as generate() sees it: keeps the last logits (for the chosen token's logprob); everything else
-    is the session's. The worker prefills the prompt's whole chunks itself, one per turn, so generate() finds them
-    held and runs only the last chunk (the same chunk boundaries as one forward over the uncached rest)."""
+    """The Session as generate() sees it: keeps the last logits (for the chosen token's logprob). The worker
+    prefills the prompt's whole chunks itself, one per turn, so generate() finds them held and runs only the last
+    chunk (the same chunk boundaries as one forward over the uncached rest). No `gpu_sampling`: the worker steps
+    one token per turn, so generate() samples on the CPU here."""
 
     def __init__(self, session):
         self.s, self.last = session, None
 
-    def __getattr__(self, name):          # ctx, chunk, held, reset, forward, next_token
-        return getattr(self.s, name)
+    @property
+    def ctx(self):
+        return self.s.ctx
+
+    @property
+    def chunk(self):
+        return self.s.chunk
+
+    @property
+    def held(self):
+        return self.s.held
+
+    def reset(self, pos: int = 0):
+        self.s.reset(pos)
+
+    def forward(self, ids):
+        self.s.forward(ids)
 
     def logits(self):
         self.last = self.s.logits()
         return self.last
+
+    def next_token(self):
+        return self.s.next_token()
 
 
 class _GPUModel:
