@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import ClassVar
 
+from .ir import TEXTURE_WIDTH
 from .quant import scheme_named
 
 # uniform field types: "u32" | "f32"
@@ -139,6 +140,19 @@ class Argmax(Kernel):
 
 
 
+# schemes whose CPU-adapter kernels read the weights from a texture ("texture" binding access): texel fetches are
+# 16-byte loads without a per-lane loop on lavapipe (shaders/_dot_cpu.wgsl.j2); every region starts at a whole texel
+TEXTURE_QUANTS = ("q8_0", "q4_1")
+
+
+def _init_tex(k):
+    """A CPU-adapter kernel's `tex` field: None -> whether its scheme is in TEXTURE_QUANTS; True only for those."""
+    if k.tex is None:
+        object.__setattr__(k, "tex", k.quant in TEXTURE_QUANTS)
+    elif k.tex and k.quant not in TEXTURE_QUANTS:
+        raise ValueError(f"{type(k).__name__}: {k.quant} weights have no texture reader (only {TEXTURE_QUANTS})")
+
+
 @dataclass(frozen=True)
 class MatvecCPU(Kernel):
     """Decode mat-vec for CPU adapters: one invocation per row, x from a uniform binding (see matvec_cpu.wgsl.j2)."""
@@ -149,14 +163,21 @@ class MatvecCPU(Kernel):
     wg: int = 64        # output rows per workgroup (the SIMD lanes on CPU adapters)
     gate: str | None = None
     residual: bool = False
+    tex: bool | None = None   # weights from a texture; None: where the scheme allows (TEXTURE_QUANTS)
+
+    def __post_init__(self):
+        _init_tex(self)
 
     def bindings(self):
-        w = [("w", "read")] + ([("w_up", "read")] if self.gate else [])
+        a = "texture" if self.tex else "read"
+        w = [("w", a)] + ([("w_up", a)] if self.gate else [])
         return [("x", "uniform"), *w, ("y", "read_write")]
 
     @property
     def rows(self) -> int:   # output rows per workgroup, for the dispatch arithmetic
         return self.wg
+
+    tex_width: ClassVar[int] = TEXTURE_WIDTH
 
 
 

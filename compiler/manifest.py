@@ -361,7 +361,7 @@ def validate(m: dict, path="manifest.json", hint: str = "recompile the model") -
         for i, b in enumerate(c.list(k["bindings"], f"{where}.bindings")):
             c.list(b, f"{where}.bindings[{i}]", n=2)
             c.str(b[0], f"{where}.bindings[{i}][0]")
-            c.str(b[1], f"{where}.bindings[{i}][1]", choices=("read", "read_write", "uniform"))
+            c.str(b[1], f"{where}.bindings[{i}][1]", choices=("read", "read_write", "uniform", "texture"))
 
     programs = c.obj(m["programs"], "programs", ("prefill", "decode"))
     for name, b in buffers.items():

@@ -9,11 +9,11 @@
 import {ArtifactError, bufferBytes, ContextOverflowError, DeviceLostError, getAdapter, getDevice, adapterClass, adapterName}
   from "./device.js";
 import {fetchManifest, fetchVerified, loadShards} from "./loader.js";
+import {layoutEntry, uploadTexture} from "./weight_texture.js";
 
 export const UNIFORM_ALIGN = 256;   // minUniformBufferOffsetAlignment's default (and maximum)
 export const STATE_BYTES = 16;      // struct State { n_tokens, pos0, pad, pad }
 export const UNIFORM_BINDING_MAX = 65536;   // maxUniformBufferBindingSize's default: an activation bound as "uniform"
-const BINDING_TYPES = {read: "read-only-storage", read_write: "storage", uniform: "uniform"};   // kernel binding access
 export const DEFAULT_CTX = 2048;
 
 /** Reference evaluation of a dispatch entry: compiler/schedule.py `dispatch_size`. */
@@ -85,6 +85,8 @@ export class Model {
     this.programFor = Object.fromEntries(Object.keys(manifest.programs).filter((p) => !p.includes("@")).map(
       (p) => [p, `${p}@${adapterCls}` in manifest.programs ? `${p}@${adapterCls}` : p]));
     this.weights = new Map();   // "tensor#part" -> GPUBuffer
+    this.textures = new Map();  // "tensor#part" -> GPUTexture, where the programs run here bind it so (weight_texture.js)
+    [this._asTexture, this._asBuffer] = this._weightUses();
     this.disposed = false;
     this.lost = null;
     this._byShard = new Map();
@@ -97,6 +99,17 @@ export class Model {
   }
 
   // -- load ---------------------------------------------------------------------------------------------------
+  /** [parts the programs this adapter runs bind as a texture, parts they bind as a buffer] (two Sets). */
+  _weightUses() {
+    const m = this.manifest, tex = new Set(), buf = new Set();
+    for (const prog of Object.values(this.programFor)) {
+      for (const s of m.programs[prog]) {
+        s.bind.forEach((ref, j) => (m.kernels[s.kernel].bindings[j][1] === "texture" ? tex : buf).add(ref));
+      }
+    }
+    return [tex, buf];
+  }
+
   async _compile() {
     const entries = Object.entries(this.manifest.kernels);
     const pipelines = await Promise.all(entries.map(([name, k]) => this._pipeline(name, k)));
@@ -108,8 +121,7 @@ export class Model {
     const dev = this.device;
     const entries = [{binding: 0, visibility: GPUShaderStage.COMPUTE, buffer: {type: "uniform"}},
                      {binding: 1, visibility: GPUShaderStage.COMPUTE, buffer: {type: "uniform"}}];
-    k.bindings.forEach(([, access], i) => entries.push({binding: i + 2, visibility: GPUShaderStage.COMPUTE,
-      buffer: {type: BINDING_TYPES[access]}}));
+    k.bindings.forEach(([, access], i) => entries.push(layoutEntry(i + 2, access)));
     const layout = dev.createBindGroupLayout({entries, label: name});
     const module = dev.createShaderModule({code, label: name});
     try {
@@ -124,8 +136,12 @@ export class Model {
     }
   }
 
+  /** Each weight part as a storage buffer, or as a texture where the programs this adapter runs bind it so (the
+   *  CPU-adapter kernels: weight_texture.js); both if both. */
   _upload(shardIndex, bytes) {
     for (const [ref, p] of this._byShard.get(shardIndex) || []) {
+      if (this._asTexture.has(ref)) this.textures.set(ref, uploadTexture(this.device, bytes, p.offset, p.bytes, ref));
+      if (this._asTexture.has(ref) && !this._asBuffer.has(ref)) continue;
       const buf = this.device.createBuffer({size: Math.max(16, p.bytes), label: ref,
                                             usage: GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_DST});
       this.device.queue.writeBuffer(buf, 0, bytes, p.offset, p.bytes);
@@ -208,6 +224,10 @@ export class Session {
                                 size: UNIFORM_ALIGN}}];
       const bindings = model.manifest.kernels[s.kernel].bindings;
       s.bind.forEach((ref, j) => {
+        if (bindings[j][1] === "texture") {   // a weight part (weight_texture.js)
+          entries.push({binding: j + 2, resource: model.textures.get(ref).createView()});
+          return;
+        }
         const buffer = this.buffers.get(ref) || model.weights.get(ref);
         if (!buffer) throw new Error(`step ${prog}[${i}] binds unknown buffer ${ref}`);
         const size = bindings[j][1] === "uniform" ? Math.min(buffer.size, UNIFORM_BINDING_MAX) : buffer.size;

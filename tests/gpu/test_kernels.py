@@ -111,8 +111,9 @@ def matmul_kernel(tile, quant, gate=None, residual=False, K=None):
     (prefill on CPU adapters: 8 tokens per workgroup, 8 / 16 rows per invocation)."""
     if tile in ("mm", "mm16"):
         return MatmulCPU(quant=quant, rows=16 if tile == "mm16" else 8, gate=gate, residual=residual), 8
-    if tile in ("cpu", "cpu8"):
-        return MatvecCPU(quant=quant, xk=K, wg=8 if tile == "cpu8" else 64, gate=gate, residual=residual), 1
+    if tile in ("cpu", "cpu8", "cpubuf"):   # cpubuf: weights from storage even where the scheme has a texture reader
+        return MatvecCPU(quant=quant, xk=K, wg=8 if tile == "cpu8" else 64, gate=gate, residual=residual,
+                         tex=False if tile == "cpubuf" else None), 1
     if tile == "tt":
         return MatmulTokens(quant=quant, gate=gate, residual=residual), 8
     return Matmul(quant=quant, gate=gate, residual=residual), 1
@@ -254,6 +255,17 @@ def test_matvec_cpu_split_parts(rng):
         (y,) = run_kernel(k, dict(k=K, rows=n, n_offset=row0, n_stride=rows, last_only=0),
                           [x, pack(scheme, raw, rows, K, row0, n), y], [-(-n // k.rows), 1, 1], n_tokens=1)
     assert_close(y, x.astype(f64) @ w.T, what=k.name)
+
+
+@pytest.mark.parametrize("tile", ["cpu", "cpubuf"])
+@pytest.mark.parametrize("quant", ["q8_0", "q4_1"])
+def test_matvec_cpu_texture_rows(quant, tile, rng):
+    # weights over several 64 KiB texture rows (q8_0 300 x 576: 184 KB, 3 rows; q4_1: 108 KB, 2) with the scale
+    # regions past the first row; and the storage path of the same schemes
+    k, _ = matmul_kernel(tile, quant, K=576)
+    assert k.tex == (tile == "cpu")
+    check_matmul(quant, tile, 1, 300, 576, rng)
+    check_matmul(quant, tile, 1, 300, 576, rng, gate="silu")
 
 
 def test_matvec_cpu_real_q4_1_blocks(rng, smollm2):
