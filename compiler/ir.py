@@ -38,11 +38,18 @@ class WeightRef:
         return f"{self.name}#{part}"
 
 
+def split_ref(ref: str) -> tuple[str, int]:
+    """"xn+9216" -> ("xn", 9216); "xn" -> ("xn", 0): a buffer ref and the byte offset it binds at."""
+    name, _, off = ref.partition("+")
+    return name, int(off or 0)
+
+
 @dataclass(frozen=True)
 class Step:
     """One dispatch. JSON: {"kernel": name, "bind": [refs, binding 2..], "params": [values], "dispatch": [x, y, z]}.
-    A buffer ref is an activation buffer name (e.g. "x", "k_cache.3") or a weight part "tensor#part"; a dispatch
-    entry is an int or "T/n" = ceil(T / n), T = tokens in this forward (see `dispatch_size`)."""
+    A buffer ref is an activation buffer name (e.g. "x", "k_cache.3"), optionally with a byte offset ("xn+9216": a
+    uniform x window of the CPU-adapter kernels), or a weight part "tensor#part"; a dispatch entry is an int, "T/n" =
+    ceil(T / n), or "T>n" / "T<=n" (1 or 0), T = tokens in this forward (see `dispatch_size`)."""
     kernel: Any                       # a compiler.kernels.Kernel (frozen dataclass)
     bind: tuple[str, ...]
     params: tuple                     # values in kernel.params order
@@ -74,9 +81,14 @@ class Program:
 
 
 def dispatch_size(dim, n_tokens: int) -> int:
-    """Reference evaluation of a dispatch entry; runtime_py and web/ implement exactly this."""
+    """Reference evaluation of a dispatch entry; runtime_py and web/ implement exactly this. "T>n" / "T<=n": 1 or 0
+    (a step for the x window of tokens n.. runs only when the chunk reaches it); a 0 entry skips the step."""
     if isinstance(dim, int):
         return dim
     assert dim.startswith("T"), dim
+    if dim.startswith("T>"):
+        return int(n_tokens > int(dim[2:]))
+    if dim.startswith("T<="):
+        return int(n_tokens <= int(dim[3:]))
     div = int(dim[2:]) if "/" in dim else 1
     return -(-n_tokens // div)

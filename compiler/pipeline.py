@@ -85,7 +85,7 @@ def plan(c: Compilation):
 
 def schedule(c: Compilation):
     assert c.prefill_chunk % PREFILL_TILE == 0
-    c.programs = build_programs(c.cfg, c.plan)
+    c.programs = build_programs(c.cfg, c.plan, c.prefill_chunk)
     c.score_tokens = score_chunk(c.cfg.vocab, c.prefill_chunk)
     c.buffers = activation_buffers(c.cfg, c.score_tokens)
     bound = buffer_programs(c.programs)

@@ -15,7 +15,7 @@ import wgpu
 
 from compiler.errors import ArtifactError, ContextOverflowError
 from compiler.manifest import check_file, read_manifest
-from compiler.schedule import GENERATE, dispatch_size
+from compiler.schedule import GENERATE, dispatch_size, split_ref
 
 from .device import adapter_class, check_fits, get_device
 from .weight_texture import BINDING_TYPES, layout_entry, upload_texture  # noqa: F401  (BINDING_TYPES: re-exported)
@@ -191,9 +191,10 @@ class Session:
                 if access == "texture":   # a weight part (runtime_py/weight_texture.py)
                     entries.append({"binding": j + 2, "resource": model.textures[ref].create_view()})
                     continue
-                buf = self.buffers.get(ref) or model.weights[ref]
-                size = min(buf.size, UNIFORM_BINDING_MAX) if access == "uniform" else buf.size
-                entries.append({"binding": j + 2, "resource": {"buffer": buf, "offset": 0, "size": size}})
+                name, offset = split_ref(ref)   # "xn+9216": a uniform x window at that byte offset
+                buf = self.buffers.get(name) or model.weights[name]
+                size = min(buf.size - offset, UNIFORM_BINDING_MAX) if access == "uniform" else buf.size
+                entries.append({"binding": j + 2, "resource": {"buffer": buf, "offset": offset, "size": size}})
             out.append((pipeline, model.device.create_bind_group(layout=layout, entries=entries), s["dispatch"]))
         return out
 
@@ -217,9 +218,12 @@ class Session:
         enc = dev.create_command_encoder()
         cp = enc.begin_compute_pass()
         for pipeline, bind_group, dispatch in self._program(prog):
+            size = [dispatch_size(d, T) for d in dispatch]
+            if 0 in size:   # a step for an x window past T ("T>n")
+                continue
             cp.set_pipeline(pipeline)
             cp.set_bind_group(0, bind_group)
-            cp.dispatch_workgroups(*(dispatch_size(d, T) for d in dispatch))
+            cp.dispatch_workgroups(*size)
         cp.end()
         dev.queue.submit([enc.finish()])
         self.pos += T

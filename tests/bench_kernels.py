@@ -130,10 +130,12 @@ def variants(quant, T, gate, k):
                 out.append((f"matvec_cpu wg{wg}{' tex' if tex else ''}",
                             K.MatvecCPU(quant=quant, xk=k, wg=wg, gate=gate, tex=tex),
                             lambda r, kk: [-(-r // kk.wg), 1, 1]))
-    else:
-        for rows in (4, 8, 16):
-            out.append((f"matmul_cpu 8tok x {rows}rows", K.MatmulCPU(quant=quant, rows=rows, gate=gate),
-                        lambda r, kk: [-(-r // kk.rows), "T/8", 1]))
+    else:   # one x window (the first `tokens` tokens) per dispatch; per token = that / tokens
+        for tokens, rows, wg in ((8, 4, 32), (8, 2, 32), (4, 4, 32), (8, 1, 64)):
+            for tex in ((False, True) if quant in K.TEXTURE_QUANTS else (False,)):
+                out.append((f"matmul_cpu {tokens}tok {rows}r wg{wg}{' tex' if tex else ''}",
+                            K.MatmulCPU(quant=quant, xk=k, tokens=tokens, rows=rows, wg=wg, gate=gate, tex=tex),
+                            lambda r, kk: [-(-r // kk.rows_per_wg), 1, 1]))
     return out
 
 
@@ -155,14 +157,17 @@ def main():
         bufs = [x, w] + ([random_packed(quant, rows, k, rng)] if gate else []) + [np.zeros((T, rows), np.float32)]
         cases, labels = [], []
         for lab, kern, disp in variants(quant, T, gate, k):
-            cases.append(Case(dev, kern, dict(k=k, rows=rows, n_offset=0, n_stride=rows, last_only=0),
-                              bufs, disp(rows, kern), T, wb))
+            params = {n: v for n, v in dict(k=k, rows=rows, n_offset=0, n_stride=rows, last_only=0, t0=0).items()
+                      if n in dict(kern.params)}
+            cases.append(Case(dev, kern, params, bufs, disp(rows, kern), T, wb))
             labels.append(lab)
         res = time_cases(dev, cases, a.batch, a.reps)
         print(f"{name}: {quant} ({rows}x{k}) T={T}{' gate' if gate else ''}, {wb / 1e6:.2f} MB of weights")
-        for lab, r in zip(labels, res):
+        for (lab, kern, _), r in zip(variants(quant, T, gate, k), res):
             med = statistics.median(r)
-            print(f"  {lab:28s} {med / 1e3:9.1f} us  {wb / med:6.2f} GB/s   (min {min(r) / 1e3:.1f})")
+            toks = getattr(kern, "tokens", 1) if kern.template == "matmul_cpu" else T   # tokens one dispatch does
+            per_tok = f"  {med / 1e3 / toks:8.1f} us/token" if T > 1 else ""
+            print(f"  {lab:32s} {med / 1e3:9.1f} us  {wb / med:6.2f} GB/s{per_tok}   (min {min(r) / 1e3:.1f})")
 
 
 if __name__ == "__main__":

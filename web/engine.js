@@ -19,8 +19,16 @@ export const DEFAULT_CTX = 2048;
 /** Reference evaluation of a dispatch entry: compiler/schedule.py `dispatch_size`. */
 export function dispatchSize(dim, nTokens) {
   if (typeof dim === "number") return dim;
+  if (dim.startsWith("T>")) return nTokens > parseInt(dim.slice(2), 10) ? 1 : 0;
+  if (dim.startsWith("T<=")) return nTokens <= parseInt(dim.slice(3), 10) ? 1 : 0;
   const div = dim.includes("/") ? parseInt(dim.slice(2), 10) : 1;
   return Math.ceil(nTokens / div);
+}
+
+/** "xn+9216" -> ["xn", 9216]; "xn" -> ["xn", 0]: a buffer ref and the byte offset it binds at (compiler/ir.py). */
+export function splitRef(ref) {
+  const i = ref.indexOf("+");
+  return i < 0 ? [ref, 0] : [ref.slice(0, i), parseInt(ref.slice(i + 1), 10)];
 }
 
 /** One step's uniform values as u32 words (f32 params bit-cast), like runtime_py.model.pack_params. */
@@ -228,10 +236,11 @@ export class Session {
           entries.push({binding: j + 2, resource: model.textures.get(ref).createView()});
           return;
         }
-        const buffer = this.buffers.get(ref) || model.weights.get(ref);
+        const [name, offset] = splitRef(ref);   // "xn+9216": a uniform x window at that byte offset
+        const buffer = this.buffers.get(name) || model.weights.get(name);
         if (!buffer) throw new Error(`step ${prog}[${i}] binds unknown buffer ${ref}`);
-        const size = bindings[j][1] === "uniform" ? Math.min(buffer.size, UNIFORM_BINDING_MAX) : buffer.size;
-        entries.push({binding: j + 2, resource: {buffer, offset: 0, size}});
+        const size = bindings[j][1] === "uniform" ? Math.min(buffer.size - offset, UNIFORM_BINDING_MAX) : buffer.size;
+        entries.push({binding: j + 2, resource: {buffer, offset, size}});
       });
       return [pipeline, model.device.createBindGroup({layout, entries, label: `${prog}[${i}]`}), s.dispatch];
     });
@@ -256,9 +265,11 @@ export class Session {
       const enc = dev.createCommandEncoder();
       const cp = enc.beginComputePass();
       for (const [pipeline, bindGroup, dispatch] of this._program(prog)) {
+        const size = dispatch.map((d) => dispatchSize(d, T));
+        if (size.includes(0)) continue;   // a step for an x window past T ("T>n")
         cp.setPipeline(pipeline);
         cp.setBindGroup(0, bindGroup);
-        cp.dispatchWorkgroups(...dispatch.map((d) => dispatchSize(d, T)));
+        cp.dispatchWorkgroups(...size);
       }
       cp.end();
       dev.queue.submit([enc.finish()]);
