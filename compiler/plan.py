@@ -89,7 +89,11 @@ def _requantized(ggml_type, ndim: int, requant: type[QuantScheme] | None) -> boo
 
 
 def _target(ggml_type, ndim: int, requant: type[QuantScheme] | None) -> type[QuantScheme]:
-    """The scheme a tensor of this type and rank is packed as."""
+    """The scheme a tensor of this type and rank is packed as. Vectors (norms, biases) are always f32: the kernels
+    bind them as array<f32>, so an F16 / BF16 one is widened at pack time (converters write them F32 anyway)."""
+    if ndim == 1 and ggml_type != F32.ggml_type:
+        scheme_for(ggml_type)   # a type kiln cannot read is refused by name, as for matrices
+        return F32
     return requant if _requantized(ggml_type, ndim, requant) else scheme_for(ggml_type)
 
 

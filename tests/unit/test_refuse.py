@@ -231,16 +231,30 @@ def test_inspect_marks_what_kiln_cannot_run(tmp_path):
     p = kiln("inspect", biased)
     assert p.returncode == 0, p.stderr
     assert "not implemented: tensor 'blk.0.attn_q.bias' (kiln compile refuses this file)" in p.stdout, p.stdout
-    # a BF16 matrix: listed with its bytes and marked, in text and in --json
+    # an IQ4_NL matrix (a type kiln has no reader for): listed with its bytes and marked, in text and in --json
     from gguf import GGMLQuantizationType as Q
     spec = base_spec("llama", np.random.default_rng(0))
-    spec["tensors"] = [(n, a.astype(np.float32).view(np.uint16)[..., 1::2].copy().view(np.uint8), Q.BF16)
-                       if n == "blk.0.attn_q.weight" else (n, a, q) for n, a, q in spec["tensors"]]
-    bf16 = write_spec(spec, tmp_path / "bf16.gguf")
-    p = kiln("inspect", bf16)
+    iq = np.random.default_rng(1).integers(0, 256, (2 * HD, D // 32 * 18), dtype=np.uint8)   # 18-byte blocks of 32
+    iq.reshape(-1, 18)[:, 1] = 0x3c   # scale = 1.0 (f16 0x3c00)
+    iq.reshape(-1, 18)[:, 0] = 0
+    spec["tensors"] = [(n, iq, Q.IQ4_NL) if n == "blk.0.attn_q.weight" else (n, a, q) for n, a, q in spec["tensors"]]
+    path = write_spec(spec, tmp_path / "iq4_nl.gguf")
+    p = kiln("inspect", path)
     assert p.returncode == 0, p.stderr
-    assert any(line.strip().startswith("BF16") and "kiln cannot run this type" in line
+    assert any(line.strip().startswith("IQ4_NL") and "kiln cannot run this type" in line
                for line in p.stdout.splitlines()), p.stdout
-    info = json.loads(kiln("inspect", bf16, "--json").stdout)
-    assert info["unsupported_tensor_types"] == ["BF16"] and info["not_implemented"] == []
-    assert_cli_error(kiln("compile", bf16, "-o", tmp_path / "out"), "tensor type BF16 is not supported")
+    info = json.loads(kiln("inspect", path, "--json").stdout)
+    assert info["unsupported_tensor_types"] == ["IQ4_NL"] and info["not_implemented"] == []
+    assert_cli_error(kiln("compile", path, "-o", tmp_path / "out"), "tensor type IQ4_NL is not supported")
+
+
+def test_bf16_and_q5_1_matrices_are_read(tmp_path):
+    """BF16 and Q5_1 have readers now (compiler/quant/blocks32.py): such a file plans like any other."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import quantize
+    spec = base_spec("llama", np.random.default_rng(0))
+    spec["tensors"] = [(n, a.astype(np.float32).view(np.uint16)[..., 1::2].copy().view(np.uint8), Q.BF16)
+                       if n == "blk.0.attn_q.weight" else (n, quantize(a, Q.Q5_1), Q.Q5_1)
+                       if n == "blk.1.ffn_down.weight" else (n, a, q) for n, a, q in spec["tensors"]]
+    c = run_stages(Compilation(write_spec(spec, tmp_path / "mixed.gguf"), None), until="plan")
+    assert c.plan("blk.0.attn_q.weight").quant == "bf16" and c.plan("blk.1.ffn_down.weight").quant == "q5_1"
