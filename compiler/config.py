@@ -280,14 +280,14 @@ def qwen_config(m: GGUFModel, common: dict) -> ModelConfig:
 
 
 def phi3_config(m: GGUFModel, common: dict) -> ModelConfig:
-    """Phi-3 / Phi-3.5 / Phi-4-mini (arch phi3). Differences from llama:
+    """Phi-3 4k (arch phi3: Phi-3-mini-4k, Phi-3-medium-4k). Differences from llama:
     - fused attn_qkv.weight ([q | k | v] rows: written straight into the qkv buffer, whose layout is the same) and
       ffn_up.weight = [gate | up] (2 n_ff rows, no ffn_gate: sliced at compile time into two weights, plan.py);
-    - rope "neox" (llama.cpp: LLAMA_ROPE_TYPE_NEOX), rope.dimension_count may be partial (Phi-4-mini: 3/4);
+    - rope "neox" (llama.cpp: LLAMA_ROPE_TYPE_NEOX) over rope.dimension_count dims;
     - attention.sliding_window (2047 in Phi-3-mini-4k) on every layer, as transformers does (llama.cpp ignores it;
       the two agree below 2048 tokens).
-    The 128k models' LongRoPE (rope_factors_long / rope_factors_short tensors, rope.scaling.attn_factor) is refused by
-    name."""
+    The 128k models' LongRoPE (Phi-3.5, Phi-4-mini: rope_factors_long / rope_factors_short tensors,
+    rope.scaling.attn_factor) is refused by name."""
     arch = common["arch"]
     window = meta_int(m, f"{arch}.attention.sliding_window", 0)
     return ModelConfig(**common, rope_style="neox", rope_scale=rope_scaling(m, arch), fused_qkv=True,

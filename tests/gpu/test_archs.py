@@ -1,5 +1,5 @@
 """Every architecture test model (tests/fixtures/archs: llama 3 rope_freqs, linear rope scaling, qwen2, qwen3, phi3,
-mistral, gemma2; each as F16, Q8_0 and Q4_K_M) compiled and run natively, against its references.
+mistral, gemma2; each as F16, Q8_0 and Q4_K_M; qwen3 also BF16 and Q5_1, llama3 Q5_1) compiled and run natively, against its references.
 
 Per (model, file type):
 - prompt ids (kiln's tokenizer.json) = llama.cpp's, for every prompt (no GPU needed);
@@ -23,8 +23,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1] / "fixtures" / "archs"
 MANIFEST = json.loads((ROOT / "manifest.json").read_text())
 MODELS = MANIFEST["models"]
-QUANTS = ("F16", "Q8_0", "Q4_K_M")
-FILES = [(m, q) for m in MODELS for q in QUANTS]
+FILES = [(m, q) for m in MODELS for q in MODELS[m]["files"]]   # F16, Q8_0, Q4_K_M each; BF16 / Q5_1 for some
 PROMPTS = ("fact", "code", "chat", "long")
 LOGIT_TOL = 0.02
 TIE_MARGIN = 0.02
