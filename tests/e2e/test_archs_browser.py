@@ -1,4 +1,5 @@
-"""Qwen 3 (QK-norm) and Llama 3 (rope_freqs scaling) test models in the browser (Chromium, SwiftShader WebGPU),
+"""Qwen 3 (QK-norm) and Llama 3 (rope_freqs scaling) test models in the browser, and one file of each other
+architecture and tensor type (Chromium, SwiftShader WebGPU),
 against the references in tests/fixtures/archs: prompt ids = llama.cpp's, the first step's top-5 log-probabilities
 within LOGPROB_TOL of transformers float32's log-softmax at the last prompt position, and N_GREEDY greedy tokens
 identical to transformers' up to its own near-ties (top-2 margin < TIE_MARGIN). Llama 3 runs the `long` prompt
@@ -18,7 +19,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1] / "fixtures" / "archs"
 MODELS = json.loads((ROOT / "manifest.json").read_text())["models"]
 CASES = [("qwen3", "Q8_0", "fact"), ("qwen3", "Q4_K_M", "code"), ("llama3", "F16", "long"),
-         ("llama3", "Q4_K_M", "fact")]
+         ("llama3", "Q4_K_M", "fact"),
+         # the other architectures' own kernels under Chromium's WGSL compiler: add_bias, softcap, attention_softcap,
+         # the sliced gate|up; BF16 / Q5_1 readers
+         ("qwen2", "Q4_K_M", "fact"), ("gemma2", "Q8_0", "fact"), ("phi3", "F16", "fact"), ("qwen3", "BF16", "fact"),
+         ("llama3", "Q5_1", "fact")]
 N_GREEDY = 16
 TIE_MARGIN = 0.02
 LOGPROB_TOL = 0.02   # log-softmax differences are bounded by twice the logits' (tolerance 0.02)

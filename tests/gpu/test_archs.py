@@ -116,3 +116,20 @@ def test_logits_and_greedy(model, quant, art_root, device, record_property):
         report.append(f"{name} {len(case['prompt_ids'])} tok |dlogit| {err:.2g} greedy {agree}/{N_GREEDY}")
     record_property("max_abs_dlogit", worst)
     print(f"{model}-{quant}: max |dlogit| {worst:.3g}; " + "; ".join(report))
+
+
+def test_llama3_long_prompt_reaches_the_scaled_frequencies():
+    """The llama3 `long` prompt (checked above on every llama3 file) runs past the original context, where the rope
+    frequencies whose wavelength exceeds original_ctx / low_freq_factor are divided by the factor: the positions at
+    which ignoring rope_freqs.weight changes the logits (the manifest's ablation: |dlogit| 15.6)."""
+    import gguf as gguf_py
+    rp = MODELS["llama3"]["hf_config"]["rope_parameters"]
+    r = gguf_py.GGUFReader(str(gguf("llama3", "F16")))
+    factors = next(t for t in r.tensors if t.name == "rope_freqs.weight").data.astype(np.float64)
+    dim = MODELS["llama3"]["hf_config"]["head_dim"]
+    wavelen = 2 * np.pi * rp["rope_theta"] ** (np.arange(0, dim, 2) / dim)
+    low = wavelen > rp["original_max_position_embeddings"] / rp["low_freq_factor"]
+    assert low.any() and np.allclose(factors[low], rp["factor"]) and (factors[~low] < rp["factor"]).all()
+    n = len(ref("llama3", "F16", "transformers")["long"]["prompt_ids"])
+    assert n > 2 * rp["original_max_position_embeddings"], n
+    assert MODELS["llama3"]["ablations"]["rope_scaling_ignored"]["max_abs_dlogit_last"] > 1
