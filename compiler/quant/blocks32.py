@@ -1,4 +1,4 @@
-"""Unquantized types and GGUF's 32-element block types (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1).
+"""Unquantized types and GGUF's 32-element block types (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL).
 
 Each class states its GGUF block, then its packed regions (see scheme.py); nb = rows * K / 32 blocks.
 """
@@ -116,3 +116,22 @@ class Q5_1(QuantScheme):
         at = cls.offset("dm", nb)
         dm = packed[at: at + nb].view(np.float16).astype(np.float32).reshape(nb, 2)
         return (q * dm[:, :1] + dm[:, 1:]).reshape(rows, k)
+
+
+class IQ4_NL(QuantScheme):
+    # block: d f16 | qs u8[16] (nibbles as Q4_0); value = d * KVALUES[q], a fixed non-linear 16-entry int8 table
+    name, ggml_type, block_size, block_bytes = "iq4_nl", T.IQ4_NL, 32, 18
+    regions = (Region("qs", 2, 18), Region("d", 0, 2, halves=True))   # qs (nb, 4) u32 | d (nb) f16 pairs
+    KVALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)   # llama.cpp kvalues_iq4nl
+
+    @classmethod
+    def layout(cls) -> dict:
+        """+ the table as 4 u32 words (entry i = byte i % 4 of word i / 4), which the reader selects from."""
+        words = np.array(cls.KVALUES, np.int8).view(np.uint32)
+        return {**super().layout(), "table": [f"0x{int(w):08x}u" for w in words]}
+
+    @classmethod
+    def dequantize_packed(cls, packed, rows, k):
+        nb = cls.n_blocks(rows, k)
+        q = np.array(cls.KVALUES, np.float32)[_nibbles32(packed, nb)]
+        return (q * halves_from(packed, cls.offset("d", nb), nb)[:, None]).reshape(rows, k)

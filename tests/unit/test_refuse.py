@@ -231,25 +231,24 @@ def test_inspect_marks_what_kiln_cannot_run(tmp_path):
     p = kiln("inspect", biased)
     assert p.returncode == 0, p.stderr
     assert "not implemented: tensor 'blk.0.attn_q.bias' (kiln compile refuses this file)" in p.stdout, p.stdout
-    # an IQ4_NL matrix (a type kiln has no reader for): listed with its bytes and marked, in text and in --json
+    # a Q8_1 matrix (a type kiln has no reader for): listed with its bytes and marked, in text and in --json
     from gguf import GGMLQuantizationType as Q
     spec = base_spec("llama", np.random.default_rng(0))
-    iq = np.random.default_rng(1).integers(0, 256, (2 * HD, D // 32 * 18), dtype=np.uint8)   # 18-byte blocks of 32
-    iq.reshape(-1, 18)[:, 1] = 0x3c   # scale = 1.0 (f16 0x3c00)
-    iq.reshape(-1, 18)[:, 0] = 0
-    spec["tensors"] = [(n, iq, Q.IQ4_NL) if n == "blk.0.attn_q.weight" else (n, a, q) for n, a, q in spec["tensors"]]
-    path = write_spec(spec, tmp_path / "iq4_nl.gguf")
+    blk = np.random.default_rng(1).integers(0, 256, (2 * HD, D // 32 * 40), dtype=np.uint8)   # 40-byte blocks of 32
+    blk.reshape(-1, 40)[:, :8] = np.array([1.0, 1.0], np.float32).view(np.uint8)   # d, s
+    spec["tensors"] = [(n, blk, Q.Q8_1) if n == "blk.0.attn_q.weight" else (n, a, q) for n, a, q in spec["tensors"]]
+    path = write_spec(spec, tmp_path / "q8_1.gguf")
     p = kiln("inspect", path)
     assert p.returncode == 0, p.stderr
-    assert any(line.strip().startswith("IQ4_NL") and "kiln cannot run this type" in line
+    assert any(line.strip().startswith("Q8_1") and "kiln cannot run this type" in line
                for line in p.stdout.splitlines()), p.stdout
     info = json.loads(kiln("inspect", path, "--json").stdout)
-    assert info["unsupported_tensor_types"] == ["IQ4_NL"] and info["not_implemented"] == []
-    assert_cli_error(kiln("compile", path, "-o", tmp_path / "out"), "tensor type IQ4_NL is not supported")
+    assert info["unsupported_tensor_types"] == ["Q8_1"] and info["not_implemented"] == []
+    assert_cli_error(kiln("compile", path, "-o", tmp_path / "out"), "tensor type Q8_1 is not supported")
 
 
 def test_bf16_and_q5_1_matrices_are_read(tmp_path):
-    """BF16 and Q5_1 have readers now (compiler/quant/blocks32.py): such a file plans like any other."""
+    """BF16 and Q5_1 (and IQ4_NL) have readers now (compiler/quant/blocks32.py): such a file plans like any other."""
     from gguf import GGMLQuantizationType as Q
     from gguf.quants import quantize
     spec = base_spec("llama", np.random.default_rng(0))

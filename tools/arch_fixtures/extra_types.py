@@ -1,6 +1,7 @@
 """Adds the tensor types beyond F16 / Q8_0 / Q4_K_M to models already built by make_fixtures.py: BF16 (the converter's
 --outtype bf16 from the same random HF checkpoint) and Q5_1 (llama_model_quantize from the F16 file), each with the
-same references as the other files (transformers float32 on its dequantised weights, llama.cpp ids and greedy).
+same references as the other files (transformers float32 on its dequantised weights, llama.cpp ids and greedy);
+IQ4_NL likewise (llama_model_quantize, no importance matrix needed).
 
     /tmp/archvenv/bin/python tools/arch_fixtures/extra_types.py --llama-cpp /tmp/x/llama_cpp_python-0.3.36/vendor/llama.cpp
 
@@ -21,7 +22,7 @@ sys.path.insert(0, str(HERE))
 from make_fixtures import (MODELS, REPO, convert, describe_gguf, llamacpp_reference, log,  # noqa: E402
                            prompt_texts, quantize, transformers_reference, update_manifest, versions)
 
-EXTRA = {"qwen3": ("BF16", "Q5_1"), "llama3": ("Q5_1",)}   # small: the fixture set stays under its size budget
+EXTRA = {"qwen3": ("BF16", "Q5_1", "IQ4_NL"), "llama3": ("Q5_1",)}   # small: the fixture set stays under its budget
 
 
 def main():
@@ -39,6 +40,8 @@ def main():
         entry = json.loads(man_path.read_text())["models"][name]
         for q in types:
             path = mdir / f"{name}-{q}.gguf"
+            if q in entry["files"] and path.exists():
+                continue   # already made (delete the file to remake it)
             if q == "BF16":
                 py = args.convert_python4 if spec.get("convert_with") == "transformers4" else args.convert_python
                 convert(hf, path, "bf16", args.llama_cpp, py)
