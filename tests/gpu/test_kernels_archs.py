@@ -1,5 +1,6 @@
 """The small kernels the architectures beyond llama need, each against numpy on wgpu-py, odd shapes included:
-add_bias (qwen2's Q/K/V biases), softcap (gemma2's final logits), attention with score soft-capping (gemma2)."""
+add_bias (qwen2's Q/K/V biases), softcap (gemma2's final logits), split-K attention with score soft-capping (gemma2),
+decode splits + reduce included."""
 from __future__ import annotations
 
 import math
@@ -8,7 +9,7 @@ import zlib
 import numpy as np
 import pytest
 
-from compiler.kernels import AddBias, Attention, AttentionSoftcap, Softcap
+from compiler.kernels import AddBias, AttentionReduce, AttentionSplitSoftcap, Softcap
 from runtime_py.device import NoAdapterError, get_device
 
 try:
@@ -77,13 +78,14 @@ def attention_softcap_ref(q, kc, vc, n_head, n_kv, pos0, window, scale, cap):
     return out
 
 
-@pytest.mark.parametrize("n_head,n_kv,hd,L,T,window,cap", [
-    (3, 1, 64, 1, 1, 0, 50.0),
-    (2, 2, 64, 65, 1, 0, 2.0),
-    (4, 2, 96, 70, 70, 32, 2.0),     # gemma2 fixture-like: window 32, cap 2, a whole prompt
-    (3, 3, 256, 130, 5, 50, 50.0),
+@pytest.mark.parametrize("n_head,n_kv,hd,L,T,window,splits,cap", [
+    (3, 1, 64, 1, 1, 0, 1, 50.0),
+    (2, 2, 64, 65, 1, 0, 16, 2.0),      # decode: partials, then the reduce
+    (4, 2, 64, 70, 70, 32, 1, 2.0),     # gemma2 fixture-like: window 32, cap 2, a whole prompt
+    (3, 3, 256, 130, 5, 50, 1, 50.0),
+    (4, 2, 64, 300, 1, 32, 16, 2.0),    # decode in the window, more splits than keys per split
 ])
-def test_attention_softcap(n_head, n_kv, hd, L, T, window, cap, rng):
+def test_attention_split_softcap(n_head, n_kv, hd, L, T, window, splits, cap, rng):
     pos0, ctx = L - T, L + 3
     stride = (n_head + 2 * n_kv) * hd
     qkv = (rng.standard_normal((T, stride)) * 2).astype(f32)
@@ -91,10 +93,14 @@ def test_attention_softcap(n_head, n_kv, hd, L, T, window, cap, rng):
     vc = rng.standard_normal((ctx, n_kv, hd)).astype(f32)
     kc[L:] = vc[L:] = np.nan
     scale = 1 / math.sqrt(hd)
+    k = AttentionSplitSoftcap.for_heads(n_head, n_kv, hd)
+    part0 = np.full((T + 1, n_head, splits, hd + 2), 7.0, f32)
     out0 = rng.standard_normal((T + 1, n_head * hd)).astype(f32)
-    k = AttentionSoftcap(dims_per_thread=-(-hd // Attention.wg))
-    (out,) = run_kernel(k, dict(n_head=n_head, n_kv=n_kv, head_dim=hd, window=window, scale=scale, cap=cap),
-                        [qkv, kc, vc, out0], [n_head, T + 1, 1], n_tokens=T, pos0=pos0)
+    part, out = run_kernel(k, dict(n_head=n_head, n_kv=n_kv, head_dim=hd, window=window, scale=scale, splits=splits,
+                                   cap=cap), [qkv, kc, vc, part0, out0], [n_kv, splits, T + 1], n_tokens=T, pos0=pos0)
+    if splits > 1:
+        (out,) = run_kernel(AttentionReduce(), dict(n_head=n_head, head_dim=hd, splits=splits),
+                            [part, out0], [n_head, T + 1, 1], n_tokens=T, pos0=pos0)
     want = attention_softcap_ref(qkv[:, :n_head * hd], kc, vc, n_head, n_kv, pos0, window, scale, cap)
     assert_close(out[:T], want, rel=1e-5, what=k.name)
     assert_untouched(out[T:], out0[T:], np.ones_like(out0[T:], bool), f"{k.name} past n_tokens")
