@@ -10,19 +10,27 @@ import {ArtifactError, bufferBytes, ContextOverflowError, DeviceLostError, getAd
   from "./device.js";
 import {LP_MAX, packConfig, sampleLimits, seedOf} from "./gpu_sampling.js";
 import {fetchManifest, fetchVerified, loadShards} from "./loader.js";
+import {layoutEntry, uploadTexture} from "./weight_texture.js";
 
 export const UNIFORM_ALIGN = 256;   // minUniformBufferOffsetAlignment's default (and maximum)
 export const STATE_BYTES = 16;      // struct State { n_tokens, pos0, step, pad }; one record per decode step of a
                                     // submit, UNIFORM_ALIGN apart, bound with a dynamic offset
 export const UNIFORM_BINDING_MAX = 65536;   // maxUniformBufferBindingSize's default: an activation bound as "uniform"
-const BINDING_TYPES = {read: "read-only-storage", read_write: "storage", uniform: "uniform"};   // kernel binding access
 export const DEFAULT_CTX = 2048;
 
 /** Reference evaluation of a dispatch entry: compiler/schedule.py `dispatch_size`. */
 export function dispatchSize(dim, nTokens) {
   if (typeof dim === "number") return dim;
+  if (dim.startsWith("T>")) return nTokens > parseInt(dim.slice(2), 10) ? 1 : 0;
+  if (dim.startsWith("T<=")) return nTokens <= parseInt(dim.slice(3), 10) ? 1 : 0;
   const div = dim.includes("/") ? parseInt(dim.slice(2), 10) : 1;
   return Math.ceil(nTokens / div);
+}
+
+/** "xn+9216" -> ["xn", 9216]; "xn" -> ["xn", 0]: a buffer ref and the byte offset it binds at (compiler/ir.py). */
+export function splitRef(ref) {
+  const i = ref.indexOf("+");
+  return i < 0 ? [ref, 0] : [ref.slice(0, i), parseInt(ref.slice(i + 1), 10)];
 }
 
 /** One step's uniform values as u32 words (f32 params bit-cast), like runtime_py.model.pack_params. */
@@ -88,6 +96,8 @@ export class Model {
     this.programFor = Object.fromEntries(Object.keys(manifest.programs).filter((p) => !p.includes("@")).map(
       (p) => [p, `${p}@${adapterCls}` in manifest.programs ? `${p}@${adapterCls}` : p]));
     this.weights = new Map();   // "tensor#part" -> GPUBuffer
+    this.textures = new Map();  // "tensor#part" -> GPUTexture, where the programs run here bind it so (weight_texture.js)
+    [this._asTexture, this._asBuffer] = this._weightUses();
     this.disposed = false;
     this.lost = null;
     this._byShard = new Map();
@@ -100,6 +110,17 @@ export class Model {
   }
 
   // -- load ---------------------------------------------------------------------------------------------------
+  /** [parts the programs this adapter runs bind as a texture, parts they bind as a buffer] (two Sets). */
+  _weightUses() {
+    const m = this.manifest, tex = new Set(), buf = new Set();
+    for (const prog of Object.values(this.programFor)) {
+      for (const s of m.programs[prog]) {
+        s.bind.forEach((ref, j) => (m.kernels[s.kernel].bindings[j][1] === "texture" ? tex : buf).add(ref));
+      }
+    }
+    return [tex, buf];
+  }
+
   async _compile() {
     const entries = Object.entries(this.manifest.kernels);
     const pipelines = await Promise.all(entries.map(([name, k]) => this._pipeline(name, k)));
@@ -111,8 +132,7 @@ export class Model {
     const dev = this.device;
     const entries = [{binding: 0, visibility: GPUShaderStage.COMPUTE, buffer: {type: "uniform", hasDynamicOffset: true}},
                      {binding: 1, visibility: GPUShaderStage.COMPUTE, buffer: {type: "uniform"}}];
-    k.bindings.forEach(([, access], i) => entries.push({binding: i + 2, visibility: GPUShaderStage.COMPUTE,
-      buffer: {type: BINDING_TYPES[access]}}));
+    k.bindings.forEach(([, access], i) => entries.push(layoutEntry(i + 2, access)));
     const layout = dev.createBindGroupLayout({entries, label: name});
     const module = dev.createShaderModule({code, label: name});
     try {
@@ -127,8 +147,12 @@ export class Model {
     }
   }
 
+  /** Each weight part as a storage buffer, or as a texture where the programs this adapter runs bind it so (the
+   *  CPU-adapter kernels: weight_texture.js); both if both. */
   _upload(shardIndex, bytes) {
     for (const [ref, p] of this._byShard.get(shardIndex) || []) {
+      if (this._asTexture.has(ref)) this.textures.set(ref, uploadTexture(this.device, bytes, p.offset, p.bytes, ref));
+      if (this._asTexture.has(ref) && !this._asBuffer.has(ref)) continue;
       const buf = this.device.createBuffer({size: Math.max(16, p.bytes), label: ref,
                                             usage: GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_DST});
       this.device.queue.writeBuffer(buf, 0, bytes, p.offset, p.bytes);
@@ -215,10 +239,15 @@ export class Session {
                                 size: UNIFORM_ALIGN}}];
       const bindings = model.manifest.kernels[s.kernel].bindings;
       s.bind.forEach((ref, j) => {
-        const buffer = this.buffers.get(ref) || model.weights.get(ref);
+        if (bindings[j][1] === "texture") {   // a weight part (weight_texture.js)
+          entries.push({binding: j + 2, resource: model.textures.get(ref).createView()});
+          return;
+        }
+        const [name, offset] = splitRef(ref);   // "xn+9216": a uniform x window at that byte offset
+        const buffer = this.buffers.get(name) || model.weights.get(name);
         if (!buffer) throw new Error(`step ${prog}[${i}] binds unknown buffer ${ref}`);
-        const size = bindings[j][1] === "uniform" ? Math.min(buffer.size, UNIFORM_BINDING_MAX) : buffer.size;
-        entries.push({binding: j + 2, resource: {buffer, offset: 0, size}});
+        const size = bindings[j][1] === "uniform" ? Math.min(buffer.size - offset, UNIFORM_BINDING_MAX) : buffer.size;
+        entries.push({binding: j + 2, resource: {buffer, offset, size}});
       });
       return [pipeline, model.device.createBindGroup({layout, entries, label: `${prog}[${i}]`}), s.dispatch];
     });
@@ -258,9 +287,11 @@ export class Session {
   _encode(cp, prog, T, slot) {
     const offset = [slot * UNIFORM_ALIGN];
     for (const [pipeline, bindGroup, dispatch] of this._program(prog)) {
+      const size = dispatch.map((d) => dispatchSize(d, T));
+      if (size.includes(0)) continue;   // a step for an x window past T ("T>n")
       cp.setPipeline(pipeline);
       cp.setBindGroup(0, bindGroup, offset);
-      cp.dispatchWorkgroups(...dispatch.map((d) => dispatchSize(d, T)));
+      cp.dispatchWorkgroups(...size);
     }
   }
 
