@@ -39,6 +39,13 @@ class ModelConfig:
     post_norms: bool = False              # gemma: norms after attention and after the FFN
     act: str = "silu"                     # "silu" | "gelu_tanh"
     tied_output: bool = True
+    rope_freqs: bool = False              # llama 3.1+: rope_freqs.weight (rope_dim/2,) divides inv_freq
+    rope_scale: float = 1.0               # linear rope scaling: inv_freq / factor (positions / factor)
+    qkv_bias: bool = False                # qwen2: attn_{q,k,v}.bias added after the projections
+    fused_qkv: bool = False               # phi3: one attn_qkv.weight (q_dim + 2 kv_dim, D) = [q | k | v] rows
+    fused_gate_up: bool = False           # phi3: ffn_up.weight (2 n_ff, D) = [gate | up] rows, no ffn_gate
+    attn_softcap: float = 0.0             # gemma2: scores = cap * tanh(scores / cap) (0 = none)
+    final_softcap: float = 0.0            # gemma2: logits = cap * tanh(logits / cap) (0 = none)
     extra: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
@@ -62,14 +69,18 @@ INT_RANGES = {"n_layer": (1, 1024), "n_embd": (1, 1 << 16), "n_head": (1, 1024),
               "head_dim": (1, 1024), "n_ff": (1, 1 << 20), "vocab": (1, 1 << 22), "context_length": (1, 1 << 24),
               "rope_dim": (2, 1024), "sliding_window": (0, 1 << 24)}
 FLOAT_RANGES = {"rms_eps": (1e-12, 0.1), "rope_base": (1.0, 1e12), "rope_base_local": (1.0, 1e12),   # (lo, hi]
-                "embed_scale": (1e-6, 1e6), "attn_scale": (1e-6, 1e3)}
-_ZERO_MEANS_NONE = ("rope_base_local", "attn_scale")   # 0 = no local rope base / the default 1/sqrt(head_dim)
+                "embed_scale": (1e-6, 1e6), "attn_scale": (1e-6, 1e3), "rope_scale": (1e-3, 1e6),
+                "attn_softcap": (1e-3, 1e6), "final_softcap": (1e-3, 1e6)}
+# 0 = no local rope base / the default 1/sqrt(head_dim) / no soft-capping
+_ZERO_MEANS_NONE = ("rope_base_local", "attn_scale", "attn_softcap", "final_softcap")
 # keys the config reads -> the field they set, for messages
 _KEYS = {"n_layer": "block_count", "n_embd": "embedding_length", "n_head": "attention.head_count",
          "n_kv_head": "attention.head_count_kv", "head_dim": "attention.key_length", "n_ff": "feed_forward_length",
          "vocab": "vocab_size", "context_length": "context_length", "rope_dim": "rope.dimension_count",
          "sliding_window": "attention.sliding_window", "rms_eps": "attention.layer_norm_rms_epsilon",
-         "rope_base": "rope.freq_base", "rope_base_local": "rope.freq_base_swa", "attn_scale": "attention.scale"}
+         "rope_base": "rope.freq_base", "rope_base_local": "rope.freq_base_swa", "attn_scale": "attention.scale",
+         "rope_scale": "rope.scaling.factor", "attn_softcap": "attn_logit_softcapping",
+         "final_softcap": "final_logit_softcapping"}
 
 
 def read_config(m: GGUFModel, refuse_unsupported: bool = True) -> ModelConfig:
@@ -161,12 +172,24 @@ def expected_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
     out = {"token_embd.weight": (c.vocab, D), "output_norm.weight": (D,)}
     if not c.tied_output:
         out["output.weight"] = (c.vocab, D)
+    if c.rope_freqs:
+        out["rope_freqs.weight"] = (c.rope_dim // 2,)
     for L in range(c.n_layer):
         b = f"blk.{L}."
-        out.update({b + "attn_norm.weight": (D,), b + "attn_q.weight": (q_dim, D), b + "attn_k.weight": (kv_dim, D),
-                    b + "attn_v.weight": (kv_dim, D), b + "attn_output.weight": (D, q_dim),
-                    b + "ffn_norm.weight": (D,), b + "ffn_gate.weight": (c.n_ff, D), b + "ffn_up.weight": (c.n_ff, D),
-                    b + "ffn_down.weight": (D, c.n_ff)})
+        out[b + "attn_norm.weight"] = (D,)
+        if c.fused_qkv:
+            out[b + "attn_qkv.weight"] = (q_dim + 2 * kv_dim, D)
+        else:
+            out.update({b + "attn_q.weight": (q_dim, D), b + "attn_k.weight": (kv_dim, D),
+                        b + "attn_v.weight": (kv_dim, D)})
+        if c.qkv_bias:
+            out.update({b + "attn_q.bias": (q_dim,), b + "attn_k.bias": (kv_dim,), b + "attn_v.bias": (kv_dim,)})
+        out.update({b + "attn_output.weight": (D, q_dim), b + "ffn_norm.weight": (D,)})
+        if c.fused_gate_up:
+            out[b + "ffn_up.weight"] = (2 * c.n_ff, D)
+        else:
+            out.update({b + "ffn_gate.weight": (c.n_ff, D), b + "ffn_up.weight": (c.n_ff, D)})
+        out[b + "ffn_down.weight"] = (D, c.n_ff)
         if c.qk_norm:
             out.update({b + "attn_q_norm.weight": (c.head_dim,), b + "attn_k_norm.weight": (c.head_dim,)})
         if c.post_norms:
@@ -217,9 +240,59 @@ def check_config(m: GGUFModel, c: ModelConfig):
                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
 
 
+ROPE_SCALING_KEYS = frozenset(["rope.scaling.type", "rope.scaling.factor", "rope.scale_linear"])
+
+
+def rope_scaling(m: GGUFModel, arch: str) -> float:
+    """The linear rope-scaling factor (1 = none), as llama.cpp reads it (llama-model.cpp): rope.scaling.factor, else
+    the old rope.scale_linear, 0 meaning 1; the type defaults to linear. transformers' "linear" divides inv_freq by the
+    factor, llama.cpp multiplies the position by 1/factor: the same angle. Other types (yarn, longrope, ...) are
+    refused by name."""
+    kind = m.get(f"{arch}.rope.scaling.type", "linear")
+    key = f"{arch}.rope.scaling.factor"
+    key = key if key in m.reader.fields else f"{arch}.rope.scale_linear"
+    factor = m.get(key, 0.0)
+    if not _is_num(factor, factor) or not math.isfinite(factor):   # a bool is not a factor (True == 1 in Python)
+        raise UnsupportedModelError(f"{m.path}: {key} = {_show(factor)} is not implemented in kiln's {arch} model "
+                                    f"(a rope scaling factor is a number)")
+    factor = float(factor) or 1.0
+    if kind in ("none", "") and factor == 1.0 or kind == "linear":
+        return factor
+    raise UnsupportedModelError(f"{m.path}: {arch}.rope.scaling.type = {_show(kind)} (factor {_show(factor)}) is not "
+                                f"implemented in kiln's {arch} model (implemented: linear, and llama 3's rope_freqs)")
+
+
 def llama_config(m: GGUFModel, common: dict) -> ModelConfig:
-    # llama GGUFs store Q/K permuted so that rotary pairs are adjacent (convert_hf_to_gguf.py's permute)
-    return ModelConfig(**common, rope_style="norm")
+    """Llama 1-3 and Mistral (which llama.cpp writes as arch llama). llama GGUFs store Q/K permuted so that rotary pairs
+    are adjacent (convert_hf_to_gguf.py's permute): rope "norm". Rope scaling: linear (rope.scaling.*), and Llama
+    3.1+'s "llama3" type, which the converter bakes into rope_freqs.weight (per-frequency divisors of inv_freq; what
+    llama.cpp's ggml_rope_ext takes as freq_factors)."""
+    return ModelConfig(**common, rope_style="norm", rope_scale=rope_scaling(m, common["arch"]),
+                       rope_freqs="rope_freqs.weight" in m.tensors)
+
+
+def qwen_config(m: GGUFModel, common: dict) -> ModelConfig:
+    """Qwen 2 / 2.5 (arch qwen2: Q/K/V biases) and Qwen 3 (arch qwen3: per-head RMSNorm of q and k before rope, no
+    biases). Rope "neox": the converter does not permute qwen's Q/K (llama.cpp: LLAMA_ROPE_TYPE_NEOX). Linear rope
+    scaling as llama; YaRN (Qwen2.5 long-context files) is refused by name."""
+    return ModelConfig(**common, rope_style="neox", rope_scale=rope_scaling(m, common["arch"]),
+                       qkv_bias="blk.0.attn_q.bias" in m.tensors, qk_norm="blk.0.attn_q_norm.weight" in m.tensors)
+
+
+def phi3_config(m: GGUFModel, common: dict) -> ModelConfig:
+    """Phi-3 4k (arch phi3: Phi-3-mini-4k, Phi-3-medium-4k). Differences from llama:
+    - fused attn_qkv.weight ([q | k | v] rows: written straight into the qkv buffer, whose layout is the same) and
+      ffn_up.weight = [gate | up] (2 n_ff rows, no ffn_gate: sliced at compile time into two weights, plan.py);
+    - rope "neox" (llama.cpp: LLAMA_ROPE_TYPE_NEOX) over rope.dimension_count dims;
+    - attention.sliding_window (2047 in Phi-3-mini-4k) on every layer, as transformers does (llama.cpp ignores it;
+      the two agree below 2048 tokens).
+    The 128k models' LongRoPE (Phi-3.5, Phi-4-mini: rope_factors_long / rope_factors_short tensors,
+    rope.scaling.attn_factor) is refused by name."""
+    arch = common["arch"]
+    window = meta_int(m, f"{arch}.attention.sliding_window", 0)
+    return ModelConfig(**common, rope_style="neox", rope_scale=rope_scaling(m, arch), fused_qkv=True,
+                       fused_gate_up=True, sliding_window=window,
+                       swa_layers=(True,) * common["n_layer"] if window else ())
 
 
 # Gemma 3 constants the GGUF does not store; both llama.cpp (llama-model.cpp, LLM_ARCH_GEMMA3) and transformers
@@ -290,8 +363,34 @@ def gemma3_config(m: GGUFModel, common: dict) -> ModelConfig:
     )
 
 
+GEMMA2_SWA_PERIOD = 2   # layers 0, 2, 4, ... slide, the odd ones are global: llama.cpp set_swa_pattern(2),
+                        # transformers' layer_types
+
+
+def gemma2_config(m: GGUFModel, common: dict) -> ModelConfig:
+    """Gemma 2. As gemma3 (norms after attention and the FFN, embeddings x sqrt(n_embd), gelu-tanh, rope neox, the
+    GGUF's norm weights already 1 + w), except: attention logits soft-capped (scores = cap * tanh(scores / cap)
+    after the scale, before the mask: attn_logit_softcapping) and so are the final logits
+    (final_logit_softcapping); sliding window (attention.sliding_window) on the even layers, one rope base for all;
+    no QK-norm. Softmax scale 1/sqrt(head_dim) (query_pre_attn_scalar = head_dim), except the 27B (46 layers:
+    n_embd / n_head), as llama.cpp."""
+    arch, n_layer = common["arch"], common["n_layer"]
+    f = lambda k, d: meta_float(m, f"{arch}.{k}", d)  # noqa: E731
+    window = meta_int(m, f"{arch}.attention.sliding_window", 0)
+    scale = f("attention.scale", 0.0) or None
+    if scale is None and n_layer == 46:
+        scale = 1.0 / math.sqrt(common["n_embd"] / common["n_head"])
+    return ModelConfig(
+        **common, rope_style="neox", rope_scale=rope_scaling(m, arch),
+        sliding_window=window, swa_layers=swa_layer_pattern(m, arch, n_layer, GEMMA2_SWA_PERIOD) if window else (),
+        embed_scale=math.sqrt(common["n_embd"]), attn_scale=float(scale) if scale else 0.0,
+        post_norms=True, act="gelu_tanh",
+        attn_softcap=f("attn_logit_softcapping", 0.0), final_softcap=f("final_logit_softcapping", 0.0))
+
+
 # architecture -> config reader; the schedule builder for each lives in compiler/schedule.py
-ARCH_CONFIG = {"llama": llama_config, "gemma3": gemma3_config}
+ARCH_CONFIG = {"llama": llama_config, "gemma3": gemma3_config, "qwen2": qwen_config, "qwen3": qwen_config,
+               "phi3": phi3_config, "gemma2": gemma2_config}
 
 
 # ---- Refuse what is not implemented (issue 12) ----------------------------------------------------------------------
@@ -306,7 +405,13 @@ _COMMON_KEYS = frozenset(["block_count", "context_length", "embedding_length", "
                           "attention.value_length",   # checked equal to key_length (_read_config)
                           "attention.layer_norm_rms_epsilon", "rope.freq_base", "rope.dimension_count", "vocab_size"])
 ARCH_KEYS = {
-    "llama": _COMMON_KEYS,
+    "llama": _COMMON_KEYS | ROPE_SCALING_KEYS,
+    "qwen2": _COMMON_KEYS | ROPE_SCALING_KEYS,
+    "qwen3": _COMMON_KEYS | ROPE_SCALING_KEYS,
+    "phi3": _COMMON_KEYS | ROPE_SCALING_KEYS | {"attention.sliding_window"},
+    "gemma2": _COMMON_KEYS | ROPE_SCALING_KEYS | {"attention.sliding_window", "attention.sliding_window_pattern",
+                                                  "attention.scale", "attn_logit_softcapping",
+                                                  "final_logit_softcapping"},
     "gemma3": _COMMON_KEYS | {"attention.sliding_window", "attention.sliding_window_pattern", "attention.scale",
                               "rope.freq_base_swa", "rope.scaling.type", "rope.scaling.factor",   # refused unless 1
                               "attn_logit_softcapping", "final_logit_softcapping"},              # refused unless 0
@@ -338,7 +443,9 @@ ARCH_HARMLESS = {
     "rope.scaling.factor": lambda v, m, a: _is_num(v, 0, 1) and _scaling_off(m, a),   # a factor 1 scales nothing
     "rope.scale_linear": lambda v, m, a: _is_num(v, 0, 1),                            # the old name of that factor
     # read only by rope scaling (yarn / llama3 / longrope), which is refused when on
-    "rope.scaling.original_context_length": lambda v, m, a: _scaling_off(m, a),
+    # (linear scaling does not read it either)
+    "rope.scaling.original_context_length": lambda v, m, a: _scaling_off(m, a) or
+    m.get(f"{a}.rope.scaling.type") == "linear",
     "rope.scaling.finetuned": lambda v, m, a: True,       # descriptive: llama.cpp reads it and uses it for nothing
     # a window at least as long as the trained context never slides (0 = none): kiln never runs past context_length
     "attention.sliding_window": lambda v, m, a: _is_num(v, 0) or (

@@ -199,7 +199,7 @@ def check_tensor_table(path: Path, infos: list, data_start: int, size: int, alig
 
 # ggml type -> (block bytes, byte offsets of the block's f16 scale fields): a quantized block's values are its small
 # integers times these scales, so they are finite iff the scales are (gguf.quants' block layouts).
-_F16_FIELDS = {"Q4_0": (18, (0,)), "Q4_1": (20, (0, 2)), "Q5_0": (22, (0,)), "Q5_1": (24, (0, 2)), "Q8_0": (34, (0,)),
+_F16_FIELDS = {"Q4_0": (18, (0,)), "Q4_1": (20, (0, 2)), "Q5_0": (22, (0,)), "Q5_1": (24, (0, 2)), "Q8_0": (34, (0,)), "IQ4_NL": (18, (0,)),
                "Q2_K": (84, (80, 82)), "Q3_K": (110, (108,)), "Q4_K": (144, (0, 2)), "Q5_K": (176, (0, 2)),
                "Q6_K": (210, (208,))}
 

@@ -118,6 +118,30 @@ class RopeKV(Kernel):
 
 
 @dataclass(frozen=True)
+class AddBias(Kernel):
+    """y[t, offset:offset + n] += bias: qwen2's Q/K/V biases on the fused qkv buffer."""
+    template: ClassVar[str] = "add_bias"
+    params: ClassVar[tuple[Param, ...]] = (("n", "u32"), ("offset", "u32"), ("stride", "u32"))
+    wg: int = 64
+
+    def bindings(self):
+        return [("bias", "read"), ("y", "read_write")]
+
+
+@dataclass(frozen=True)
+class Softcap(Kernel):
+    """y = cap * tanh(y / cap) in place over (rows, n): gemma2's final-logit soft-capping. per_token: T rows (the
+    score program's logits_all), else one (the last token's logits)."""
+    template: ClassVar[str] = "softcap"
+    params: ClassVar[tuple[Param, ...]] = (("n", "u32"), ("cap", "f32"))
+    per_token: bool = False
+    wg: int = 256
+
+    def bindings(self):
+        return [("y", "read_write")]
+
+
+@dataclass(frozen=True)
 class Argmax(Kernel):
     template: ClassVar[str] = "argmax"
     params: ClassVar[tuple[Param, ...]] = (("n", "u32"),)
@@ -133,6 +157,7 @@ class AttentionSplit(Kernel):
     template: ClassVar[str] = "attention_split"
     params: ClassVar[tuple[Param, ...]] = (("n_head", "u32"), ("n_kv", "u32"), ("head_dim", "u32"), ("window", "u32"),
                                            ("scale", "f32"), ("splits", "u32"))
+    softcap: ClassVar[bool] = False   # AttentionSplitSoftcap
     group: int = 1             # query heads per KV head (n_head / n_kv)
     outs_per_thread: int = 1   # ceil(group * head_dim / wg)
     wg: int = 64
@@ -145,6 +170,17 @@ class AttentionSplit(Kernel):
     def bindings(self):
         return [("qkv", "read"), ("k_cache", "read"), ("v_cache", "read"), ("part", "read_write"),
                 ("out", "read_write")]
+
+
+@dataclass(frozen=True)
+class AttentionSplitSoftcap(AttentionSplit):
+    """AttentionSplit with gemma2's score soft-capping (scores = cap * tanh(scores / cap) after the scale)."""
+    params: ClassVar[tuple[Param, ...]] = AttentionSplit.params + (("cap", "f32"),)
+    softcap: ClassVar[bool] = True
+
+    @property
+    def name(self) -> str:   # the same template: the name (pipeline cache key, file name) says which
+        return "attention_split_softcap" + super().name[len("attention_split"):]
 
 
 @dataclass(frozen=True)

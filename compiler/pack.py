@@ -19,9 +19,14 @@ from .quant import requantize
 def packed_parts(m: GGUFModel, plan: WeightPlan, name: str) -> Iterator[tuple[int, np.ndarray]]:
     """Yields (part index, packed u32 words) for one planned weight, one part at a time."""
     ref, src, scheme = plan(name), plan.sources[name], plan.scheme(name)
-    raw = src.constant.view(np.uint8) if src.constant is not None else m.tensor(name).data
-    row_bytes = raw.size // ref.rows
+    if src.constant is not None:
+        raw, row_bytes = src.constant.view(np.uint8), src.constant.nbytes // ref.rows
+    else:   # rows of the weight's own tensor, or (src.tensor) of the tensor it is sliced from, from src.row0 on
+        t = m.tensor(src.tensor or name)
+        raw = t.data
+        row_bytes = raw.size // (t.shape[0] if len(t.shape) == 2 else 1)
     for i, (row0, n) in enumerate(ref.parts):
+        row0 += src.row0
         part = raw[row0 * row_bytes:(row0 + n) * row_bytes]
         if scheme is not src.scheme:   # re-quantize this part's rows
             floats = dequantize(np.asarray(part).reshape(n, row_bytes), src.scheme.ggml_type).reshape(n, ref.k)

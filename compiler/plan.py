@@ -15,9 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from gguf.quants import dequantize
 
 from .config import ModelConfig
-from .errors import UnsupportedModelError
+from .errors import GGUFError, UnsupportedModelError
 from .gguf_file import GGUFModel
 from .ir import SHARD_BYTES, WeightRef
 from .quant import F32, REQUANT_SOURCES, QuantScheme, requant_scheme, scheme_for
@@ -29,11 +30,41 @@ def rope_inv_freq(base: float, dim: int) -> np.ndarray:
     return (np.float32(1.0) / (np.float32(base) ** exps)).astype(np.float32)
 
 
+def model_inv_freq(m: GGUFModel, cfg: ModelConfig, base: float) -> np.ndarray:
+    """(rope_dim/2,) f32 inv_freq with the file's rope scaling applied as transformers applies it: linear divides by
+    the factor; llama 3's rope_freqs.weight (the converter's per-frequency factors, llama.cpp's freq_factors: 1 for
+    high frequencies, `factor` for low ones, interpolated between) divides each frequency, in float32."""
+    inv = rope_inv_freq(base, cfg.rope_dim)
+    if cfg.rope_scale != 1.0:
+        inv = (inv / np.float32(cfg.rope_scale)).astype(np.float32)
+    if cfg.rope_freqs:
+        t = m.tensor("rope_freqs.weight")
+        factors = dequantize(np.asarray(t.data), t.ggml_type).reshape(-1).astype(np.float32)
+        if not (np.isfinite(factors).all() and (factors > 0).all()):
+            raise GGUFError(f"{m.path}: corrupt tensor rope_freqs.weight: a factor is not a positive finite number")
+        inv = (inv / factors).astype(np.float32)
+    return inv
+
+
+# A weight the plan slices out of a GGUF tensor: (tensor, first row, rows) -- phi3's fused ffn_up = [gate | up]
+def split_weights(cfg: ModelConfig) -> dict[str, tuple[str, int, int]]:
+    out = {}
+    if cfg.fused_gate_up:
+        for L in range(cfg.n_layer):
+            up = f"blk.{L}.ffn_up.weight"
+            out[up + ":gate"] = (up, 0, cfg.n_ff)
+            out[up + ":up"] = (up, cfg.n_ff, cfg.n_ff)
+    return out
+
+
 @dataclass(frozen=True)
 class Source:
-    """Where a planned weight's bytes come from: a GGUF tensor (its scheme) or a computed constant."""
+    """Where a planned weight's bytes come from: a GGUF tensor (its scheme) or a computed constant; `tensor` / `row0`:
+    rows sliced out of another GGUF tensor (split_weights)."""
     scheme: type[QuantScheme]   # as stored in the GGUF (F32 for constants)
     constant: np.ndarray | None = None
+    tensor: str | None = None     # the GGUF tensor to slice (None: the weight's own name)
+    row0: int = 0
 
 
 class WeightPlan:
@@ -58,7 +89,11 @@ def _requantized(ggml_type, ndim: int, requant: type[QuantScheme] | None) -> boo
 
 
 def _target(ggml_type, ndim: int, requant: type[QuantScheme] | None) -> type[QuantScheme]:
-    """The scheme a tensor of this type and rank is packed as."""
+    """The scheme a tensor of this type and rank is packed as. Vectors (norms, biases) are always f32: the kernels
+    bind them as array<f32>, so an F16 / BF16 one is widened at pack time (converters write them F32 anyway)."""
+    if ndim == 1 and ggml_type != F32.ggml_type:
+        scheme_for(ggml_type)   # a type kiln cannot read is refused by name, as for matrices
+        return F32
     return requant if _requantized(ggml_type, ndim, requant) else scheme_for(ggml_type)
 
 
@@ -72,9 +107,9 @@ def plan_weights(m: GGUFModel, cfg: ModelConfig, shard_bytes: int = SHARD_BYTES,
                  requant: str | None = None) -> WeightPlan:
     target = requant_scheme(requant) if requant else None
     refs, sources, refused = {}, {}, {}
-    constants = {"rope_inv_freq": rope_inv_freq(cfg.rope_base, cfg.rope_dim)}
+    constants = {"rope_inv_freq": model_inv_freq(m, cfg, cfg.rope_base)}
     if cfg.rope_base_local:
-        constants["rope_inv_freq_local"] = rope_inv_freq(cfg.rope_base_local, cfg.rope_dim)
+        constants["rope_inv_freq_local"] = model_inv_freq(m, cfg, cfg.rope_base_local)
     for name, a in constants.items():
         refs[name] = WeightRef(name, F32.name, 1, a.size, _parts(F32, 1, a.size, shard_bytes))
         sources[name] = Source(F32, a)
@@ -86,6 +121,13 @@ def plan_weights(m: GGUFModel, cfg: ModelConfig, shard_bytes: int = SHARD_BYTES,
             sources[name] = Source(scheme_for(t.ggml_type))
         except UnsupportedModelError as e:
             refused[name] = e
+    for name, (tensor, row0, rows) in split_weights(cfg).items():
+        if tensor in refused:
+            refused[name] = refused[tensor]
+            continue
+        scheme, k = QuantScheme.registry[refs[tensor].quant], refs[tensor].k
+        refs[name] = WeightRef(name, scheme.name, rows, k, _parts(scheme, rows, k, shard_bytes))
+        sources[name] = Source(sources[tensor].scheme, tensor=tensor, row0=row0)
     return WeightPlan(refs, sources, refused)
 
 

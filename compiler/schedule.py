@@ -16,8 +16,8 @@ from __future__ import annotations
 from .config import ModelConfig
 from .errors import UnsupportedModelError
 from .ir import Program, dispatch_size, split_ref  # noqa: F401  (dispatch_size: runtimes import it from here)
-from .kernels import (Argmax, AttentionReduce, AttentionSplit, Embed, Matmul, MatmulCPU, MatmulTokens, MatvecCPU,
-                      RMSNorm, RopeKV, SampleDraw, SamplePrep, SampleTopK)
+from .kernels import (AddBias, Argmax, AttentionReduce, AttentionSplit, AttentionSplitSoftcap, Embed, Matmul,
+                      MatmulCPU, MatmulTokens, MatvecCPU, RMSNorm, RopeKV, SampleDraw, SamplePrep, SampleTopK, Softcap)
 
 PREFILL_TILE = 8     # tokens per matmul workgroup in prefill
 # mat-vec workgroup shape (output rows x lanes splitting K); measured on lavapipe, where 16x4 beat 8x8 / 32x2 / 64x1
@@ -134,16 +134,22 @@ class Builder:
         qkv_dim = q_dim + 2 * kv_dim
         blk = f"blk.{L}."
         self.rmsnorm("x", blk + "attn_norm.weight", "xn", width=c.n_embd)
-        self.matmul("xn", blk + "attn_q.weight", "qkv", n_offset=0, n_stride=qkv_dim)
-        self.matmul("xn", blk + "attn_k.weight", "qkv", n_offset=q_dim, n_stride=qkv_dim)
-        self.matmul("xn", blk + "attn_v.weight", "qkv", n_offset=q_dim + kv_dim, n_stride=qkv_dim)
+        if c.fused_qkv:   # phi3: attn_qkv's rows are [q | k | v], the qkv buffer's layout
+            self.matmul("xn", blk + "attn_qkv.weight", "qkv", n_offset=0, n_stride=qkv_dim)
+        else:
+            self.matmul("xn", blk + "attn_q.weight", "qkv", n_offset=0, n_stride=qkv_dim)
+            self.matmul("xn", blk + "attn_k.weight", "qkv", n_offset=q_dim, n_stride=qkv_dim)
+            self.matmul("xn", blk + "attn_v.weight", "qkv", n_offset=q_dim + kv_dim, n_stride=qkv_dim)
+        if c.qkv_bias:    # qwen2
+            for name, off, n in (("attn_q", 0, q_dim), ("attn_k", q_dim, kv_dim), ("attn_v", q_dim + kv_dim, kv_dim)):
+                self.add_bias(blk + name + ".bias", "qkv", n=n, offset=off, stride=qkv_dim)
         if c.qk_norm:
             self.rmsnorm("qkv", blk + "attn_q_norm.weight", None, width=c.head_dim, heads=c.n_head, stride=qkv_dim)
             self.rmsnorm("qkv", blk + "attn_k_norm.weight", None, width=c.head_dim, heads=c.n_kv_head,
                          stride=qkv_dim, offset=q_dim)
         swa = bool(c.swa_layers) and c.swa_layers[L]
         self.p.add(RopeKV(style=c.rope_style),
-                   ["qkv", self.W("rope_inv_freq_local" if swa else "rope_inv_freq").ref(0),
+                   ["qkv", self.W("rope_inv_freq_local" if swa and c.rope_base_local else "rope_inv_freq").ref(0),
                     f"k_cache.{L}", f"v_cache.{L}"],
                    dict(n_head=c.n_head, n_kv=c.n_kv_head, head_dim=c.head_dim, rot_dim=c.rope_dim), ["T", 1, 1])
         self.attention(L, window=c.sliding_window if swa else 0)
@@ -160,10 +166,13 @@ class Builder:
             raise UnsupportedModelError(f"attention needs head_dim % 4 == 0 and n_head % n_kv_head == 0 "
                                         f"(head_dim {c.head_dim}, {c.n_head} heads, {c.n_kv_head} KV heads)")
         splits = DECODE_SPLITS if self.tile == 1 else 1
-        self.p.add(AttentionSplit.for_heads(c.n_head, c.n_kv_head, c.head_dim),
-                   ["qkv", f"k_cache.{L}", f"v_cache.{L}", "attn_part", "attn"],
-                   dict(n_head=c.n_head, n_kv=c.n_kv_head, head_dim=c.head_dim, window=window,
-                        scale=c.softmax_scale, splits=splits), [c.n_kv_head, splits, "T"])
+        params = dict(n_head=c.n_head, n_kv=c.n_kv_head, head_dim=c.head_dim, window=window, scale=c.softmax_scale,
+                      splits=splits)
+        kind = AttentionSplit
+        if c.attn_softcap:   # gemma2
+            kind, params["cap"] = AttentionSplitSoftcap, c.attn_softcap
+        self.p.add(kind.for_heads(c.n_head, c.n_kv_head, c.head_dim),
+                   ["qkv", f"k_cache.{L}", f"v_cache.{L}", "attn_part", "attn"], params, [c.n_kv_head, splits, "T"])
         if splits > 1:
             self.p.add(AttentionReduce(), ["attn_part", "attn"],
                        dict(n_head=c.n_head, head_dim=c.head_dim, splits=splits), [c.n_head, "T", 1])
@@ -172,12 +181,25 @@ class Builder:
         c = self.cfg
         blk = f"blk.{L}."
         self.rmsnorm("x", blk + "ffn_norm.weight", "xn", width=c.n_embd)
-        self.matmul("xn", blk + "ffn_gate.weight", "ff", gate=c.act, up=blk + "ffn_up.weight")
+        if c.fused_gate_up:   # phi3: ffn_up = [gate | up], sliced by the plan (compiler/plan.py split_weights)
+            self.matmul("xn", blk + "ffn_up.weight:gate", "ff", gate=c.act, up=blk + "ffn_up.weight:up")
+        else:
+            self.matmul("xn", blk + "ffn_gate.weight", "ff", gate=c.act, up=blk + "ffn_up.weight")
         if c.post_norms:
             self.matmul("ff", blk + "ffn_down.weight", "xn")
             self.rmsnorm_add("xn", blk + "post_ffw_norm.weight", "x")
         else:
             self.matmul("ff", blk + "ffn_down.weight", "x", residual=True)
+
+    def add_bias(self, bias: str, y: str, *, n: int, offset: int, stride: int):
+        """y[t, offset:offset + n] += bias, every token."""
+        self.p.add(AddBias(), [self.W(bias).ref(0), y], dict(n=n, offset=offset, stride=stride),
+                   [-(-n // AddBias.wg), "T", 1])
+
+    def softcap(self, y: str, n: int, per_token: bool):
+        """y = cap * tanh(y / cap) over (rows, n): gemma2's final logits."""
+        k = Softcap(per_token=per_token)
+        self.p.add(k, [y], dict(n=n, cap=self.cfg.final_softcap), [-(-n // k.wg), "T" if per_token else 1, 1])
 
     def rmsnorm_add(self, x: str, weight: str, out: str):
         """out += rmsnorm(x) * weight: gemma's post-attention / post-FFN norm, added to the residual stream."""
@@ -191,8 +213,12 @@ class Builder:
         out = "token_embd.weight" if c.tied_output else "output.weight"
         if self.score:   # every token's logits, no sampling
             self.matmul("xn", out, "logits_all", n_stride=c.vocab)
+            if c.final_softcap:
+                self.softcap("logits_all", c.vocab, per_token=True)
             return
         self.matmul("xn", out, "logits", last_only=True, n_stride=c.vocab)
+        if c.final_softcap:
+            self.softcap("logits", c.vocab, per_token=False)
         self.p.add(Argmax(), ["logits", "tokens"], dict(n=c.vocab), [1, 1, 1])
 
     def sample(self) -> Program:

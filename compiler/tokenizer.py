@@ -64,8 +64,8 @@ _LLAMA3 = _PreType((_LLAMA3_RE,), ignore_merges=True)
 _QWEN2 = _PreType((_QWEN2_RE,))
 
 # `tokenizer.ggml.pre` value -> pre-tokenizer, following llama.cpp's name -> LLAMA_VOCAB_PRE_TYPE_* mapping.
-# Verified against llama.cpp token ids: smollm (tests/fixtures). The others use llama.cpp's own regexes but have no
-# fixture in this repository.
+# Verified against llama.cpp token ids for every name here (tests/unit/test_pretokenizers.py: the archs test models'
+# vocabulary with each name; tests/gpu/test_archs.py: smollm on real prompts).
 BPE_PRE_TYPES: dict[str, _PreType] = {
     **dict.fromkeys(["smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"], _STARCODER),
     **dict.fromkeys(["gpt-2", "phi-2", "mpt", "olmo", "jais"], _GPT2),

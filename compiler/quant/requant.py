@@ -1,6 +1,6 @@
 """Re-quantization (`kiln compile --quant NAME`): which matrices are re-quantized, into which scheme, and how.
 
-Every F32 / F16 / Q8_0 matrix (2-D; never norms or other 1-D tensors) is dequantized with gguf.quants.dequantize and
+Every F32 / F16 / BF16 / Q8_0 matrix (2-D; never norms or other 1-D tensors) is dequantized with gguf.quants.dequantize and
 re-quantized into the chosen scheme by the pack stage, one part at a time; other types stay as they are.
 """
 from __future__ import annotations
@@ -9,10 +9,10 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from ..errors import UnsupportedModelError
-from .blocks32 import Q8_0
+from .blocks32 import F32, Q8_0
 from .scheme import QuantScheme
 
-REQUANT_SOURCES = (T.F32, T.F16, T.Q8_0)   # matrix types `--quant` re-quantizes (lower-bit types stay as they are)
+REQUANT_SOURCES = (T.F32, T.F16, T.BF16, T.Q8_0)   # matrix types `--quant` re-quantizes (lower-bit ones stay)
 
 
 def kiln_schemes() -> dict[str, type[QuantScheme]]:
@@ -33,6 +33,8 @@ def requant_scheme(name: str) -> type[QuantScheme]:
 
 def requantize(scheme: type[QuantScheme], w: np.ndarray) -> np.ndarray:
     """(rows, K) float32 -> the raw bytes `scheme.pack` takes."""
+    if scheme is F32:   # a vector stored as F16 / BF16 / ...: the kernels read norms and biases as f32
+        return np.ascontiguousarray(w, np.float32).view(np.uint8).reshape(-1)
     if scheme is Q8_0:
         from gguf.quants import quantize
         return np.ascontiguousarray(quantize(np.asarray(w, np.float32), T.Q8_0)).view(np.uint8).reshape(-1)

@@ -17,8 +17,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1] / "fixtures" / "archs"
 MANIFEST = json.loads((ROOT / "manifest.json").read_text())
 MODELS = MANIFEST["models"]
-QUANTS = ("F16", "Q8_0", "Q4_K_M")
-CASES = [(m, q) for m in MODELS for q in QUANTS]
+QUANTS = ("F16", "Q8_0", "Q4_K_M")           # every model
+EXTRA = {"qwen3": {"BF16", "Q5_1", "IQ4_NL"}, "llama3": {"Q5_1"}}   # more tensor types (tools/arch_fixtures/extra_types.py)
+CASES = [(m, q) for m in MODELS for q in MODELS[m]["files"]]
 EXPECTED_MODELS = {"llama3", "llama_linear", "qwen2", "qwen3", "phi3", "mistral", "gemma2"}
 EXPECTED_ARCH = {"llama3": "llama", "llama_linear": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
                  "mistral": "llama", "gemma2": "gemma2"}
@@ -39,8 +40,8 @@ def load(model: str, quant: str, kind: str):
 
 def test_every_architecture_and_file_type_present():
     assert set(MODELS) == EXPECTED_MODELS
-    for m in MODELS.values():
-        assert set(m["files"]) == set(QUANTS)
+    for name, m in MODELS.items():
+        assert set(m["files"]) == set(QUANTS) | EXTRA.get(name, set())
     total = sum(p.stat().st_size for p in ROOT.rglob("*") if p.is_file())
     assert total < 48e6, f"fixture set grew to {total / 1e6:.1f} MB"
 
@@ -69,7 +70,9 @@ def test_gguf_matches_manifest(model, quant):
 @pytest.mark.parametrize("model,quant", CASES)
 def test_file_type_is_what_the_name_says(model, quant):
     types = {t.tensor_type.name for t in reader(model, quant).tensors if len(t.shape) == 2}
-    want = {"F16": {"F16"}, "Q8_0": {"Q8_0"}, "Q4_K_M": {"Q4_K", "Q6_K"}}[quant]
+    # (llama.cpp's Q5_1 / IQ4_NL mixes keep the tied embedding in Q6_K)
+    want = {"F16": {"F16"}, "Q8_0": {"Q8_0"}, "Q4_K_M": {"Q4_K", "Q6_K"}, "BF16": {"BF16"},
+            "Q5_1": {"Q5_1", "Q6_K"}, "IQ4_NL": {"IQ4_NL", "Q6_K"}}[quant]
     assert types == want, types    # every matrix in the file's own type family (K-quants: dims are 256-multiples)
 
 

@@ -331,8 +331,7 @@ def test_unsupported_architecture(tmp_path):
                      "'mamba' is not supported", first_line=False)
 
 
-@pytest.mark.parametrize("qtype, n_embd", [(Q.Q8_1, 32), (Q.IQ4_NL, 32), (Q.BF16, 32), (Q.Q5_1, 32),
-                                           (Q.IQ2_XXS, 256)])
+@pytest.mark.parametrize("qtype, n_embd", [(Q.Q8_1, 32), (Q.IQ4_XS, 256), (Q.IQ2_XXS, 256)])
 def test_unsupported_tensor_type(tmp_path, qtype, n_embd):
     from compiler.pipeline import compile_model
     from compiler.quant import QuantScheme

@@ -25,10 +25,31 @@ ARCHS = Path(__file__).resolve().parents[1] / "fixtures" / "archs"
 HD, D, CTX = 16, 32, 128          # base_spec's head_dim, n_embd, context_length
 
 
+def as_arch(spec: dict, arch: str) -> dict:
+    """The llama base spec as another llama-shaped architecture: keys renamed; phi3's fused attn_qkv / ffn_up."""
+    spec["meta"] = [(k, arch, t, sub) if k == "general.architecture" else
+                    (k.replace("llama.", f"{arch}.", 1), v, t, sub) for k, v, t, sub in spec["meta"]]
+    if arch == "phi3":
+        t = {n: a for n, a, _ in spec["tensors"]}
+        fused = {}
+        for L in range(2):
+            b = f"blk.{L}."
+            fused[b + "attn_q.weight"] = (b + "attn_qkv.weight", np.concatenate(
+                [t[b + "attn_q.weight"], t[b + "attn_k.weight"], t[b + "attn_v.weight"]]))
+            fused[b + "ffn_gate.weight"] = (b + "ffn_up.weight", np.concatenate(
+                [t[b + "ffn_gate.weight"], t[b + "ffn_up.weight"]]))
+        spec["tensors"] = [(*fused[n], None) if n in fused else (n, a, q) for n, a, q in spec["tensors"]
+                           if n in fused or not n.endswith(("attn_k.weight", "attn_v.weight", "ffn_up.weight"))]
+    return spec
+
+
 def tiny(tmp: Path, kind: str = "llama", meta=(), tensors=(), drop=()) -> Path:
     """base_spec(kind) with `meta` [(key, value, vtype)] and `tensors` [(name, f32 array)] added, keys in `drop`
-    removed (a replaced key is dropped and added)."""
-    spec = base_spec(kind, np.random.default_rng(0))
+    removed (a replaced key is dropped and added). kind qwen2 / qwen3 / phi3: the llama spec as that arch."""
+    arch = kind if kind in ("qwen2", "qwen3", "phi3") else None
+    spec = base_spec("llama" if arch else kind, np.random.default_rng(0))
+    if arch:
+        spec = as_arch(spec, arch)
     keys = {k for k, *_ in meta} | set(drop)
     spec["meta"] = [e for e in spec["meta"] if e[0] not in keys] + [(k, v, t, None) for k, v, t in meta]
     spec["tensors"] += [(n, a, None) for n, a in tensors]
@@ -51,18 +72,13 @@ ones = lambda *s: np.ones(s, np.float32)  # noqa: E731
 
 # (case, kind, meta added, tensors added, what the message must name)
 REFUSED = [
-    ("rope-linear", "llama", [("llama.rope.scaling.type", "linear", V.STRING), ("llama.rope.scaling.factor", 4.0,
-                                                                                V.FLOAT32)],
-     [], ["llama.rope.scaling.type = 'linear'", "llama.rope.scaling.factor = 4.0"]),
     ("rope-yarn", "llama", [("llama.rope.scaling.type", "yarn", V.STRING),
                             ("llama.rope.scaling.factor", 1.0, V.FLOAT32),
                             ("llama.rope.scaling.original_context_length", 64, V.UINT32)],
-     [], ["llama.rope.scaling.type = 'yarn'", "llama.rope.scaling.factor = 1.0",
-          "llama.rope.scaling.original_context_length = 64"]),
-    ("rope-factor-only", "llama", [("llama.rope.scaling.factor", 8.0, V.FLOAT32)], [],
-     ["llama.rope.scaling.factor = 8.0"]),
-    ("rope-scale-linear", "llama", [("llama.rope.scale_linear", 2.0, V.FLOAT32)], [],
-     ["llama.rope.scale_linear = 2.0"]),
+     [], ["llama.rope.scaling.type = 'yarn' (factor 1.0)"]),
+    ("qwen2-yarn", "qwen2", [("qwen2.rope.scaling.type", "yarn", V.STRING),
+                             ("qwen2.rope.scaling.factor", 4.0, V.FLOAT32)],
+     [], ["qwen2.rope.scaling.type = 'yarn' (factor 4.0)"]),
     ("scale-linear-true", "llama", [("llama.rope.scale_linear", True, V.BOOL)], [],   # True == 1, yet not a factor
      ["llama.rope.scale_linear = true"]),
     ("attn-softcap", "llama", [("llama.attn_logit_softcapping", 50.0, V.FLOAT32)], [],
@@ -84,7 +100,10 @@ REFUSED = [
      ["tokenizer.huggingface.json = '{}'"]),
     ("escaped", "llama", [("llama.rope.scaling.type", "x\x1b[31m\n", V.STRING)], [],
      ["llama.rope.scaling.type = 'x\\x1b[31m\\n'"]),
-    ("rope-freqs", "llama", [], [("rope_freqs.weight", ones(HD // 2))], ["tensor 'rope_freqs.weight'"]),
+    ("rope-freqs-on-qwen3", "qwen3", [], [("rope_freqs.weight", ones(HD // 2))], ["tensor 'rope_freqs.weight'"]),
+    ("longrope", "phi3", [], [("rope_factors_long.weight", ones(HD // 2)),
+                              ("rope_factors_short.weight", ones(HD // 2))],
+     ["tensor 'rope_factors_long.weight'", "tensor 'rope_factors_short.weight'"]),
     ("qkv-bias", "llama", [], [("blk.0.attn_q.bias", ones(2 * HD)), ("blk.0.attn_k.bias", ones(HD)),
                                ("blk.0.attn_v.bias", ones(HD))],
      ["tensor 'blk.0.attn_q.bias'", "tensor 'blk.0.attn_k.bias'", "tensor 'blk.0.attn_v.bias'"]),
@@ -171,21 +190,32 @@ def test_value_length_equal_to_key_length_is_accepted(tmp_path):
     assert config(tiny(tmp_path, drop=["llama.attention.value_length"])) == config(tiny(tmp_path))
 
 
-@pytest.mark.parametrize("quant", ["F16", "Q8_0", "Q4_K_M"])
-def test_llama3_rope_freqs_fixture_refused(quant):
-    msg = refusal(ARCHS / "llama3" / f"llama3-{quant}.gguf")
-    assert "tensor 'rope_freqs.weight' is not implemented in kiln's llama model" in msg, msg
+# (case, kind, meta added, tensors added, {config field: value}): implemented now, so read into the config
+IMPLEMENTED = [
+    ("rope-linear", "llama", [("llama.rope.scaling.type", "linear", V.STRING),
+                              ("llama.rope.scaling.factor", 4.0, V.FLOAT32)], [], {"rope_scale": 4.0}),
+    ("rope-factor-only", "llama", [("llama.rope.scaling.factor", 8.0, V.FLOAT32)], [],   # llama.cpp: type linear
+     {"rope_scale": 8.0}),
+    ("rope-scale-linear", "llama", [("llama.rope.scale_linear", 2.0, V.FLOAT32)], [], {"rope_scale": 2.0}),
+    ("rope-freqs", "llama", [], [("rope_freqs.weight", ones(HD // 2))], {"rope_freqs": True}),
+    ("qwen2-bias", "qwen2", [], [("blk.0.attn_q.bias", ones(2 * HD)), ("blk.0.attn_k.bias", ones(HD)),
+                                 ("blk.0.attn_v.bias", ones(HD)), ("blk.1.attn_q.bias", ones(2 * HD)),
+                                 ("blk.1.attn_k.bias", ones(HD)), ("blk.1.attn_v.bias", ones(HD))],
+     {"qkv_bias": True}),
+]
 
 
-@pytest.mark.parametrize("quant", ["F16", "Q8_0", "Q4_K_M"])
-def test_llama_linear_fixture_refused(quant):
-    msg = refusal(ARCHS / "llama_linear" / f"llama_linear-{quant}.gguf")
-    assert "llama.rope.scaling.type = 'linear'" in msg and "llama.rope.scaling.factor = 4.0" in msg, msg
+@pytest.mark.parametrize("case,kind,meta,tensors,want", IMPLEMENTED, ids=[a[0] for a in IMPLEMENTED])
+def test_implemented_keys_reach_the_config(tmp_path, case, kind, meta, tensors, want):
+    cfg = config(tiny(tmp_path, kind, meta, tensors))
+    assert {k: getattr(cfg, k) for k in want} == want
 
 
-def test_mistral_fixture_keys_all_accounted_for():
-    m = GGUFModel(ARCHS / "mistral" / "mistral-F16.gguf")   # arch llama, rope base 1e6: nothing kiln lacks
-    assert unsupported(m, read_config(m)) == []
+@pytest.mark.parametrize("model", sorted(p.name for p in ARCHS.iterdir() if p.is_dir()))
+def test_arch_fixtures_every_key_accounted_for(model):
+    for quant in ("F16", "Q8_0", "Q4_K_M"):
+        m = GGUFModel(ARCHS / model / f"{model}-{quant}.gguf")
+        assert unsupported(m, read_config(m)) == []
 
 
 @pytest.mark.parametrize("path", [smollm2_gguf_path, gemma3_gguf_path], ids=["smollm2", "gemma3"])
@@ -197,19 +227,33 @@ def test_real_models_compile_as_before(path):
 
 
 def test_inspect_marks_what_kiln_cannot_run(tmp_path):
-    p = kiln("inspect", ARCHS / "llama3" / "llama3-F16.gguf")
+    biased = tiny(tmp_path, tensors=[("blk.0.attn_q.bias", ones(2 * HD))])   # a bias on a llama: not implemented
+    p = kiln("inspect", biased)
     assert p.returncode == 0, p.stderr
-    assert "not implemented: tensor 'rope_freqs.weight' (kiln compile refuses this file)" in p.stdout, p.stdout
-    # a BF16 matrix: listed with its bytes and marked, in text and in --json
+    assert "not implemented: tensor 'blk.0.attn_q.bias' (kiln compile refuses this file)" in p.stdout, p.stdout
+    # a Q8_1 matrix (a type kiln has no reader for): listed with its bytes and marked, in text and in --json
     from gguf import GGMLQuantizationType as Q
     spec = base_spec("llama", np.random.default_rng(0))
-    spec["tensors"] = [(n, a.astype(np.float32).view(np.uint16)[..., 1::2].copy().view(np.uint8), Q.BF16)
-                       if n == "blk.0.attn_q.weight" else (n, a, q) for n, a, q in spec["tensors"]]
-    bf16 = write_spec(spec, tmp_path / "bf16.gguf")
-    p = kiln("inspect", bf16)
+    blk = np.random.default_rng(1).integers(0, 256, (2 * HD, D // 32 * 40), dtype=np.uint8)   # 40-byte blocks of 32
+    blk.reshape(-1, 40)[:, :8] = np.array([1.0, 1.0], np.float32).view(np.uint8)   # d, s
+    spec["tensors"] = [(n, blk, Q.Q8_1) if n == "blk.0.attn_q.weight" else (n, a, q) for n, a, q in spec["tensors"]]
+    path = write_spec(spec, tmp_path / "q8_1.gguf")
+    p = kiln("inspect", path)
     assert p.returncode == 0, p.stderr
-    assert any(line.strip().startswith("BF16") and "kiln cannot run this type" in line
+    assert any(line.strip().startswith("Q8_1") and "kiln cannot run this type" in line
                for line in p.stdout.splitlines()), p.stdout
-    info = json.loads(kiln("inspect", bf16, "--json").stdout)
-    assert info["unsupported_tensor_types"] == ["BF16"] and info["not_implemented"] == []
-    assert_cli_error(kiln("compile", bf16, "-o", tmp_path / "out"), "tensor type BF16 is not supported")
+    info = json.loads(kiln("inspect", path, "--json").stdout)
+    assert info["unsupported_tensor_types"] == ["Q8_1"] and info["not_implemented"] == []
+    assert_cli_error(kiln("compile", path, "-o", tmp_path / "out"), "tensor type Q8_1 is not supported")
+
+
+def test_bf16_and_q5_1_matrices_are_read(tmp_path):
+    """BF16 and Q5_1 (and IQ4_NL) have readers now (compiler/quant/blocks32.py): such a file plans like any other."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import quantize
+    spec = base_spec("llama", np.random.default_rng(0))
+    spec["tensors"] = [(n, a.astype(np.float32).view(np.uint16)[..., 1::2].copy().view(np.uint8), Q.BF16)
+                       if n == "blk.0.attn_q.weight" else (n, quantize(a, Q.Q5_1), Q.Q5_1)
+                       if n == "blk.1.ffn_down.weight" else (n, a, q) for n, a, q in spec["tensors"]]
+    c = run_stages(Compilation(write_spec(spec, tmp_path / "mixed.gguf"), None), until="plan")
+    assert c.plan("blk.0.attn_q.weight").quant == "bf16" and c.plan("blk.1.ffn_down.weight").quant == "q5_1"
