@@ -23,16 +23,11 @@ import {DeviceLostError, ERRORS, InvalidParameterError, KilnError, errorFromJson
 import {moduleProblem} from "./loader.js";
 import {SamplingParams} from "./sampler.js";
 
-/** Fields the browser runtime does not implement yet are refused by name, never ignored: output constraints and
- *  tool calls run natively (runtime_py/grammar.py, runtime_py/tools.py; `kiln serve`), and web/ has no grammar engine
- *  yet (@mlc-ai/web-xgrammar is the planned one, see issue 11). */
-function refuseUnimplemented(req, params) {
+/** Fields the browser runtime does not implement yet are refused by name, never ignored: tool calls run natively
+ *  (runtime_py/tools.py; `kiln serve`). Output constraints (response_format, grammar, regex) run here (grammar.js). */
+function refuseUnimplemented(req) {
   const notHere = (field) => new InvalidParameterError(`${field} is not implemented in the browser runtime yet ` +
-    "(constrained output and tool calls run in kiln's native server, `kiln serve`)", field);
-  if (params.constrained) {
-    throw notHere(["response_format", "grammar", "regex"].find((n) => params[n] !== null
-      && !(n === "response_format" && params.response_format.type === "text")));
-  }
+    "(tool calls run in kiln's native server, `kiln serve`)", field);
   for (const field of ["tools", "functions"]) {
     if (Array.isArray(req[field]) ? req[field].length : req[field] != null) throw notHere(field);
   }
@@ -53,7 +48,8 @@ function libUrls() {
   // (fallbacks: a page without kiln's import map; the same files index.html maps, which `kiln export` copies)
   return {tokenizers: resolve("@huggingface/tokenizers",
                               "./node_modules/@huggingface/tokenizers/dist/tokenizers.min.mjs"),
-          jinja: resolve("@huggingface/jinja", "./node_modules/@huggingface/jinja/dist/index.js")};
+          jinja: resolve("@huggingface/jinja", "./node_modules/@huggingface/jinja/dist/index.js"),
+          xgrammar: resolve("@mlc-ai/web-xgrammar", "./node_modules/@mlc-ai/web-xgrammar/lib/index.js")};
 }
 
 /** A queue the worker fills and a `for await` drains. */
@@ -108,6 +104,7 @@ class Engine {
     const h = this._active.get(msg.id);
     if (!h) return;
     if (msg.type === "token") h.token(msg.token);
+    else if (msg.type === "accepted") h.accepted();
     else if (msg.type === "done") { this._active.delete(msg.id); h.done(msg.done); }
     else if (msg.type === "error") { this._active.delete(msg.id); h.fail(errorFromJson(msg.error)); }
   }
@@ -128,7 +125,7 @@ class Engine {
     const model = req.model || this.model;
     const topN = kind === "chat" ? (req.logprobs ? (req.top_logprobs ?? 0) || 1 : 0) : (req.logprobs ?? 0);
     const params = SamplingParams.fromRequest(req);                                  // throws InvalidParameterError
-    refuseUnimplemented(req, params);
+    refuseUnimplemented(req);
     const request = {params: {...params}, logprobs: topN};
     if (kind === "chat") Object.assign(request, {messages: req.messages, parse_special: Boolean(req.parse_special)});
     else request.prompt = req.prompt;
@@ -146,7 +143,7 @@ class Engine {
     const sent = new Promise((resolve, reject) => {
       const stream = req.stream ? new Stream(() => this.interrupt(id)) : null;
       const text = [], logprobs = [];
-      let first = true;
+      let first = true, started = false;
       this._active.set(id, {
         token: (t) => {
           if (stream) {
@@ -162,6 +159,7 @@ class Engine {
         done: (d) => {
           const kiln = {prompt_ids: d.prompt_ids, ids: d.ids, timings: d.timings};
           if (stream) {
+            if (!started) { started = true; resolve(stream); }   // interrupted while queued: an empty stream
             const c = kind === "chat" ? {index: 0, delta: {}, logprobs: null, finish_reason: d.finish_reason}
               : {index: 0, text: "", logprobs: null, finish_reason: d.finish_reason};
             stream.push({...base, choices: [c]});
@@ -176,9 +174,11 @@ class Engine {
                      usage: usageOf(d), kiln});
           }
         },
-        fail: (e) => (stream ? stream.end(e) : reject(e)),
+        accepted: () => { if (stream) { started = true; resolve(stream); } },   // a constrained stream: compiled
+        fail: (e) => (started ? stream.end(e) : reject(e)),
       });
-      if (stream) resolve(stream);
+      // a stream starts at once, except with a constraint: one the engine rejects rejects the call (a 400 natively)
+      if (stream && !params.constrained) { started = true; resolve(stream); }
     });
     this.worker.postMessage({type: "generate", id, request});
     return sent;

@@ -1,12 +1,13 @@
 // The engine's home: a module Web Worker holding the GPU device, the model, the tokenizer and one session, so
 // downloads, hashing, shader compilation and the decode loop never block the page. api.js is its only client.
 //
-// Messages in:   {type: "load", modelUrl, libs: {tokenizers, jinja}, options: {ctx, selftest}}
+// Messages in:   {type: "load", modelUrl, libs: {tokenizers, jinja, xgrammar}, options: {ctx, selftest}}
 //                {type: "generate", id, request: {prompt | messages, params, logprobs}}   params: SamplingParams
 //                {type: "interrupt", ids}     stop these requests after their current token
 //                {type: "unload"}             destroy the device (not reported as a loss)
 //                {type: "debug:lose-device"}  destroy the device as a driver reset would (tests, demo)
 // Messages out:  {type: "progress", progress} | {type: "loaded", info} | {type: "load-error", error}
+//                {type: "accepted", id}  (a constrained request: its grammar compiled)
 //                {type: "token", id, token} | {type: "done", id, done} | {type: "error", id, error}
 //                {type: "lost", message}
 // Errors travel as errors.js errorToJson makes them ({name, message, param?}); api.js turns them back into their
@@ -16,6 +17,7 @@ import {chatPromptIds} from "./chat.js";
 import {DeviceLostError, errorToJson} from "./errors.js";
 import {Model, selftest} from "./engine.js";
 import {generate} from "./generate.js";
+import {constraintFor, useGrammarEngine} from "./grammar.js";
 import {fetchVerified, importModule} from "./loader.js";
 import {SamplingParams} from "./sampler.js";
 import {Tokenizer} from "./tokenizer.js";
@@ -31,6 +33,7 @@ async function load({modelUrl, libs, options = {}}) {
   // importModule: a host serving .mjs with a wrong Content-Type fails here with a ServerConfigError saying so
   const [tokLib, jinjaLib] = await Promise.all([importModule(libs.tokenizers), importModule(libs.jinja)]);
   jinja = jinjaLib;
+  useGrammarEngine(libs.xgrammar);   // imported on the first constrained request (1 MB of wasm)
   const onProgress = (progress) => post({type: "progress", progress});
   model = await Model.load(modelUrl, {ctx: options.ctx, onProgress,
                                       onLost: (message) => post({type: "lost", message})});
@@ -70,6 +73,10 @@ async function run(id, request) {
     return;
   }
   const params = new SamplingParams(request.params || {});
+  if (params.constrained) {     // compiled (and cached) before anything runs: a rejected grammar is the call's error
+    await constraintFor(params, tokenizer);
+    post({type: "accepted", id});
+  }
   const events = generate(session, tokenizer, ids, params, {
     logprobs: request.logprobs || 0, eogIds: [...tokenizer.eog_ids],
     shouldStop: () => interrupted.has(id)});
