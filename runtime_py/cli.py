@@ -168,9 +168,10 @@ def cmd_run(a):
     ids = build_prompt(tok, m, prompt, a.chat, a.system, a.chat_template, a.parse_special)
     from .grammar import constraint_for
     constraint_for(params, tok)        # an engine-rejected grammar fails here, before prefill (then cached)
+    drafter = _drafter(a, session, model)
     tops, done = [], None
     for ev in generate(session, tok, ids, params, logprobs=5 if a.json else 0,
-                       eog_ids=tok.eog_ids):
+                       eog_ids=tok.eog_ids, speculate=drafter):
         if isinstance(ev, Done):
             done = ev
         elif a.json:
@@ -187,6 +188,20 @@ def cmd_run(a):
         t = done.timings
         print(f"[{t['prompt_tokens']} prompt tokens, {t['generated_tokens']} generated; ttft {t['ttft_s']:.2f}s, "
               f"prefill {t['prefill_tok_s']:.1f} tok/s, decode {t['decode_tok_s'] or 0:.1f} tok/s]", file=sys.stderr)
+
+
+def _drafter(a, session, model):
+    """--speculate ngram|MODEL / --draft MODEL -> a drafter (runtime_py/speculate.py), or None."""
+    if a.speculate and a.draft:
+        raise KilnError("--speculate and --draft both choose the drafter; give one")
+    spec = a.speculate or a.draft
+    if spec is None:
+        return None
+    from .speculate import DRAFT_K, drafter_for
+    k = DRAFT_K if a.draft_k is None else a.draft_k
+    if not 1 <= k < model.manifest["limits"]["score_chunk"]:
+        raise KilnError(f"--draft-k must be between 1 and {model.manifest['limits']['score_chunk'] - 1} (got {k})")
+    return drafter_for(spec, session.ctx, model, k)
 
 
 def cmd_inspect(a):
@@ -314,6 +329,11 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--json-object", action="store_true", help="constrain the output to a JSON object")
     r.add_argument("--grammar", metavar="FILE", help="constrain the output to this GBNF grammar (llama.cpp's format)")
     r.add_argument("--regex", help="constrain the output to match this regular expression")
+    r.add_argument("--speculate", metavar="ngram|MODEL", help="speculative decoding (exact): draft with prompt lookup "
+                   "(ngram) or a draft model sharing the vocabulary (a model name or path); timings report the "
+                   "acceptance rate")
+    r.add_argument("--draft", metavar="MODEL", help="the same as --speculate MODEL")
+    r.add_argument("--draft-k", type=int, default=None, help="tokens drafted per pass (default 5)")
     r.add_argument("--ctx", type=int, default=None, help="context length (default 2048, at most the model's)")
     r.add_argument("--json", action="store_true", help="print one JSON object: model, prompt_ids, ids, text, "
                                                        "finish_reason, top_logprobs, timings (schema: "
