@@ -156,6 +156,8 @@ def cmd_run(a):
         raise KilnError(f"--max-tokens must be at least 1 (got {a.max_tokens}); generation also stops at the end of "
                         f"the context (--ctx) and at the model's end-of-text token")
     params = _sampling(a).validate()   # bad flags fail before the model loads
+    if a.speculate and a.draft:
+        raise KilnError("--speculate and --draft both choose the drafter; give one")
     from .artifacts import check_model_arg
     check_model_arg(a.model)
     for flag, value in (("--prompt", a.prompt), ("--system", a.system)):
@@ -192,8 +194,6 @@ def cmd_run(a):
 
 def _drafter(a, session, model):
     """--speculate ngram|MODEL / --draft MODEL -> a drafter (runtime_py/speculate.py), or None."""
-    if a.speculate and a.draft:
-        raise KilnError("--speculate and --draft both choose the drafter; give one")
     spec = a.speculate or a.draft
     if spec is None:
         return None
@@ -355,6 +355,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 routes")
     s.add_argument("--ctx", type=int, default=None)
     s.add_argument("--verify", action="store_true", help="hash each GGUF and artifact file again at startup")
+    s.add_argument("--speculate", choices=["ngram"], default=None, help="speculative decoding (exact) with prompt "
+                   "lookup for every request; usage.speculative reports the acceptance")
     s.set_defaults(fn=cmd_serve)
 
     e = sub.add_parser("export", help="write the web demo and models as a static site (any web server or CDN)")

@@ -249,8 +249,13 @@ def check_common(r: CommonRequest):
 # response shapes
 
 
-def usage(n_prompt: int, n_out: int) -> dict:
-    return {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
+def usage(n_prompt: int, n_out: int, timings: dict | None = None) -> dict:
+    """OpenAI's usage; with speculative decoding (kiln serve --speculate) the extension `speculative`: draft_tokens,
+    accepted_tokens, acceptance_rate."""
+    out = {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
+    if timings and "draft_tokens" in timings:
+        out["speculative"] = {k: timings[k] for k in ("draft_tokens", "accepted_tokens", "acceptance_rate")}
+    return out
 
 
 def _bytes(s: str) -> list[int]:

@@ -33,7 +33,7 @@ import numpy as np
 from compiler.errors import KilnError
 
 DRAFT_K = 5              # tokens drafted per pass (the score chunk bounds it too)
-NGRAM_MAX, NGRAM_MIN = 3, 1
+NGRAM_MAX, NGRAM_MIN = 3, 2      # a one-token match drafts noise more often than not
 
 
 class NgramDrafter:

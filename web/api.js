@@ -22,16 +22,16 @@
 import {DeviceLostError, ERRORS, InvalidParameterError, KilnError, errorFromJson} from "./errors.js";
 import {moduleProblem} from "./loader.js";
 import {SamplingParams} from "./sampler.js";
+import {parseReply, planTools, renderMessages} from "./tools.js";
 
-/** Fields the browser runtime does not implement yet are refused by name, never ignored: tool calls run natively
- *  (runtime_py/tools.py; `kiln serve`). Output constraints (response_format, grammar, regex) run here (grammar.js). */
+/** Fields the browser runtime does not implement are refused by name, never ignored. */
 function refuseUnimplemented(req) {
-  const notHere = (field) => new InvalidParameterError(`${field} is not implemented in the browser runtime yet ` +
-    "(tool calls run in kiln's native server, `kiln serve`)", field);
-  for (const field of ["tools", "functions"]) {
-    if (Array.isArray(req[field]) ? req[field].length : req[field] != null) throw notHere(field);
+  if (Array.isArray(req.functions) ? req.functions.length : req.functions != null) {
+    throw new InvalidParameterError("the legacy functions field is not implemented (use tools)", "functions");
   }
-  if (req.tool_choice != null && req.tool_choice !== "none") throw notHere("tool_choice");
+  if (req.parallel_tool_calls === true) {
+    throw new InvalidParameterError("kiln makes at most one tool call per reply (set it false)", "parallel_tool_calls");
+  }
 }
 
 export * from "./device.js";
@@ -126,9 +126,35 @@ class Engine {
     const topN = kind === "chat" ? (req.logprobs ? (req.top_logprobs ?? 0) || 1 : 0) : (req.logprobs ?? 0);
     const params = SamplingParams.fromRequest(req);                                  // throws InvalidParameterError
     refuseUnimplemented(req);
+    let plan = null, messages = req.messages;                 // tools (chat): tools.js, as runtime_py/api.py
+    if (kind === "chat") {
+      plan = planTools(req.tools ?? null, req.tool_choice ?? null);
+      if (plan !== null) {
+        if (params.constrained) {
+          throw new InvalidParameterError("a reply with tools is constrained to the tool-call format already; give " +
+                                          "tools or an output constraint, not both", "response_format");
+        }
+        params.response_format = plan.response_format;
+      }
+      if (plan !== null || messages.some((m) => m?.role === "tool" || m?.tool_calls)) {
+        messages = renderMessages(messages, plan);
+      }
+    } else if (req.tools != null || req.tool_choice != null) {
+      throw new InvalidParameterError("tools are for chat completions", req.tools != null ? "tools" : "tool_choice");
+    }
     const request = {params: {...params}, logprobs: topN};
-    if (kind === "chat") Object.assign(request, {messages: req.messages, parse_special: Boolean(req.parse_special)});
-    else request.prompt = req.prompt;
+    if (kind === "chat") {
+      Object.assign(request, {messages, parse_special: Boolean(req.parse_special)});
+      if (plan !== null) request.tools = plan.tools;
+    } else {
+      request.prompt = req.prompt;
+    }
+    /** (message fields, finish_reason) of a finished chat reply: tool calls parsed out when tools are in play. */
+    const reply = (text, finish) => {
+      if (plan === null) return [{content: text}, finish];
+      const [content, calls] = parseReply(text, plan);
+      return calls.length ? [{content: null, tool_calls: calls}, "tool_calls"] : [{content}, finish];
+    };
 
     const base = {id, object: kind === "chat" ? "chat.completion.chunk" : "text_completion", created, model};
     const logprobsOf = (t) => (t.top_logprobs ? {content: [{token: t.piece, logprob: t.top_logprobs.find(
@@ -146,7 +172,9 @@ class Engine {
       let first = true, started = false;
       this._active.set(id, {
         token: (t) => {
-          if (stream) {
+          if (stream && plan !== null) {                    // a tool-call reply is sent whole at the end
+            text.push(t.text);
+          } else if (stream) {
             const c = choice(t);
             if (first && kind === "chat") c.delta.role = "assistant";
             first = false;
@@ -160,15 +188,25 @@ class Engine {
           const kiln = {prompt_ids: d.prompt_ids, ids: d.ids, timings: d.timings};
           if (stream) {
             if (!started) { started = true; resolve(stream); }   // interrupted while queued: an empty stream
-            const c = kind === "chat" ? {index: 0, delta: {}, logprobs: null, finish_reason: d.finish_reason}
-              : {index: 0, text: "", logprobs: null, finish_reason: d.finish_reason};
+            let finish = d.finish_reason;
+            if (plan !== null) {
+              const [fields, f] = reply(text.join(""), finish);
+              finish = f;
+              const delta = fields.tool_calls
+                ? {role: "assistant", tool_calls: fields.tool_calls.map((c, index) => ({index, ...c}))}
+                : {role: "assistant", content: fields.content};
+              stream.push({...base, choices: [{index: 0, delta, logprobs: null, finish_reason: null}]});
+            }
+            const c = kind === "chat" ? {index: 0, delta: {}, logprobs: null, finish_reason: finish}
+              : {index: 0, text: "", logprobs: null, finish_reason: finish};
             stream.push({...base, choices: [c]});
             stream.push({...base, choices: [], usage: usageOf(d), kiln});
             stream.end();
           } else {
             const lp = logprobs.length ? {content: logprobs} : null;
+            const [fields, finish] = reply(text.join(""), d.finish_reason);
             const c = kind === "chat"
-              ? {index: 0, message: {role: "assistant", content: text.join("")}, logprobs: lp, finish_reason: d.finish_reason}
+              ? {index: 0, message: {role: "assistant", ...fields}, logprobs: lp, finish_reason: finish}
               : {index: 0, text: text.join(""), logprobs: lp, finish_reason: d.finish_reason};
             resolve({...base, object: kind === "chat" ? "chat.completion" : "text_completion", choices: [c],
                      usage: usageOf(d), kiln});
@@ -220,7 +258,12 @@ function startWorker(workerUrl) {
  * @returns {Promise<import("./types.js").Engine>}
  */
 export async function createEngine(modelUrl, {onProgress = () => {}, onDeviceLost = null, ctx = null,
-                                              selftest = "report", model = null} = {}) {
+                                              selftest = "report", model = null, speculate = null} = {}) {
+  if (speculate !== null) {     // native only (runtime_py/speculate.py: kiln run/serve --speculate)
+    throw new InvalidParameterError("speculate is not implemented in the browser runtime yet (speculative decoding " +
+                                    "runs natively: `kiln run --speculate ngram`, `kiln serve --speculate ngram`)",
+                                    "speculate");
+  }
   const workerUrl = new URL("./worker.js", import.meta.url);
   const worker = startWorker(workerUrl);
   const url = new URL(modelUrl, globalThis.location.href).href;

@@ -26,6 +26,7 @@ export const FINISH_GRAMMAR = "grammar";
 const SEPARATORS = [",", ":"];
 
 let engineUrl = null, engine = null;
+let heard = null;                             // while an engine call runs: what the engine printed (see engineCall)
 const infos = new WeakMap();                  // Tokenizer -> GrammarCompiler (built once: the vocabulary's trie)
 const compiled = new Map();                   // `${kind}\0${source}` -> CompiledGrammar, per compiler (LRU by insertion)
 
@@ -34,6 +35,9 @@ export function useGrammarEngine(url) { engineUrl = url; }
 async function xgrammar() {
   if (!engine) {
     if (!engineUrl) throw new Error("no grammar engine configured (useGrammarEngine)");
+    // the wasm runtime binds console.error when it loads and prints there why it aborts: route it through us first
+    const print = console.error.bind(console);
+    console.error = (...a) => (heard ? heard.push(a.join(" ")) : print(...a));
     await import(engineUrl);                  // a UMD bundle: as a module it defines globalThis.xgrammar
     engine = globalThis.xgrammar;
     if (!engine?.GrammarCompiler) throw new Error(`${engineUrl} did not define the xgrammar module`);
@@ -92,15 +96,14 @@ async function compilerFor(tokenizer) {
 /** Runs an engine call; the engine aborts on a bad grammar and prints why to console.error: that text is the
  *  message of the InvalidParameterError (-> a 400 naming the field), as llguidance's is natively. */
 async function engineCall(param, fn) {
-  const said = [], orig = console.error;
-  console.error = (...a) => { said.push(a.join(" ")); };
+  const said = heard = [];
   try {
     return await fn();
   } catch (e) {
     const why = said.map((s) => s.replace(/^\[FATAL\] \S+: /, "")).filter((s) => s && s !== "Aborted()").join("; ");
     throw new InvalidParameterError(`the grammar engine rejected it: ${why || e.message}`, param);
   } finally {
-    console.error = orig;
+    heard = null;
   }
 }
 

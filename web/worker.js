@@ -2,7 +2,8 @@
 // downloads, hashing, shader compilation and the decode loop never block the page. api.js is its only client.
 //
 // Messages in:   {type: "load", modelUrl, libs: {tokenizers, jinja, xgrammar}, options: {ctx, selftest}}
-//                {type: "generate", id, request: {prompt | messages, params, logprobs}}   params: SamplingParams
+//                {type: "generate", id, request: {prompt | messages, params, logprobs, tools?}}   params: SamplingParams
+//                (messages already in tools.js's rendering when tools are in play; `tools` for templates that read it)
 //                {type: "interrupt", ids}     stop these requests after their current token
 //                {type: "unload"}             destroy the device (not reported as a loss)
 //                {type: "debug:lose-device"}  destroy the device as a driver reset would (tests, demo)
@@ -21,6 +22,7 @@ import {constraintFor, useGrammarEngine} from "./grammar.js";
 import {fetchVerified, importModule} from "./loader.js";
 import {SamplingParams} from "./sampler.js";
 import {Tokenizer} from "./tokenizer.js";
+import {templateTakesTools} from "./tools.js";
 
 let model = null, tokenizer = null, session = null, jinja = null;
 const interrupted = new Set();
@@ -57,8 +59,9 @@ async function load({modelUrl, libs, options = {}}) {
 /** The prompt ids of a request: chat messages through the template, a text prompt, or ids as they are. */
 function promptIds(request) {
   if (request.messages) {
+    const extra = request.tools && templateTakesTools(model.manifest.chat_template) ? {tools: request.tools} : {};
     return chatPromptIds(jinja, tokenizer, model.manifest, request.messages,   // contents as text unless parse_special
-                         {parseSpecial: Boolean(request.parse_special)});
+                         {parseSpecial: Boolean(request.parse_special), ...extra});
   }
   if (Array.isArray(request.prompt)) return request.prompt.map(Number);
   return tokenizer.encode(String(request.prompt ?? ""));

@@ -1,8 +1,9 @@
-"""Constrained output in the browser (web/grammar.js, @mlc-ai/web-xgrammar in wasm) against the native runtime
-(runtime_py/grammar.py, llguidance) on SmolLM2: the same ids for the same request where both engines give the same
-masks (json_object, a regex: checked token by token in tests/unit/test_grammar.py's terms below), a JSON Schema output
-that validates, and a grammar the engine rejects is an InvalidParameterError naming the field (the stream too).
-Short generations: SwiftShader takes seconds per token.
+"""Constrained output and tool calls in the browser (web/grammar.js: @mlc-ai/web-xgrammar in wasm; web/tools.js)
+against the native runtime (runtime_py/grammar.py: llguidance; runtime_py/tools.py) on SmolLM2: the same ids for the
+same request where both engines give the same masks (json_object, a regex), a JSON Schema output that validates, a
+grammar the engine rejects is an InvalidParameterError naming the field (the stream too), tools.js renders and parses
+as tools.py, a tool call's arguments validate; speculation is refused by name. Short generations: SwiftShader takes
+seconds per token.
 """
 from __future__ import annotations
 
@@ -18,6 +19,14 @@ CASES = [   # (prompt, request fields): both engines' masks agree along these ou
 ]
 SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 2, 3]}},
           "required": ["ok", "n"], "additionalProperties": False}
+
+
+@pytest.fixture(scope="module")
+def page(context, server, browser_log):
+    p = browser_log.attach(context.new_page())
+    p.goto(server.url)
+    yield p
+    p.close()
 
 
 @pytest.fixture(scope="module")
@@ -85,3 +94,85 @@ def test_rejected_grammar_is_an_invalid_parameter(demo):
         assert g is not None and g[:2] == ["InvalidParameterError", field], got
         assert "the grammar engine rejected it" in g[2] and len(g[2]) > 35, g
     assert "undefined_rule" in got[0][2], got[0]
+
+
+def test_speculate_is_refused_by_name(demo):
+    got = demo.evaluate("""async () => {
+        const api = await import('/web/api.js');
+        try {
+          await api.createEngine("/models/smollm2/", {speculate: "ngram"});
+          return null;
+        } catch (e) {
+          return [e.constructor.name, e.param ?? null];
+        }
+    }""")
+    assert got == ["InvalidParameterError", "speculate"], got
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                                   "unit": {"enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+TOOL_CASES = [   # (tools, tool_choice, messages): web/tools.js against runtime_py/tools.py
+    ([WEATHER], "required", [{"role": "user", "content": "Weather in Oslo?"}]),
+    ([WEATHER, {"type": "function", "function": {"name": "now"}}], None,
+     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Time?"}]),
+    ([WEATHER], {"type": "function", "function": {"name": "get_weather"}},
+     [{"role": "user", "content": "Paris?"},
+      {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
+          "name": "get_weather", "arguments": "{\"city\": \"Paris\", \"unit\": \"celsius\"}"}}]},
+      {"role": "tool", "tool_call_id": "c1", "content": "18 degrees"}]),
+    ([WEATHER], "none", [{"role": "user", "content": "Hi"}]),
+    ([WEATHER], "sometimes", [{"role": "user", "content": "Hi"}]),
+    ([{"type": "function", "function": {"name": ""}}], None, [{"role": "user", "content": "Hi"}]),
+    (None, "required", [{"role": "user", "content": "Hi"}]),
+]
+
+
+def test_tools_js_is_tools_py(page):
+    from compiler.errors import InvalidParameterError
+    from runtime_py.tools import parse_reply, plan_tools, render_messages
+    want = []
+    for tools, choice, messages in TOOL_CASES:
+        try:
+            plan = plan_tools(tools, choice)
+        except InvalidParameterError as e:
+            want.append(["error", e.param])
+            continue
+        full = [{"name": None, "tool_call_id": None, "tool_calls": None, **m} for m in messages]
+        want.append([plan.response_format if plan else None, render_messages(full, plan)])
+    got = page.evaluate("""async (cases) => {
+        const t = await import('/web/tools.js');
+        return cases.map(([tools, choice, messages]) => {
+          try {
+            const plan = t.planTools(tools, choice);
+            return [plan ? plan.response_format : null, t.renderMessages(messages, plan)];
+          } catch (e) {
+            return ["error", e.param];
+          }
+        });
+    }""", [list(c) for c in TOOL_CASES])
+    assert got == want
+    plan = plan_tools([WEATHER], "required")
+    for text in ['{"tool_call":{"name":"get_weather","arguments":{"city":"Oslo","unit":"celsius"}}}',
+                 '{"response":"hi"}', '{"tool_call":', "plain"]:
+        js = page.evaluate("""async ([text, tools]) => {
+            const t = await import('/web/tools.js');
+            return t.parseReply(text, t.planTools(tools, "required"));
+        }""", [text, [WEATHER]])
+        content, calls = parse_reply(text, plan)
+        assert js[0] == content and [c["function"] for c in js[1]] == [c["function"] for c in calls]
+
+
+def test_tool_call_in_the_browser(demo):
+    got = demo.evaluate("""async (tool) => {
+        const r = await window.kiln.engine.chat.completions.create({
+          messages: [{role: "user", content: "What is the weather in Paris?"}], tools: [tool],
+          tool_choice: "required", temperature: 0, max_tokens: 60});
+        return r.choices[0];
+    }""", WEATHER)
+    assert got["finish_reason"] == "tool_calls" and got["message"]["content"] is None, got
+    call = got["message"]["tool_calls"][0]
+    assert call["type"] == "function" and call["function"]["name"] == "get_weather" and call["id"]
+    jsonschema.validate(json.loads(call["function"]["arguments"]), WEATHER["function"]["parameters"])
