@@ -66,7 +66,7 @@ fuzz: venv
 # decode/prefill speed of kiln next to llama.cpp (llama-cpp-python) measured in the same run
 bench: setup
 	$(PY) -m pip install -q -e '.[bench]'
-	$(PY) tests/bench.py
+	$(PY) -m runtime_py.cli bench
 
 # perplexity of the model and its `kiln compile --quant` variants on a fixed text, next to llama.cpp (MODELS=smollm2,gemma3)
 quality: venv

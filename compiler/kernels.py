@@ -117,18 +117,6 @@ class RopeKV(Kernel):
 
 
 @dataclass(frozen=True)
-class Attention(Kernel):
-    template: ClassVar[str] = "attention"
-    params: ClassVar[tuple[Param, ...]] = (("n_head", "u32"), ("n_kv", "u32"), ("head_dim", "u32"), ("window", "u32"),
-                                           ("scale", "f32"))
-    dims_per_thread: int = 1   # ceil(head_dim / wg)
-    wg: int = 64
-
-    def bindings(self):
-        return [("qkv", "read"), ("k_cache", "read"), ("v_cache", "read"), ("out", "read_write")]
-
-
-@dataclass(frozen=True)
 class Argmax(Kernel):
     template: ClassVar[str] = "argmax"
     params: ClassVar[tuple[Param, ...]] = (("n", "u32"),)
@@ -137,6 +125,73 @@ class Argmax(Kernel):
     def bindings(self):
         return [("logits", "read"), ("token", "read_write")]
 
+
+@dataclass(frozen=True)
+class AttentionSplit(Kernel):
+    """Split-K causal attention (flash-decoding), one workgroup per (KV head, key split, token); see the template."""
+    template: ClassVar[str] = "attention_split"
+    params: ClassVar[tuple[Param, ...]] = (("n_head", "u32"), ("n_kv", "u32"), ("head_dim", "u32"), ("window", "u32"),
+                                           ("scale", "f32"), ("splits", "u32"))
+    group: int = 1             # query heads per KV head (n_head / n_kv)
+    outs_per_thread: int = 1   # ceil(group * head_dim / wg)
+    wg: int = 64
+
+    @classmethod
+    def for_heads(cls, n_head: int, n_kv: int, head_dim: int) -> "AttentionSplit":
+        g = n_head // n_kv
+        return cls(group=g, outs_per_thread=-(-g * head_dim // cls.wg))
+
+    def bindings(self):
+        return [("qkv", "read"), ("k_cache", "read"), ("v_cache", "read"), ("part", "read_write"),
+                ("out", "read_write")]
+
+
+@dataclass(frozen=True)
+class AttentionReduce(Kernel):
+    """Combines AttentionSplit's per-split (acc, max, sum) into the attention output."""
+    template: ClassVar[str] = "attention_reduce"
+    params: ClassVar[tuple[Param, ...]] = (("n_head", "u32"), ("head_dim", "u32"), ("splits", "u32"))
+    wg: int = 64
+
+    def bindings(self):
+        return [("part", "read"), ("out", "read_write")]
+
+
+@dataclass(frozen=True)
+class SamplePrep(Kernel):
+    """GPU sampling 1/3: logit bias + repetition/presence/frequency penalties into a copy; logsumexp of the logits."""
+    template: ClassVar[str] = "sample_prep"
+    params: ClassVar[tuple[Param, ...]] = (("n", "u32"),)
+    wg: int = 256
+
+    def bindings(self):
+        return [("cfg", "read"), ("history", "read"), ("logits", "read"), ("logits_s", "read_write"),
+                ("state", "read_write")]
+
+
+@dataclass(frozen=True)
+class SampleTopK(Kernel):
+    """GPU sampling 2/3: exact top-k (ties by index) by radix select; sampling candidates or logprobs."""
+    template: ClassVar[str] = "sample_topk"
+    params: ClassVar[tuple[Param, ...]] = (("n", "u32"), ("mode", "u32"))
+    k_max: int = 64
+    wg: int = 256
+
+    def bindings(self):
+        return [("cfg", "read"), ("src", "read"), ("cand", "read_write")]
+
+
+@dataclass(frozen=True)
+class SampleDraw(Kernel):
+    """GPU sampling 3/3: top-p / min-p / temperature / Mulberry32 draw over the candidates; writes the token."""
+    template: ClassVar[str] = "sample_draw"
+    params: ClassVar[tuple[Param, ...]] = (("n", "u32"), ("ring", "u32"))
+    k_max: int = 64
+    lp_max: int = 20
+
+    def bindings(self):
+        return [("cfg", "read"), ("logits", "read"), ("state", "read_write"), ("cand", "read"),
+                ("history", "read_write"), ("tokens", "read_write"), ("ring", "read_write")]
 
 
 @dataclass(frozen=True)
@@ -157,7 +212,6 @@ class MatvecCPU(Kernel):
     @property
     def rows(self) -> int:   # output rows per workgroup, for the dispatch arithmetic
         return self.wg
-
 
 
 @dataclass(frozen=True)

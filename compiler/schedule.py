@@ -1,9 +1,10 @@
 """Stage 4 — the op schedule: which kernel runs when, on which buffers, with which uniforms and dispatch sizes.
 
 A *program* is a flat list of steps the runtimes replay verbatim: no model logic lives in runtime_py/ or web/.
-Three programs per model: `prefill` (T <= prefill_chunk tokens, mat-mat kernels), `decode` (T = 1, mat-vec kernels)
-and `score` (prefill whose LM head writes the logits of every token, T <= limits.score_chunk, into `logits_all`: what
-perplexity needs; see runtime_py/quality.py).
+Four programs per model: `prefill` (T <= prefill_chunk tokens, mat-mat kernels), `decode` (T = 1, mat-vec kernels),
+`score` (prefill whose LM head writes the logits of every token, T <= limits.score_chunk, into `logits_all`: what
+perplexity needs; see runtime_py/quality.py) and `sample` (GPU sampling of the next token from `logits`, replayed
+after `decode` or the last prefill chunk; several decode + sample steps share one submit, see runtime_py/model.py).
 
 Steps and programs are compiler/ir.py's `Step` / `Program`. The weights come from the plan (stage 3): the builder calls
 `plan(name)` for a tensor's WeightRef and binds its parts ("tensor#part"); activations are the buffers of
@@ -15,7 +16,8 @@ from __future__ import annotations
 from .config import ModelConfig
 from .errors import UnsupportedModelError
 from .ir import Program, dispatch_size  # noqa: F401  (dispatch_size: runtimes import it from here)
-from .kernels import Argmax, Attention, Embed, Matmul, MatmulCPU, MatmulTokens, MatvecCPU, RMSNorm, RopeKV
+from .kernels import (Argmax, AttentionReduce, AttentionSplit, Embed, Matmul, MatmulCPU, MatmulTokens, MatvecCPU,
+                      RMSNorm, RopeKV, SampleDraw, SamplePrep, SampleTopK)
 
 PREFILL_TILE = 8     # tokens per matmul workgroup in prefill
 # mat-vec workgroup shape (output rows x lanes splitting K); measured on lavapipe, where 16x4 beat 8x8 / 32x2 / 64x1
@@ -27,7 +29,15 @@ MATMUL_SHAPE = dict(rows=16, lanes=4)
 # and score mat-mats reuse each x group for 8 rows per invocation (matmul_cpu.wgsl.j2)
 ADAPTER_VARIANTS = {"cpu": ("prefill", "decode", "score")}
 UNIFORM_X_MAX_K = 16384   # matvec_cpu binds x (K f32) as a uniform: K * 4 <= 64 KiB, WebGPU's default binding limit
+# decode attention splits each (KV head)'s keys across this many workgroups (flash-decoding) and reduces the partials;
+# prefill has a workgroup per token already and uses one split. On lavapipe 16 keeps position 1000 within 1.3x the
+# attention cost of position 100 (see ARCHITECTURE.md, "attention")
+DECODE_SPLITS = 16
 SCORE_BYTES = 16 << 20   # the score program's (score_chunk, vocab) f32 logits buffer stays under this
+# the `sample` program (GPU sampling, runtime_py/gpu_sampling.py): decode steps one submit can collect in `ring`, and
+# the most logit_bias entries `sampler_cfg` holds
+SAMPLE_RING = 32
+SAMPLE_MAX_BIAS = 1024
 
 
 def score_chunk(vocab: int, prefill_chunk: int) -> int:
@@ -102,15 +112,27 @@ class Builder:
                    ["qkv", self.W("rope_inv_freq_local" if swa else "rope_inv_freq").ref(0),
                     f"k_cache.{L}", f"v_cache.{L}"],
                    dict(n_head=c.n_head, n_kv=c.n_kv_head, head_dim=c.head_dim, rot_dim=c.rope_dim), ["T", 1, 1])
-        att = Attention(dims_per_thread=-(-c.head_dim // Attention.wg))
-        self.p.add(att, ["qkv", f"k_cache.{L}", f"v_cache.{L}", "attn"],
-                   dict(n_head=c.n_head, n_kv=c.n_kv_head, head_dim=c.head_dim,
-                        window=c.sliding_window if swa else 0, scale=c.softmax_scale), [c.n_head, "T", 1])
+        self.attention(L, window=c.sliding_window if swa else 0)
         if c.post_norms:
             self.matmul("attn", blk + "attn_output.weight", "xn")
             self.rmsnorm_add("xn", blk + "post_attention_norm.weight", "x")
         else:
             self.matmul("attn", blk + "attn_output.weight", "x", residual=True)
+
+    def attention(self, L: int, window: int):
+        """Split-K attention: DECODE_SPLITS workgroups per KV head in decode (then a reduce), one per token in prefill."""
+        c = self.cfg
+        if c.head_dim % 4 or c.n_head % c.n_kv_head:
+            raise UnsupportedModelError(f"attention needs head_dim % 4 == 0 and n_head % n_kv_head == 0 "
+                                        f"(head_dim {c.head_dim}, {c.n_head} heads, {c.n_kv_head} KV heads)")
+        splits = DECODE_SPLITS if self.tile == 1 else 1
+        self.p.add(AttentionSplit.for_heads(c.n_head, c.n_kv_head, c.head_dim),
+                   ["qkv", f"k_cache.{L}", f"v_cache.{L}", "attn_part", "attn"],
+                   dict(n_head=c.n_head, n_kv=c.n_kv_head, head_dim=c.head_dim, window=window,
+                        scale=c.softmax_scale, splits=splits), [c.n_kv_head, splits, "T"])
+        if splits > 1:
+            self.p.add(AttentionReduce(), ["attn_part", "attn"],
+                       dict(n_head=c.n_head, head_dim=c.head_dim, splits=splits), [c.n_head, "T", 1])
 
     def ffn_block(self, L: int):
         c = self.cfg
@@ -139,6 +161,19 @@ class Builder:
         self.matmul("xn", out, "logits", last_only=True, n_stride=c.vocab)
         self.p.add(Argmax(), ["logits", "tokens"], dict(n=c.vocab), [1, 1, 1])
 
+    def sample(self) -> Program:
+        """The `sample` program, replayed after `decode` (or the last prefill chunk) in the same pass: penalties and
+        bias -> top logprobs of the raw logits (when asked) -> top-k candidates -> draw; the token goes to tokens[0],
+        where the next decode step's embedding reads it, and to the ring slot State.step."""
+        n = self.cfg.vocab
+        self.p.add(SamplePrep(), ["sampler_cfg", "history", "logits", "logits_s", "sampler_state"], dict(n=n),
+                   [1, 1, 1])
+        self.p.add(SampleTopK(), ["sampler_cfg", "logits", "cand"], dict(n=n, mode=1), [1, 1, 1])
+        self.p.add(SampleTopK(), ["sampler_cfg", "logits_s", "cand"], dict(n=n, mode=0), [1, 1, 1])
+        self.p.add(SampleDraw(), ["sampler_cfg", "logits", "sampler_state", "cand", "history", "tokens", "ring"],
+                   dict(n=n, ring=SAMPLE_RING), [1, 1, 1])
+        return self.p
+
     def build(self) -> Program:
         self.embed()
         for L in range(self.cfg.n_layer):
@@ -148,8 +183,10 @@ class Builder:
         return self.p
 
 
-PROGRAMS = ("prefill", "decode", "score")
-GENERATE = ("prefill", "decode")   # what a generating session runs; `score` only runs where perplexity is measured
+PROGRAMS = ("prefill", "decode", "score", "sample")
+# what a generating session binds at load; `score` only runs where perplexity is measured, `sample` on the first
+# request that samples on the GPU
+GENERATE = ("prefill", "decode")
 
 
 def activation_buffers(cfg: ModelConfig, score_tokens: int | None = None) -> dict:
@@ -158,21 +195,31 @@ def activation_buffers(cfg: ModelConfig, score_tokens: int | None = None) -> dic
     when it first runs one of them (the pipeline checks the list against the programs: `buffer_programs`).
     score_tokens: the score program's chunk (adds `logits_all`)."""
     q_dim, kv_dim = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
-    every, gen = list(PROGRAMS), list(GENERATE)
+    every, fwd, gen = list(PROGRAMS), ["prefill", "decode", "score"], ["prefill", "decode", "sample"]
     bufs = {
         "tokens": {"shape": ["T"], "dtype": "u32", "programs": every},                    # (T,) ids; argmax writes [0]
-        "x": {"shape": ["T", cfg.n_embd], "dtype": "f32", "programs": every},             # (T, D) residual stream
-        "xn": {"shape": ["T", cfg.n_embd], "dtype": "f32", "programs": every},            # (T, D) normed / scratch
-        "qkv": {"shape": ["T", q_dim + 2 * kv_dim], "dtype": "f32", "programs": every},   # (T, (n_head + 2 n_kv) hd)
-        "attn": {"shape": ["T", q_dim], "dtype": "f32", "programs": every},               # (T, n_head hd)
-        "ff": {"shape": ["T", cfg.n_ff], "dtype": "f32", "programs": every},              # (T, n_ff)
+        "x": {"shape": ["T", cfg.n_embd], "dtype": "f32", "programs": fwd},               # (T, D) residual stream
+        "xn": {"shape": ["T", cfg.n_embd], "dtype": "f32", "programs": fwd},              # (T, D) normed / scratch
+        "qkv": {"shape": ["T", q_dim + 2 * kv_dim], "dtype": "f32", "programs": fwd},     # (T, (n_head + 2 n_kv) hd)
+        "attn": {"shape": ["T", q_dim], "dtype": "f32", "programs": fwd},                 # (T, n_head hd)
+        # (n_head, S, hd + 2): decode's split-K partials (T = 1); prefill/score bind it with one split, never written
+        "attn_part": {"shape": [cfg.n_head, DECODE_SPLITS, cfg.head_dim + 2], "dtype": "f32", "programs": fwd},
+        "ff": {"shape": ["T", cfg.n_ff], "dtype": "f32", "programs": fwd},                # (T, n_ff)
         "logits": {"shape": [cfg.vocab], "dtype": "f32", "programs": gen},                # (vocab,) last token only
     }
     if score_tokens:   # (score_chunk, vocab): every token's logits, score only (12-16 MiB: not in generating sessions)
         bufs["logits_all"] = {"shape": [score_tokens, cfg.vocab], "dtype": "f32", "programs": ["score"]}
+    # GPU sampling (the `sample` program, allocated on its first run); u32 words
+    lp, k_max, smp = SampleDraw.lp_max, SampleDraw.k_max, ["sample"]
+    bufs["sampler_cfg"] = {"shape": [12 + 2 * SAMPLE_MAX_BIAS], "dtype": "u32", "programs": smp}   # SampleCfg + bias
+    bufs["history"] = {"shape": ["ctx"], "dtype": "u32", "programs": smp}              # (ctx,) the sequence's ids
+    bufs["logits_s"] = {"shape": [cfg.vocab], "dtype": "f32", "programs": smp}         # (vocab,) biased + penalised
+    bufs["sampler_state"] = {"shape": [4], "dtype": "u32", "programs": smp}            # [rng, logsumexp, -, -]
+    bufs["cand"] = {"shape": [2, 2, k_max], "dtype": "u32", "programs": smp}           # [sample | logprobs][ids | vals]
+    bufs["ring"] = {"shape": [2 * SAMPLE_RING + SAMPLE_RING * lp * 2], "dtype": "u32", "programs": smp}  # ids, lps, tops
     for L in range(cfg.n_layer):
-        bufs[f"k_cache.{L}"] = {"shape": ["ctx", cfg.n_kv_head, cfg.head_dim], "dtype": "f32", "programs": every}
-        bufs[f"v_cache.{L}"] = {"shape": ["ctx", cfg.n_kv_head, cfg.head_dim], "dtype": "f32", "programs": every}
+        bufs[f"k_cache.{L}"] = {"shape": ["ctx", cfg.n_kv_head, cfg.head_dim], "dtype": "f32", "programs": fwd}
+        bufs[f"v_cache.{L}"] = {"shape": ["ctx", cfg.n_kv_head, cfg.head_dim], "dtype": "f32", "programs": fwd}
     return bufs
 
 
@@ -189,10 +236,12 @@ def buffer_programs(programs: dict[str, Program]) -> dict[str, list[str]]:
 
 
 def build_programs(cfg: ModelConfig, weights) -> dict[str, Program]:
-    """weights: the plan, callable name -> WeightRef. Keys: PROGRAMS, then each `<name>@<adapter class>` variant."""
+    """weights: the plan, callable name -> WeightRef. Keys: PROGRAMS, then each `<name>@<adapter class>` variant.
+    `sample` has no adapter variant: it runs after whichever decode (or prefill) program the adapter chose."""
     progs = {"prefill": Builder(cfg, weights, PREFILL_TILE).build(),
              "decode": Builder(cfg, weights, 1).build(),
-             "score": Builder(cfg, weights, PREFILL_TILE, score=True).build()}
+             "score": Builder(cfg, weights, PREFILL_TILE, score=True).build(),
+             "sample": Builder(cfg, weights, 1).sample()}
     for cls, names in ADAPTER_VARIANTS.items():
         for name in names:
             progs[f"{name}@{cls}"] = Builder(cfg, weights, 1 if name == "decode" else PREFILL_TILE,

@@ -366,6 +366,10 @@ def parser() -> argparse.ArgumentParser:
                    help="where models/ will be hosted when not next to the page, e.g. https://cdn.example.com/kiln/"
                         "models/ (that host must send CORS headers)")
     e.set_defaults(fn=cmd_export)
+    b = sub.add_parser("bench", add_help=False, help="dispatches / submits / bytes per token, tok/s at positions 100 "
+                                                     "and 1000, roofline, llama.cpp beside it (see runtime_py/bench.py)")
+    b.add_argument("args", nargs=argparse.REMAINDER)
+    b.set_defaults(fn=lambda a: __import__("runtime_py.bench", fromlist=["main"]).main(a.args))
     return p
 
 

@@ -15,13 +15,14 @@ import wgpu
 
 from compiler.errors import ArtifactError, ContextOverflowError
 from compiler.manifest import check_file, read_manifest
-from compiler.schedule import GENERATE, dispatch_size
+from compiler.schedule import GENERATE, SAMPLE_RING, dispatch_size
 
 from .device import adapter_class, check_fits, get_device
 
 UNIFORM_ALIGN = 256          # minUniformBufferOffsetAlignment's default (and maximum)
 UNIFORM_BINDING_MAX = 65536  # maxUniformBufferBindingSize's default: an activation bound as "uniform" binds this much
-STATE_BYTES = 16             # struct State { n_tokens, pos0, pad, pad }
+STATE_BYTES = 16             # struct State { n_tokens, pos0, step, pad }; one record per decode step of a submit,
+                             # UNIFORM_ALIGN apart, bound with a dynamic offset
 DEFAULT_CTX = 2048
 
 
@@ -73,7 +74,8 @@ class Model:
     # -- load ---------------------------------------------------------------------------------------------------
     def _pipeline(self, name: str, k: dict):
         code = check_file(self.dir, k["file"], k["sha256"], "shader").decode("utf-8")
-        entries = [{"binding": 0, "visibility": wgpu.ShaderStage.COMPUTE, "buffer": {"type": "uniform"}},
+        entries = [{"binding": 0, "visibility": wgpu.ShaderStage.COMPUTE,
+                    "buffer": {"type": "uniform", "has_dynamic_offset": True}},
                    {"binding": 1, "visibility": wgpu.ShaderStage.COMPUTE, "buffer": {"type": "uniform"}}]
         for i, (_, access) in enumerate(k["bindings"]):
             entries.append({"binding": i + 2, "visibility": wgpu.ShaderStage.COMPUTE,
@@ -144,9 +146,11 @@ class Session:
         self.chunk = m["limits"]["prefill_chunk"]
         check_fits(dev, m, buffer_bytes(m, self.ctx))
         self.buffers, self.programs = {}, {}
-        self.state = dev.create_buffer(size=STATE_BYTES, usage=wgpu.BufferUsage.UNIFORM | wgpu.BufferUsage.COPY_DST)
-        for prog in GENERATE:   # bound now; `score` (and its logits_all) on the first score_chunks
-            self._program(prog)
+        # SAMPLE_RING State records, UNIFORM_ALIGN apart: decode step i of one submit reads record i
+        self.state = dev.create_buffer(size=SAMPLE_RING * UNIFORM_ALIGN,
+                                       usage=wgpu.BufferUsage.UNIFORM | wgpu.BufferUsage.COPY_DST)
+        for prog in GENERATE:   # bound now; `score` (and its logits_all) on the first score_chunks, `sample` on the
+            self._program(prog)  # first begin_sampling
         self.pos = 0
 
     def _program(self, prog: str):
@@ -193,20 +197,108 @@ class Session:
             chunk = ids[c0:c0 + self.chunk]
             self._run("decode" if len(chunk) == 1 else "prefill", chunk)
 
-    def _run(self, prog: str, chunk: list[int]):
-        """One submit: write the chunk's ids and the State, replay program `prog`, advance pos."""
+    def _run(self, prog: str, chunk: list[int], then_sample: bool = False):
+        """One submit: write the chunk's ids and the State, replay program `prog` (and `sample` after it), advance pos."""
         dev, T = self.model.device, len(chunk)
         dev.queue.write_buffer(self.buffers["tokens"], 0, np.asarray(chunk, dtype=np.uint32).tobytes())
         dev.queue.write_buffer(self.state, 0, np.array([T, self.pos, 0, 0], dtype=np.uint32).tobytes())
         enc = dev.create_command_encoder()
         cp = enc.begin_compute_pass()
-        for pipeline, bind_group, dispatch in self._program(prog):
-            cp.set_pipeline(pipeline)
-            cp.set_bind_group(0, bind_group)
-            cp.dispatch_workgroups(*(dispatch_size(d, T) for d in dispatch))
+        self._encode(cp, prog, T, 0)
+        if then_sample:
+            self._encode(cp, "sample", T, 0)
         cp.end()
+        if then_sample:
+            self._copy_ring(enc, 1)
         dev.queue.submit([enc.finish()])
         self.pos += T
+
+    def _encode(self, cp, prog: str, T: int, slot: int):
+        """Record program `prog` (this adapter's variant of it) into the pass, reading State record `slot`."""
+        offset = [slot * UNIFORM_ALIGN]
+        for pipeline, bind_group, dispatch in self._program(prog):
+            cp.set_pipeline(pipeline)
+            cp.set_bind_group(0, bind_group, offset)
+            cp.dispatch_workgroups(*(dispatch_size(d, T) for d in dispatch))
+
+    # -- sampling on the GPU, several decode steps per submit (runtime_py/gpu_sampling.py) -----------------------
+    def gpu_sampling(self) -> bool:
+        """Whether this artifact has the `sample` program (older ones sample on the CPU)."""
+        return "sample" in self.model.manifest["programs"]
+
+    def begin_sampling(self, params, history: list[int], n_logprobs: int = 0):
+        """Write the request's settings, its PRNG seed and the sequence so far (the penalties' window) to the GPU."""
+        from .gpu_sampling import pack_config, seed_of
+        self._program("sample")   # first sampled request: allocates the sampler's buffers, binds the program
+        q, self._n_logprobs = self.model.device.queue, n_logprobs
+        q.write_buffer(self.buffers["sampler_cfg"], 0, pack_config(params, n_logprobs))
+        q.write_buffer(self.buffers["sampler_state"], 0, np.array([seed_of(params), 0, 0, 0], np.uint32).tobytes())
+        if history:
+            q.write_buffer(self.buffers["history"], 0, np.asarray(history, np.uint32).tobytes())
+
+    def prefill_sample(self, ids: list[int]):
+        """forward(ids) with the first token sampled on the GPU in the last chunk's submit; [(id, logprob, tops)]."""
+        if self.pos + len(ids) > self.ctx:
+            raise ContextOverflowError(f"sequence of {self.pos + len(ids)} tokens exceeds the context of {self.ctx}")
+        chunks = [ids[c0:c0 + self.chunk] for c0 in range(0, len(ids), self.chunk)]
+        for i, chunk in enumerate(chunks):
+            self._run("decode" if len(chunk) == 1 else "prefill", chunk, then_sample=i == len(chunks) - 1)
+        return self._read_ring(1)
+
+    def decode_sample(self, n: int):
+        """n decode steps in one submit, each fed the token the previous one sampled (tokens[0]); [(id, lp, tops)]
+        for the n tokens. The steps' positions are self.pos .. self.pos + n - 1 (the last sampled token is fed first)."""
+        dev = self.model.device
+        if not 1 <= n <= SAMPLE_RING:
+            raise ValueError(f"decode_sample: 1 <= n <= {SAMPLE_RING}")
+        if self.pos + n > self.ctx:
+            raise ContextOverflowError(f"sequence of {self.pos + n} tokens exceeds the context of {self.ctx}")
+        states = np.zeros((n, UNIFORM_ALIGN // 4), np.uint32)
+        states[:, 0], states[:, 1], states[:, 2] = 1, self.pos + np.arange(n), np.arange(n)
+        dev.queue.write_buffer(self.state, 0, states.tobytes())
+        enc = dev.create_command_encoder()
+        cp = enc.begin_compute_pass()
+        for step in range(n):
+            self._encode(cp, "decode", 1, step)
+            self._encode(cp, "sample", 1, step)
+        cp.end()
+        self._copy_ring(enc, n)
+        dev.queue.submit([enc.finish()])
+        self.pos += n
+        return self._read_ring(n)
+
+    def _ring_words(self, n: int) -> int:
+        """u32 words of the ring the host reads after n steps: the tokens, or everything up to the n-th slot's tops."""
+        from .gpu_sampling import LP_MAX
+        return 2 * SAMPLE_RING + n * LP_MAX * 2 if self._n_logprobs else n
+
+    def _copy_ring(self, enc, n: int):
+        """Copy the ring to the mappable staging buffer in the same submit as the steps (no second submit to read)."""
+        if getattr(self, "_ring_read", None) is None:
+            self._ring_read = self.model.device.create_buffer(
+                size=self.buffers["ring"].size, usage=wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST)
+        enc.copy_buffer_to_buffer(self.buffers["ring"], 0, self._ring_read, 0, 4 * self._ring_words(n))
+
+    def _read_ring(self, n: int):
+        """One map of the staging buffer: the n tokens (4 bytes each), plus their logprobs and top logprobs when the
+        request wants them."""
+        from .gpu_sampling import LP_MAX
+        R, k, nbytes = SAMPLE_RING, self._n_logprobs, 4 * self._ring_words(n)
+        # "READ_NOSYNC": the copy was submitted just before (as in wgpu-py's own queue.read_buffer, which maps this way);
+        # plain READ makes wgpu-py submit an empty command buffer first (a wgpu-native workaround for maps with no
+        # submit in between), which would be a second submit per batch for nothing
+        self._ring_read.map_async("READ_NOSYNC", 0, nbytes).sync_wait()
+        try:
+            raw = np.frombuffer(self._ring_read.read_mapped(0, nbytes), np.uint32).copy()
+        finally:
+            self._ring_read.unmap()
+        if not k:
+            return [(int(t), None, None) for t in raw[:n]]
+        lps = raw[R:R + n].view(np.float32)
+        pairs = raw[2 * R:].reshape(n, LP_MAX, 2)[:, :k]
+        return [(int(raw[i]), float(lps[i]), [(int(a), float(b)) for a, b in zip(pairs[i, :, 0],
+                                                                                  pairs[i, :, 1].view(np.float32))])
+                for i in range(n)]
 
     def logits(self) -> np.ndarray:
         """(vocab,) float32 logits of the last token of the last forward."""

@@ -79,6 +79,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    logit_bias: dict[int, float] = field(default_factory=dict)   # token id -> added to its logit before penalties
     max_tokens: int | None = None   # None: until EOS, a stop string or the end of the context
     # output constraints (runtime_py/grammar.py), at most one: {"type": "json_object" | "json_schema", ...}, GBNF, regex
     response_format: dict | None = None
@@ -216,8 +217,13 @@ class Sampler:
 
     def apply_penalties(self, logits: np.ndarray, history: list[int]) -> np.ndarray:
         p = self.p
+        if p.logit_bias:   # added first, as llama.cpp's sampler chain does; ids outside the vocabulary are ignored
+            logits = logits.copy()
+            for tok, b in p.logit_bias.items():
+                if 0 <= int(tok) < len(logits):
+                    logits[int(tok)] += b
         n = len(history) if p.repeat_last_n < 0 else p.repeat_last_n
-        recent = history[len(history) - n:] if n > 0 else []
+        recent = history[max(0, len(history) - n):] if n > 0 else []   # the last min(n, len) ids
         if not recent or (p.repeat_penalty == 1 and not p.presence_penalty and not p.frequency_penalty):
             return logits
         logits = logits.copy()

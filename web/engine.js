@@ -8,10 +8,12 @@
 
 import {ArtifactError, bufferBytes, ContextOverflowError, DeviceLostError, getAdapter, getDevice, adapterClass, adapterName}
   from "./device.js";
+import {LP_MAX, packConfig, sampleLimits, seedOf} from "./gpu_sampling.js";
 import {fetchManifest, fetchVerified, loadShards} from "./loader.js";
 
 export const UNIFORM_ALIGN = 256;   // minUniformBufferOffsetAlignment's default (and maximum)
-export const STATE_BYTES = 16;      // struct State { n_tokens, pos0, pad, pad }
+export const STATE_BYTES = 16;      // struct State { n_tokens, pos0, step, pad }; one record per decode step of a
+                                    // submit, UNIFORM_ALIGN apart, bound with a dynamic offset
 export const UNIFORM_BINDING_MAX = 65536;   // maxUniformBufferBindingSize's default: an activation bound as "uniform"
 const BINDING_TYPES = {read: "read-only-storage", read_write: "storage", uniform: "uniform"};   // kernel binding access
 export const DEFAULT_CTX = 2048;
@@ -33,7 +35,8 @@ export function packParams(kernel, values) {
 
 export const sessionCtx = (manifest, ctx) => Math.min(ctx || DEFAULT_CTX, manifest.config.context_length);
 
-/** What a generating session runs (compiler/schedule.py GENERATE); `score` is not run in the browser. */
+/** What a generating session binds at load (compiler/schedule.py GENERATE); `sample` on the first GPU-sampled
+ * request; `score` is not run in the browser. */
 export const GENERATE = ["prefill", "decode"];
 
 /** The buffers a session allocates to run `programs`, with their sizes, like runtime_py.model.session_buffer_bytes. */
@@ -106,7 +109,7 @@ export class Model {
   async _pipeline(name, k) {
     const code = new TextDecoder().decode(await fetchVerified(this.baseUrl, k.file, k.sha256, "shader"));
     const dev = this.device;
-    const entries = [{binding: 0, visibility: GPUShaderStage.COMPUTE, buffer: {type: "uniform"}},
+    const entries = [{binding: 0, visibility: GPUShaderStage.COMPUTE, buffer: {type: "uniform", hasDynamicOffset: true}},
                      {binding: 1, visibility: GPUShaderStage.COMPUTE, buffer: {type: "uniform"}}];
     k.bindings.forEach(([, access], i) => entries.push({binding: i + 2, visibility: GPUShaderStage.COMPUTE,
       buffer: {type: BINDING_TYPES[access]}}));
@@ -171,7 +174,11 @@ export class Session {
     this.chunk = m.limits.prefill_chunk;
     this.buffers = new Map();
     this.programs = {};
-    this.state = dev.createBuffer({size: STATE_BYTES, usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST});
+    this.sampleLimits = "sample" in m.programs ? sampleLimits(m) : null;
+    // one State record per decode step of a submit, UNIFORM_ALIGN apart: decode step i reads record i
+    this.state = dev.createBuffer({size: (this.sampleLimits?.ring || 1) * UNIFORM_ALIGN,
+                                   usage: GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST});
+    this.ringRead = null;   // the ring's staging buffer, with the `sample` program on the first beginSampling
     for (const prog of GENERATE) this._program(prog);
     // readback staging: the logits (vocab f32) and the argmax token (tokens[0])
     this.logitsRead = dev.createBuffer({size: this.buffers.get("logits").size,
@@ -226,24 +233,119 @@ export class Session {
     if (this.pos + ids.length > this.ctx) {
       throw new ContextOverflowError(`sequence of ${this.pos + ids.length} tokens exceeds the context of ${this.ctx}`);
     }
-    const dev = this.model.device;
     for (let c0 = 0; c0 < ids.length; c0 += this.chunk) {
       const chunk = ids.slice(c0, c0 + this.chunk);
-      const T = chunk.length;
-      const prog = T === 1 ? "decode" : "prefill";
-      dev.queue.writeBuffer(this.buffers.get("tokens"), 0, new Uint32Array(chunk));
-      dev.queue.writeBuffer(this.state, 0, new Uint32Array([T, this.pos, 0, 0]));
-      const enc = dev.createCommandEncoder();
-      const cp = enc.beginComputePass();
-      for (const [pipeline, bindGroup, dispatch] of this._program(prog)) {
-        cp.setPipeline(pipeline);
-        cp.setBindGroup(0, bindGroup);
-        cp.dispatchWorkgroups(...dispatch.map((d) => dispatchSize(d, T)));
-      }
-      cp.end();
-      dev.queue.submit([enc.finish()]);
-      this.pos += T;
+      this._run(chunk.length === 1 ? "decode" : "prefill", chunk);
     }
+  }
+
+  /** One submit: write the chunk's ids and the State, replay program `prog` (and `sample` after it), advance pos. */
+  _run(prog, chunk, thenSample = false) {
+    const dev = this.model.device, T = chunk.length;
+    dev.queue.writeBuffer(this.buffers.get("tokens"), 0, new Uint32Array(chunk));
+    dev.queue.writeBuffer(this.state, 0, new Uint32Array([T, this.pos, 0, 0]));
+    const enc = dev.createCommandEncoder();
+    const cp = enc.beginComputePass();
+    this._encode(cp, prog, T, 0);
+    if (thenSample) this._encode(cp, "sample", T, 0);
+    cp.end();
+    if (thenSample) this._copyRing(enc, 1);
+    dev.queue.submit([enc.finish()]);
+    this.pos += T;
+  }
+
+  /** Record program `prog` (this adapter's variant of it) into the pass, reading State record `slot`. */
+  _encode(cp, prog, T, slot) {
+    const offset = [slot * UNIFORM_ALIGN];
+    for (const [pipeline, bindGroup, dispatch] of this._program(prog)) {
+      cp.setPipeline(pipeline);
+      cp.setBindGroup(0, bindGroup, offset);
+      cp.dispatchWorkgroups(...dispatch.map((d) => dispatchSize(d, T)));
+    }
+  }
+
+  // -- sampling on the GPU, several decode steps per submit (web/gpu_sampling.js) ---------------------------------
+  /** Whether this artifact has the `sample` program (older ones sample on the CPU). */
+  gpuSampling() { return this.sampleLimits !== null; }
+
+  /** Write the request's settings, its PRNG seed and the sequence so far (the penalties' window) to the GPU. */
+  beginSampling(params, history, nLogprobs = 0) {
+    const dev = this.model.device, q = dev.queue;
+    this._program("sample");   // first sampled request: allocates the sampler's buffers, binds the program
+    this.ringRead ||= dev.createBuffer({size: this.buffers.get("ring").size,
+                                        usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST});
+    this.nLogprobs = nLogprobs;
+    q.writeBuffer(this.buffers.get("sampler_cfg"), 0, packConfig(params, nLogprobs, this.sampleLimits));
+    q.writeBuffer(this.buffers.get("sampler_state"), 0, new Uint32Array([seedOf(params), 0, 0, 0]));
+    if (history.length) q.writeBuffer(this.buffers.get("history"), 0, new Uint32Array(history));
+  }
+
+  /** forward(ids) with the first token sampled on the GPU in the last chunk's submit; [[id, logprob, tops]]. */
+  async prefillSample(ids) {
+    if (this.model.lost) throw new DeviceLostError(this.model.lost);
+    if (this.pos + ids.length > this.ctx) {
+      throw new ContextOverflowError(`sequence of ${this.pos + ids.length} tokens exceeds the context of ${this.ctx}`);
+    }
+    for (let c0 = 0; c0 < ids.length; c0 += this.chunk) {
+      const chunk = ids.slice(c0, c0 + this.chunk);
+      this._run(chunk.length === 1 ? "decode" : "prefill", chunk, c0 + this.chunk >= ids.length);
+    }
+    return this._readRing(1);
+  }
+
+  /** n decode steps in one submit, each fed the token the previous one sampled (tokens[0]); [[id, lp, tops]]. */
+  async decodeSample(n) {
+    if (this.model.lost) throw new DeviceLostError(this.model.lost);
+    const ring = this.sampleLimits.ring;
+    if (!(n >= 1 && n <= ring)) throw new RangeError(`decodeSample: 1 <= n <= ${ring}`);
+    if (this.pos + n > this.ctx) {
+      throw new ContextOverflowError(`sequence of ${this.pos + n} tokens exceeds the context of ${this.ctx}`);
+    }
+    const dev = this.model.device, words = UNIFORM_ALIGN / 4;
+    const states = new Uint32Array(n * words);
+    for (let i = 0; i < n; i++) states.set([1, this.pos + i, i, 0], i * words);
+    dev.queue.writeBuffer(this.state, 0, states);
+    const enc = dev.createCommandEncoder();
+    const cp = enc.beginComputePass();
+    for (let step = 0; step < n; step++) {
+      this._encode(cp, "decode", 1, step);
+      this._encode(cp, "sample", 1, step);
+    }
+    cp.end();
+    this._copyRing(enc, n);
+    dev.queue.submit([enc.finish()]);
+    this.pos += n;
+    return this._readRing(n);
+  }
+
+  /** u32 words of the ring the host reads after n steps: the tokens, or everything up to the n-th slot's tops. */
+  _ringWords(n) { return this.nLogprobs ? 2 * this.sampleLimits.ring + n * LP_MAX * 2 : n; }
+
+  /** Copy the ring to the mappable staging buffer in the same submit as the steps (no second submit to read). */
+  _copyRing(enc, n) { enc.copyBufferToBuffer(this.buffers.get("ring"), 0, this.ringRead, 0, 4 * this._ringWords(n)); }
+
+  /** One map of the staging buffer: the n tokens (4 bytes each), plus logprobs and top logprobs when asked. */
+  async _readRing(n) {
+    const R = this.sampleLimits.ring, k = this.nLogprobs, size = 4 * this._ringWords(n);
+    try {
+      await this.ringRead.mapAsync(GPUMapMode.READ, 0, size);
+    } catch (e) {
+      throw new DeviceLostError(this.model.lost || `reading from the GPU failed: ${e.message}`);
+    }
+    const raw = this.ringRead.getMappedRange(0, size).slice(0);
+    this.ringRead.unmap();
+    const u = new Uint32Array(raw), f = new Float32Array(raw);
+    const out = [];
+    for (let i = 0; i < n; i++) {
+      if (!k) { out.push([u[i], null, null]); continue; }
+      const tops = [];
+      for (let j = 0; j < k; j++) {
+        const b = 2 * R + (i * LP_MAX + j) * 2;
+        tops.push([u[b], f[b + 1]]);
+      }
+      out.push([u[i], f[R + i], tops]);
+    }
+    return out;
   }
 
   async _read(src, staging, size) {
@@ -272,7 +374,7 @@ export class Session {
 
   destroy() {
     for (const b of this.buffers.values()) b.destroy();
-    for (const b of [this.state, this.logitsRead, this.tokenRead]) b.destroy();
+    for (const b of [this.state, this.logitsRead, this.tokenRead, this.ringRead]) b?.destroy();
   }
 }
 

@@ -6,7 +6,12 @@
 
 import {ContextOverflowError} from "./device.js";
 import {FINISH_GRAMMAR, constraintFor} from "./grammar.js";
+import {gpuReason, LP_MAX} from "./gpu_sampling.js";
 import {Sampler, topLogprobs} from "./sampler.js";
+
+// several decode steps per submit when sampling runs on the GPU (runtime_py/generate.py: the same schedule)
+const STREAM_INTERVAL_S = 0.1;
+const MIN_STEPS = 8;
 
 /** Finds stop strings in streamed text; holds back a tail that could still become one. */
 export class StopStrings {
@@ -72,13 +77,19 @@ export async function* generate(session, tokenizer, promptIds, params, {maxToken
   const history = [...promptIds], outIds = [], text = [];
   const eog = new Set(eogIds);
 
+  const onGpu = typeof session.gpuSampling === "function" && session.gpuSampling() &&
+    gpuReason(params, session.sampleLimits) === null && logprobs <= LP_MAX && matcher === null;   // masks: CPU
   const t0 = now();
   session.reset();
-  session.forward(promptIds);
+  let gpuTokens = null;
+  if (onGpu) gpuTokens = gpuTokenStream(session, promptIds, params, logprobs, maxTokens);
+  else session.forward(promptIds);
   let tFirst = null, finish = "length", cut = false;
   while (outIds.length < maxTokens) {
     let tok, lp = null;
-    if (fastGreedy) {
+    if (onGpu) {
+      [tok, lp] = (await gpuTokens.next()).value;
+    } else if (fastGreedy) {
       tok = await session.nextToken();
     } else {
       const mask = matcher !== null ? await matcher.mask() : null;
@@ -97,7 +108,7 @@ export async function* generate(session, tokenizer, promptIds, params, {maxToken
     text.push(delta);
     yield {type: "token", id: tok, text: delta, top_logprobs: lp};
     if (cut || shouldStop() || (matcher !== null && await matcher.done())) { finish = "stop"; break; }
-    if (outIds.length < maxTokens) session.forward([tok]);
+    if (outIds.length < maxTokens && !onGpu) session.forward([tok]);
   }
   if (!cut) {   // release what was held back: an unfinished UTF-8 sequence, a possible stop-string prefix
     let tail;
@@ -121,3 +132,23 @@ export async function* generate(session, tokenizer, promptIds, params, {maxToken
   yield {type: "done", ids: outIds, text: text.join(""), finish_reason: finish, timings};
 }
 
+
+/**
+ * Yields [id, top logprobs or null] sampled on the GPU, reading the ring once per submit (generate.py _gpu_tokens).
+ * The caller stops at EOS / a stop string / the limit; tokens of the last submit past that are dropped.
+ */
+async function* gpuTokenStream(session, promptIds, params, logprobs, maxTokens) {
+  session.beginSampling(params, promptIds, logprobs);
+  const ring = session.sampleLimits.ring;
+  let batch = await session.prefillSample(promptIds), made = 1, n = 1, target = ring;
+  while (true) {
+    for (const [tok, , tops] of batch) yield [tok, logprobs ? tops : null];
+    if (made >= maxTokens) return;
+    n = Math.min(2 * n, target, maxTokens - made);
+    const t = now();
+    batch = await session.decodeSample(n);
+    const stepS = (now() - t) / n;
+    target = Math.min(ring, Math.max(MIN_STEPS, Math.floor(STREAM_INTERVAL_S / Math.max(stepS, 1e-9))));
+    made += n;
+  }
+}

@@ -34,9 +34,9 @@ export const RESPONSE_FORMATS = ["text", "json_object", "json_schema"];
 export class SamplingParams {
   constructor({temperature = 0.7, top_k = 40, top_p = 0.95, min_p = 0.05, repeat_penalty = 1.0, repeat_last_n = 64,
                presence_penalty = 0.0, frequency_penalty = 0.0, seed = null, stop = [], max_tokens = null,
-               response_format = null, grammar = null, regex = null} = {}) {
+               response_format = null, grammar = null, regex = null, logit_bias = {}} = {}) {
     Object.assign(this, {temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, presence_penalty,
-                         frequency_penalty, seed, stop, max_tokens, response_format, grammar, regex});
+                         frequency_penalty, seed, stop, max_tokens, response_format, grammar, regex, logit_bias});
   }
 
   /** An OpenAI / llama.cpp style request (other keys ignored) -> validated params, by REQUEST_TABLE.
@@ -225,8 +225,13 @@ export class Sampler {
 
   applyPenalties(logits, history) {
     const p = this.p;
+    const bias = Object.entries(p.logit_bias || {});
+    if (bias.length) {   // added first, as llama.cpp's sampler chain does; ids outside the vocabulary are ignored
+      logits = Float64Array.from(logits);
+      for (const [tok, b] of bias) if (tok >= 0 && tok < logits.length) logits[tok] += b;
+    }
     const n = p.repeat_last_n < 0 ? history.length : p.repeat_last_n;
-    const recent = n > 0 ? history.slice(history.length - n) : [];
+    const recent = n > 0 ? history.slice(Math.max(0, history.length - n)) : [];   // the last min(n, length) ids
     if (!recent.length || (p.repeat_penalty === 1 && !p.presence_penalty && !p.frequency_penalty)) return logits;
     logits = Float64Array.from(logits);
     const counts = new Map();

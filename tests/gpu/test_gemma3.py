@@ -93,7 +93,7 @@ def test_schedule(manifest):
         # per layer: 2 post-norms added to the residual stream (out += norm(x) * w)
         assert sum(s["kernel"].startswith("rmsnorm") and "residual" in s["kernel"] for s in steps) == 2 * c["n_layer"]
         ropes = [s for s, k in zip(steps, kinds) if k == "rope"]
-        atts = [s for s, k in zip(steps, kinds) if k == "attention"]
+        atts = [s for s in steps if s["kernel"].startswith("attention_split")]   # (then attention_reduce in decode)
         assert len(ropes) == len(atts) == c["n_layer"]
         for L in range(c["n_layer"]):
             glob = L in (5, 11, 17)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from gguf.quants import dequantize, quantize
 
-from compiler.kernels import Argmax, Attention, Embed, Matmul, MatmulCPU, MatmulTokens, MatvecCPU, RMSNorm, RopeKV
+from compiler.kernels import Argmax, Embed, Matmul, MatmulCPU, MatmulTokens, MatvecCPU, RMSNorm, RopeKV
 from compiler.quant import QuantScheme
 from runtime_py.device import NoAdapterError, get_device
 
@@ -379,33 +379,7 @@ def attention_ref(q, kc, vc, n_head, n_kv, pos0, window, scale):
     return out
 
 
-@pytest.mark.parametrize("n_head,n_kv,hd,L,T,window", [
-    (3, 1, 64, 1, 1, 0),       # first token
-    (3, 1, 64, 65, 1, 0),      # decode, one key past a tile
-    (3, 1, 64, 65, 3, 0),      # prefill continuing a sequence (pos0 = 62)
-    (2, 2, 256, 130, 1, 0),    # head_dim 256: 4 dims per thread
-    (2, 2, 256, 130, 5, 0),
-    (3, 1, 256, 130, 4, 50),   # sliding window
-    (2, 2, 64, 130, 1, 50),
-    (6, 2, 96, 70, 70, 0),     # whole prompt from pos 0, head_dim 96 (2 dims per thread, the second partial)
-    (3, 3, 64, 130, 67, 30),   # long prefill with a window shorter than a tile
-])
-def test_attention(n_head, n_kv, hd, L, T, window, rng):
-    pos0 = L - T
-    ctx = L + 3
-    stride = (n_head + 2 * n_kv) * hd
-    qkv = (rng.standard_normal((T, stride)) * 2).astype(f32)
-    kc = rng.standard_normal((ctx, n_kv, hd)).astype(f32)
-    vc = rng.standard_normal((ctx, n_kv, hd)).astype(f32)
-    kc[L:] = vc[L:] = np.nan   # past the sequence: must never be read
-    scale = 1 / math.sqrt(hd)
-    out0 = rng.standard_normal((T + 1, n_head * hd)).astype(f32)   # row T: past n_tokens
-    k = Attention(dims_per_thread=-(-hd // Attention.wg))
-    (out,) = run_kernel(k, dict(n_head=n_head, n_kv=n_kv, head_dim=hd, window=window, scale=scale),
-                        [qkv, kc, vc, out0], [n_head, T + 1, 1], n_tokens=T, pos0=pos0)
-    want = attention_ref(qkv[:, :n_head * hd], kc, vc, n_head, n_kv, pos0, window, scale)
-    assert_close(out[:T], want, rel=1e-5, what=k.name)
-    assert_untouched(out[T:], out0[T:], np.ones_like(out0[T:], bool), f"{k.name} past n_tokens")
+# (the kernel tests are tests/gpu/test_kernels_attention.py)
 
 
 # -- argmax -------------------------------------------------------------------------------------------------------

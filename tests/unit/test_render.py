@@ -206,7 +206,9 @@ def test_score_only_buffers_are_not_in_a_generating_session():
     from runtime_py.model import buffer_bytes, session_buffer_bytes
     bufs = json.loads((GOLDEN / "buffers.json").read_text())
     manifest = {"limits": {"prefill_chunk": 128}, "buffers": bufs}
-    assert bufs["logits_all"]["programs"] == ["score"] and bufs["logits"]["programs"] == ["prefill", "decode"]
+    assert bufs["logits_all"]["programs"] == ["score"] and bufs["logits"]["programs"] == ["prefill", "decode", "sample"]
     gen, score = session_buffer_bytes(manifest, 64), session_buffer_bytes(manifest, 64, ("score",))
-    assert "logits_all" not in gen and "logits" in gen and set(gen) | set(score) == set(bufs)
+    sample = session_buffer_bytes(manifest, 64, ("sample",))   # the GPU sampler's, on the first sampled request
+    assert "logits_all" not in gen and "logits" in gen and set(gen) | set(score) | set(sample) == set(bufs)
+    assert "ring" in sample and "ring" not in gen
     assert score["logits_all"] == buffer_bytes(manifest, 64)["logits_all"] == 64 * 49152 * 4   # score_chunk 64

@@ -105,6 +105,8 @@ def test_penalties_look_only_at_the_last_repeat_last_n_tokens():
     np.testing.assert_allclose(s.apply_penalties(np.array([2.0, 2.0, 2.0]), [0, 1]), [2.0, 1.0, 2.0])
     s = Sampler(params(repeat_penalty=2.0, repeat_last_n=0))          # 0: off
     np.testing.assert_allclose(s.apply_penalties(np.array([2.0, 2.0]), [0, 1]), [2.0, 2.0])
+    s = Sampler(params(repeat_penalty=2.0, repeat_last_n=5))          # window longer than the history: all of it
+    np.testing.assert_allclose(s.apply_penalties(np.array([2.0, 2.0, 2.0, 2.0]), [0, 1, 2]), [1.0, 1.0, 1.0, 2.0])
 
 
 def test_penalties_do_not_modify_the_callers_logits():
