@@ -169,3 +169,11 @@ def test_logprobs_are_the_rows_of_the_chosen_tokens():
     plain, pe, _ = run(model, GREEDY, PROMPTS[0], logprobs=2)
     done, de, _ = run(model, GREEDY, PROMPTS[0], NgramDrafter(), logprobs=2)
     assert [e.top_logprobs for e in de] == [e.top_logprobs for e in pe]
+
+
+def test_usage_extension_reports_acceptance():
+    from runtime_py.schemas import usage
+    done, _, _ = run(MockModel(1, scale=6.0, eos_bias=-30.0), GREEDY, PROMPTS[0], NgramDrafter(), max_tokens=20)
+    u = usage(10, len(done.ids), done.timings)
+    assert u["speculative"] == {k: done.timings[k] for k in ("draft_tokens", "accepted_tokens", "acceptance_rate")}
+    assert "speculative" not in usage(10, 3, {"decode_tok_s": 1.0})
