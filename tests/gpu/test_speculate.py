@@ -24,7 +24,7 @@ from runtime_py.speculate import ModelDrafter, NgramDrafter   # noqa: E402
 from tests.gpu.test_api import _env                      # noqa: E402
 from tests.gpu.test_smollm2 import TRANSFORMERS, run_prompt   # noqa: E402 — plain greedy, cached per prompt
 
-N = 12
+N = 8           # tokens per generation: a score pass costs several decode steps on lavapipe
 
 
 def speculative(model, tokenizer, name, drafter):
@@ -36,7 +36,7 @@ def speculative(model, tokenizer, name, drafter):
 
 @pytest.mark.parametrize("name", list(TRANSFORMERS))
 def test_ngram_greedy_is_plain_greedy(smollm2_model, smollm2_tokenizer, name):
-    done = speculative(smollm2_model, smollm2_tokenizer, name, NgramDrafter())
+    done = speculative(smollm2_model, smollm2_tokenizer, name, NgramDrafter(k=3))
     assert done.ids == run_prompt(smollm2_model, name)[1][:N], done.timings
     t = done.timings
     assert t["speculate"] == "ngram" and 0 <= t["accepted_tokens"] <= t["draft_tokens"]
