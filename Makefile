@@ -6,7 +6,7 @@ KILN := $(VENV)/bin/kiln
 export XDG_RUNTIME_DIR ?= /tmp/kiln-xdg-$(shell id -u)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup system venv web demo run test test-unit test-gpu test-e2e fuzz bench serve quality clean
+.PHONY: setup system venv web demo run test test-unit test-gpu test-e2e fuzz bench bench-serve serve quality clean
 
 # set up everything: Debian packages when missing (Vulkan driver, Chromium), the venv, the package, web deps
 setup: system venv web
@@ -67,6 +67,10 @@ fuzz: venv
 bench: setup
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) -m runtime_py.cli bench
+
+# the OpenAI server: aggregate decode tok/s at 1, 4, 16 clients; TTFT with and without a cached ~400-token prefix
+bench-serve: setup
+	$(PY) tests/bench_api.py
 
 # perplexity of the model and its `kiln compile --quant` variants on a fixed text, next to llama.cpp (MODELS=smollm2,gemma3)
 quality: venv

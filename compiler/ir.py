@@ -17,6 +17,11 @@ from .errors import UnsupportedModelError
 SHARD_BYTES = 64 << 20   # max bytes per shard file and per part (browser-friendly downloads, < any binding limit)
 PART_ALIGN = 256         # each part starts at a multiple of this many bytes in its shard (zero padding between)
 MAX_WORKGROUPS = 65535   # per dispatch dimension (WebGPU's default maxComputeWorkgroupsPerDimension)
+# a weight part bound as a "texture" (the CPU-adapter kernels, compiler/kernels.py TEXTURE_QUANTS) is an rgba32uint
+# texture_2d of this many texels per row (64 KiB: 4 packed u32 words per texel), as many rows as the part needs
+# (SHARD_BYTES / 64 KiB = 1024 <= 8192, WebGPU's default maxTextureDimension2D); runtimes upload it that way
+# (runtime_py/weight_texture.py, web/weight_texture.js)
+TEXTURE_WIDTH = 4096
 
 
 @dataclass(frozen=True)
@@ -33,11 +38,18 @@ class WeightRef:
         return f"{self.name}#{part}"
 
 
+def split_ref(ref: str) -> tuple[str, int]:
+    """"xn+9216" -> ("xn", 9216); "xn" -> ("xn", 0): a buffer ref and the byte offset it binds at."""
+    name, _, off = ref.partition("+")
+    return name, int(off or 0)
+
+
 @dataclass(frozen=True)
 class Step:
     """One dispatch. JSON: {"kernel": name, "bind": [refs, binding 2..], "params": [values], "dispatch": [x, y, z]}.
-    A buffer ref is an activation buffer name (e.g. "x", "k_cache.3") or a weight part "tensor#part"; a dispatch
-    entry is an int or "T/n" = ceil(T / n), T = tokens in this forward (see `dispatch_size`)."""
+    A buffer ref is an activation buffer name (e.g. "x", "k_cache.3"), optionally with a byte offset ("xn+9216": a
+    uniform x window of the CPU-adapter kernels), or a weight part "tensor#part"; a dispatch entry is an int, "T/n" =
+    ceil(T / n), or "T>n" / "T<=n" (1 or 0), T = tokens in this forward (see `dispatch_size`)."""
     kernel: Any                       # a compiler.kernels.Kernel (frozen dataclass)
     bind: tuple[str, ...]
     params: tuple                     # values in kernel.params order
@@ -69,9 +81,14 @@ class Program:
 
 
 def dispatch_size(dim, n_tokens: int) -> int:
-    """Reference evaluation of a dispatch entry; runtime_py and web/ implement exactly this."""
+    """Reference evaluation of a dispatch entry; runtime_py and web/ implement exactly this. "T>n" / "T<=n": 1 or 0
+    (a step for the x window of tokens n.. runs only when the chunk reaches it); a 0 entry skips the step."""
     if isinstance(dim, int):
         return dim
     assert dim.startswith("T"), dim
+    if dim.startswith("T>"):
+        return int(n_tokens > int(dim[2:]))
+    if dim.startswith("T<="):
+        return int(n_tokens <= int(dim[3:]))
     div = int(dim[2:]) if "/" in dim else 1
     return -(-n_tokens // div)

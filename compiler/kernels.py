@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import ClassVar
 
+from .ir import TEXTURE_WIDTH
 from .quant import scheme_named
 
 # uniform field types: "u32" | "f32"
@@ -194,6 +195,20 @@ class SampleDraw(Kernel):
                 ("history", "read_write"), ("tokens", "read_write"), ("ring", "read_write")]
 
 
+# schemes whose CPU-adapter kernels read the weights from a texture ("texture" binding access): texel fetches are
+# 16-byte loads without a per-lane loop on lavapipe (shaders/_dot_cpu.wgsl.j2); every region starts at a whole texel
+TEXTURE_QUANTS = ("q8_0", "q4_1")
+UNIFORM_BINDING_BYTES = 65536   # WebGPU's default maxUniformBufferBindingSize: what an x binding of these kernels fits
+
+
+def _init_tex(k):
+    """A CPU-adapter kernel's `tex` field: None -> whether its scheme is in TEXTURE_QUANTS; True only for those."""
+    if k.tex is None:
+        object.__setattr__(k, "tex", k.quant in TEXTURE_QUANTS)
+    elif k.tex and k.quant not in TEXTURE_QUANTS:
+        raise ValueError(f"{type(k).__name__}: {k.quant} weights have no texture reader (only {TEXTURE_QUANTS})")
+
+
 @dataclass(frozen=True)
 class MatvecCPU(Kernel):
     """Decode mat-vec for CPU adapters: one invocation per row, x from a uniform binding (see matvec_cpu.wgsl.j2)."""
@@ -204,26 +219,51 @@ class MatvecCPU(Kernel):
     wg: int = 64        # output rows per workgroup (the SIMD lanes on CPU adapters)
     gate: str | None = None
     residual: bool = False
+    tex: bool | None = None   # weights from a texture; None: where the scheme allows (TEXTURE_QUANTS)
+    tokens: int = 1     # rows of the x window; > 1: the prefill LM head (last_only: token T-1 = row (T-1) % tokens)
+
+    def __post_init__(self):
+        _init_tex(self)
+        assert self.tokens * self.xk * 4 <= UNIFORM_BINDING_BYTES, f"x window of {self.tokens} x {self.xk} f32"
 
     def bindings(self):
-        w = [("w", "read")] + ([("w_up", "read")] if self.gate else [])
+        a = "texture" if self.tex else "read"
+        w = [("w", a)] + ([("w_up", a)] if self.gate else [])
         return [("x", "uniform"), *w, ("y", "read_write")]
 
     @property
     def rows(self) -> int:   # output rows per workgroup, for the dispatch arithmetic
         return self.wg
 
+    tex_width: ClassVar[int] = TEXTURE_WIDTH
+
 
 @dataclass(frozen=True)
 class MatmulCPU(Kernel):
-    """Prefill mat-mat for CPU adapters: tokens are the lanes, each invocation owns `rows` output rows
-    (see matmul_cpu.wgsl.j2)."""
+    """Prefill / score mat-mat for CPU adapters: rows are the lanes, `rows` per invocation, the `tokens` tokens of one
+    uniform x window (t0 ..) per step (see matmul_cpu.wgsl.j2)."""
     template: ClassVar[str] = "matmul_cpu"
-    params: ClassVar[tuple[Param, ...]] = Matmul.params
+    params: ClassVar[tuple[Param, ...]] = Matmul.params + (("t0", "u32"),)
     quant: str
-    tokens: int = 8     # tokens per workgroup (the SIMD lanes on CPU adapters)
-    rows: int = 8       # output rows per invocation (= per workgroup)
+    xk: int             # K, compile-time: the uniform x window is a fixed-size array (tokens * K * 4 <= 64 KiB)
+    tokens: int = 8     # tokens per x window (per step)
+    rows: int = 4       # output rows per invocation, `wg` apart
+    wg: int = 32        # invocations per workgroup (the SIMD lanes on CPU adapters)
     gate: str | None = None
     residual: bool = False
+    tex: bool | None = None   # weights from a texture; None: where the scheme allows (TEXTURE_QUANTS)
 
-    bindings = Matmul.bindings
+    tex_width: ClassVar[int] = TEXTURE_WIDTH
+
+    def __post_init__(self):
+        _init_tex(self)
+        assert self.tokens * self.xk * 4 <= UNIFORM_BINDING_BYTES, f"x window of {self.tokens} x {self.xk} f32"
+
+    def bindings(self):
+        a = "texture" if self.tex else "read"
+        w = [("w", a)] + ([("w_up", a)] if self.gate else [])
+        return [("x", "uniform"), *w, ("y", "read_write")]
+
+    @property
+    def rows_per_wg(self) -> int:   # output rows per workgroup, for the dispatch arithmetic
+        return self.rows * self.wg

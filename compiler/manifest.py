@@ -21,7 +21,7 @@ a temp file in the same directory, then a rename), read by `read_manifest` only,
   shards      [{file: "shard-NNN.bin", bytes, sha256}]                                 see compiler/shards.py
   kernels     {name: {file: "shaders/<name>.wgsl", sha256, params: [[name, "u32"|"f32"]], bindings: [[name, access]]}}
   programs    {prefill, decode[, score]: [step]}  steps as compiler/ir.py `Step.json`; every step's kernel, buffer refs, params
-              (count and type) and dispatch sizes (1..MAX_WORKGROUPS, or "T" / "T/n") resolve against the above
+              (count and type) and dispatch sizes (1..MAX_WORKGROUPS, or "T" / "T/n" / "T>n" / "T<=n") resolve against the above
   selftest    optional {text, prompt_ids, top5: [[id, logit]], tolerance, device}: written by `kiln compile` after a
               native run, before the artifact is moved into place (runtime_py/artifacts.py)
 Every file of an artifact (shards, shaders, tokenizer.json) carries a sha256 next to its name; the runtimes check it
@@ -361,7 +361,7 @@ def validate(m: dict, path="manifest.json", hint: str = "recompile the model") -
         for i, b in enumerate(c.list(k["bindings"], f"{where}.bindings")):
             c.list(b, f"{where}.bindings[{i}]", n=2)
             c.str(b[0], f"{where}.bindings[{i}][0]")
-            c.str(b[1], f"{where}.bindings[{i}][1]", choices=("read", "read_write", "uniform"))
+            c.str(b[1], f"{where}.bindings[{i}][1]", choices=("read", "read_write", "uniform", "texture"))
 
     programs = c.obj(m["programs"], "programs", ("prefill", "decode"))
     for name, b in buffers.items():
@@ -393,7 +393,8 @@ def _check_step(c: _Check, s, where: str, kernels: dict, buffers: dict, weights:
     for i, ref in enumerate(c.list(s["bind"], f"{where}.bind", n=len(k["bindings"]))):
         c.str(ref, f"{where}.bind[{i}]")
         tensor, _, part = ref.rpartition("#")
-        ok = ref in buffers or (tensor in weights and part.isdigit() and int(part) < len(weights[tensor]["parts"]))
+        name, _, off = ref.partition("+")   # a buffer at a byte offset (compiler/ir.py split_ref)
+        ok = (name in buffers and (not off or (off.isdigit() and int(off) % 256 == 0))) or (tensor in weights and part.isdigit() and int(part) < len(weights[tensor]["parts"]))
         if not ok:
             c.fail(f"{where}.bind[{i}]", f"= {ref[:60]!r} is neither a buffer nor a weight part")
     for i, (v, (_, t)) in enumerate(zip(c.list(s["params"], f"{where}.params", n=len(k["params"])), k["params"])):
@@ -403,7 +404,7 @@ def _check_step(c: _Check, s, where: str, kernels: dict, buffers: dict, weights:
             c.num(v, f"{where}.params[{i}]")
     for i, d in enumerate(c.list(s["dispatch"], f"{where}.dispatch", n=3)):
         if isinstance(d, str):
-            if not re.fullmatch(r"T(/[1-9][0-9]{0,5})?", d):
-                c.fail(f"{where}.dispatch[{i}]", f"= {d[:20]!r} is not an integer, \"T\" or \"T/n\"")
+            if not re.fullmatch(r"T(/[1-9][0-9]{0,5}|>[0-9]{1,6}|<=[0-9]{1,6})?", d):
+                c.fail(f"{where}.dispatch[{i}]", f"= {d[:20]!r} is not an integer, \"T\", \"T/n\", \"T>n\" or \"T<=n\"")
         else:
             c.int(d, f"{where}.dispatch[{i}]", 1, MAX_WORKGROUPS)

@@ -37,8 +37,10 @@ from .schedule import PREFILL_TILE, activation_buffers, buffer_programs, build_p
 from .shards import write_shards
 from .tokenizer import build_tokenizer_json, tokenizer_info
 
-COMPILER_VERSION = "3"   # 2: the `score` program; 3: manifest v2 (manifest_sha256, shader + tokenizer sha256),
+COMPILER_VERSION = "4"   # 2: the `score` program; 3: manifest v2 (manifest_sha256, shader + tokenizer sha256),
                          #    `features`, buffers[].programs, matmul_tt without last_only
+                         # 4: "texture" weight bindings, x-window bind refs "buf+OFF", "T>n" / "T<=n"
+                         #    dispatches (the CPU-adapter kernels)
 DEFAULT_PREFILL_CHUNK = 128
 
 
@@ -85,7 +87,7 @@ def plan(c: Compilation):
 
 def schedule(c: Compilation):
     assert c.prefill_chunk % PREFILL_TILE == 0
-    c.programs = build_programs(c.cfg, c.plan)
+    c.programs = build_programs(c.cfg, c.plan, c.prefill_chunk)
     c.score_tokens = score_chunk(c.cfg.vocab, c.prefill_chunk)
     c.buffers = activation_buffers(c.cfg, c.score_tokens)
     bound = buffer_programs(c.programs)

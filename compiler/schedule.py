@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from .config import ModelConfig
 from .errors import UnsupportedModelError
-from .ir import Program, dispatch_size  # noqa: F401  (dispatch_size: runtimes import it from here)
+from .ir import Program, dispatch_size, split_ref  # noqa: F401  (dispatch_size: runtimes import it from here)
 from .kernels import (Argmax, AttentionReduce, AttentionSplit, Embed, Matmul, MatmulCPU, MatmulTokens, MatvecCPU,
                       RMSNorm, RopeKV, SampleDraw, SamplePrep, SampleTopK)
 
@@ -29,6 +29,7 @@ MATMUL_SHAPE = dict(rows=16, lanes=4)
 # and score mat-mats reuse each x group for 8 rows per invocation (matmul_cpu.wgsl.j2)
 ADAPTER_VARIANTS = {"cpu": ("prefill", "decode", "score")}
 UNIFORM_X_MAX_K = 16384   # matvec_cpu binds x (K f32) as a uniform: K * 4 <= 64 KiB, WebGPU's default binding limit
+CPU_WINDOW = 8   # tokens per uniform x window of the CPU-adapter prefill (matmul_cpu): one step per window of the chunk
 # decode attention splits each (KV head)'s keys across this many workgroups (flash-decoding) and reduces the partials;
 # prefill has a workgroup per token already and uses one split. On lavapipe 16 keeps position 1000 within 1.3x the
 # attention cost of position 100 (see ARCHITECTURE.md, "attention")
@@ -38,6 +39,17 @@ SCORE_BYTES = 16 << 20   # the score program's (score_chunk, vocab) f32 logits b
 # the most logit_bias entries `sampler_cfg` holds
 SAMPLE_RING = 32
 SAMPLE_MAX_BIAS = 1024
+
+
+def cpu_window(k: int) -> int:
+    """Tokens per uniform x window of the CPU-adapter prefill for row length K (a power of two <= CPU_WINDOW, window
+    <= 64 KiB); 0 where K cannot be windowed: K * 4 not a multiple of 256 (uniform offsets) or K > UNIFORM_X_MAX_K."""
+    if k % 64 or k > UNIFORM_X_MAX_K:
+        return 0
+    t = CPU_WINDOW
+    while t > 1 and t * k > UNIFORM_X_MAX_K:
+        t //= 2
+    return t
 
 
 def score_chunk(vocab: int, prefill_chunk: int) -> int:
@@ -50,8 +62,10 @@ class Builder:
     """Emits one program for one phase. `tile` = tokens per matmul workgroup (1 for decode).
     weights: the plan, a callable name -> WeightRef (compiler/plan.py)."""
 
-    def __init__(self, cfg: ModelConfig, weights, tile: int, score: bool = False, adapter: str = "gpu"):
+    def __init__(self, cfg: ModelConfig, weights, tile: int, score: bool = False, adapter: str = "gpu",
+                 chunk: int = 128):
         self.cfg, self.W, self.tile, self.score, self.adapter = cfg, weights, tile, score, adapter
+        self.chunk = chunk   # most tokens per forward of this program (the CPU-adapter prefill steps per x window)
         self.p = Program()
 
     # -- helpers: one per kernel family ------------------------------------------------------------------------
@@ -60,26 +74,46 @@ class Builder:
         wr = self.W(w)
         ur = self.W(up) if up else None
         tile = 1 if last_only else self.tile
-        # prefill / score on a CPU adapter; not the last-token LM head: with one token in all 8 lanes matmul_cpu does
-        # 8x the loads of a mat-vec (9.2 s vs 0.93 s on lavapipe, busy), so that step keeps the k-split Matmul
-        cpu_mm = self.adapter == "cpu" and self.tile > 1 and not last_only
+        # prefill / score on a CPU adapter (LM head included) where K allows uniform x windows (cpu_window); other K
+        # there run the GPU kernels
+        cpu_windows = self.adapter == "cpu" and self.tile > 1 and cpu_window(wr.k)
         for i, (row0, rows) in enumerate(wr.parts):
-            if cpu_mm:   # 3-4x matmul_tt per dispatch on lavapipe (ARCHITECTURE.md)
-                k = MatmulCPU(quant=wr.quant, gate=gate, residual=residual)
-            elif tile > 1:   # prefill: one invocation per (row, token); 2x the k-split tile kernel on lavapipe
+            if ur and ur.quant != wr.quant:
+                raise UnsupportedModelError(f"{w} and {up} have different types ({wr.quant}, {ur.quant})")
+            if cpu_windows:   # one step per x window of the chunk (ARCHITECTURE.md, "CPU adapters")
+                self.matmul_cpu_windows(x, wr, ur, i, y, n_offset=n_offset + row0, n_stride=n_stride or wr.rows,
+                                        rows=rows, residual=residual, gate=gate, last_only=last_only)
+                continue
+            if tile > 1:   # prefill: one invocation per (row, token); 2x the k-split tile kernel on lavapipe
                 k = MatmulTokens(quant=wr.quant, tokens=tile, gate=gate, residual=residual)
             elif self.adapter == "cpu" and self.tile == 1 and wr.k <= UNIFORM_X_MAX_K:   # decode (x row 0 = token 0):
                 # 3-5x Matmul on lavapipe (ARCHITECTURE.md)
                 k = MatvecCPU(quant=wr.quant, xk=wr.k, gate=gate, residual=residual)
             else:
                 k = Matmul(quant=wr.quant, gate=gate, residual=residual, **MATMUL_SHAPE)
-            if ur and ur.quant != wr.quant:
-                raise UnsupportedModelError(f"{w} and {up} have different types ({wr.quant}, {ur.quant})")
             bind = [x, wr.ref(i)] + ([ur.ref(i)] if ur else []) + [y]
             params = dict(k=wr.k, rows=rows, n_offset=n_offset + row0, n_stride=n_stride or wr.rows)
             if "last_only" in dict(k.params):   # Matmul and the CPU-adapter kernels; MatmulTokens has none
                 params["last_only"] = int(last_only)
             self.p.add(k, bind, params, [-(-rows // k.rows), 1 if last_only else f"T/{tile}", 1])
+
+    def matmul_cpu_windows(self, x: str, wr, ur, part: int, y: str, *, n_offset, n_stride, rows, residual, gate,
+                           last_only):
+        """One weight part on a CPU adapter, prefill / score: a step per window of `tokens` tokens of x (bound as a
+        uniform at the window's byte offset); a window at or past T dispatches nothing. matmul_cpu (each weight group
+        dequantized once per window, ARCHITECTURE.md "CPU adapters"), or for the LM head on token T-1 matvec_cpu
+        on the one window holding it."""
+        tokens = cpu_window(wr.k)
+        for t0 in range(0, self.chunk, tokens):
+            xw = f"{x}+{t0 * wr.k * 4}" if t0 else x
+            bind = [xw, wr.ref(part)] + ([ur.ref(part)] if ur else []) + [y]
+            params = dict(k=wr.k, rows=rows, n_offset=n_offset, n_stride=n_stride, last_only=int(last_only))
+            if last_only:
+                k = MatvecCPU(quant=wr.quant, xk=wr.k, tokens=tokens, gate=gate, residual=residual)
+                self.p.add(k, bind, params, [-(-rows // k.rows), f"T>{t0}", f"T<={t0 + tokens}"])
+            else:
+                k = MatmulCPU(quant=wr.quant, xk=wr.k, tokens=tokens, gate=gate, residual=residual)
+                self.p.add(k, bind, dict(params, t0=t0), [-(-rows // k.rows_per_wg), f"T>{t0}", 1])
 
     def rmsnorm(self, x: str, weight: str, out: str | None, *, width: int, heads=1, stride=None, offset=0):
         k = RMSNorm(inplace=out is None)
@@ -229,15 +263,16 @@ def buffer_programs(programs: dict[str, Program]) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for name, prog in programs.items():
         base = name.split("@")[0]
-        for ref in dict.fromkeys(r for s in prog.steps for r in s.bind if "#" not in r):
+        for ref in dict.fromkeys(split_ref(r)[0] for s in prog.steps for r in s.bind if "#" not in r):
             if base not in out.setdefault(ref, []):
                 out[ref].append(base)
     return out
 
 
-def build_programs(cfg: ModelConfig, weights) -> dict[str, Program]:
+def build_programs(cfg: ModelConfig, weights, prefill_chunk: int = 128) -> dict[str, Program]:
     """weights: the plan, callable name -> WeightRef. Keys: PROGRAMS, then each `<name>@<adapter class>` variant.
     `sample` has no adapter variant: it runs after whichever decode (or prefill) program the adapter chose."""
+    chunks = {"prefill": prefill_chunk, "decode": 1, "score": score_chunk(cfg.vocab, prefill_chunk)}
     progs = {"prefill": Builder(cfg, weights, PREFILL_TILE).build(),
              "decode": Builder(cfg, weights, 1).build(),
              "score": Builder(cfg, weights, PREFILL_TILE, score=True).build(),
@@ -245,5 +280,5 @@ def build_programs(cfg: ModelConfig, weights) -> dict[str, Program]:
     for cls, names in ADAPTER_VARIANTS.items():
         for name in names:
             progs[f"{name}@{cls}"] = Builder(cfg, weights, 1 if name == "decode" else PREFILL_TILE,
-                                             score=name == "score", adapter=cls).build()
+                                             score=name == "score", adapter=cls, chunk=chunks[name]).build()
     return progs

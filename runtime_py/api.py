@@ -3,7 +3,8 @@
     POST /v1/chat/completions   chat (messages rendered with the model's chat template), streaming or not
     POST /v1/completions        plain text completion (prompt: string, [string], token ids or [token ids])
     GET  /v1/models             the served models;  GET /v1/models/{id}
-    GET  /health                liveness + slot / queue occupancy (never needs the API key)
+    GET  /health                liveness; per model running / waiting requests, KV slots busy and the tokens each
+                                holds (never needs the API key)
 
 Responses are shaped like OpenAI's (ids, object, created, model, choices, usage, logprobs); streaming is SSE
 (`data: {json}\\n\\n` ... `data: [DONE]\\n\\n`), with a final usage chunk (empty choices) when
@@ -243,7 +244,7 @@ def make_router(artifacts: dict[str, Path], *, api_key: str | None, ctx: int | N
                         for c in finish_chunk(done):
                             yield sse(c)
                         if include_usage:
-                            yield sse(usage_chunk(len(job.prompt_ids), len(done.ids), done.timings))
+                            yield sse(usage_chunk(len(job.prompt_ids), len(done.ids), job.cached, done.timings))
                         break
                     else:
                         yield sse(ev[1].body())
@@ -338,7 +339,7 @@ def make_router(artifacts: dict[str, Path], *, api_key: str | None, ctx: int | N
                       "logprobs": chat_logprobs(lps) if want_lp >= 0 else None, "finish_reason": finish}
             if r.return_token_ids:
                 choice["token_ids"] = done.ids
-            return {**head, "choices": [choice], "usage": usage(len(ids), len(done.ids), done.timings), **extra}
+            return {**head, "choices": [choice], "usage": usage(len(ids), len(done.ids), job.cached, done.timings), **extra}
 
         include_usage = bool(r.stream_options and r.stream_options.include_usage)
         chead = {**head, "object": "chat.completion.chunk"}
@@ -367,7 +368,8 @@ def make_router(artifacts: dict[str, Path], *, api_key: str | None, ctx: int | N
                       lambda text, tids, lp: None if plan is not None else
                       chunk({"content": text}, None, chat_logprobs([lp]) if lp is not None else None, tids),
                       first, finish_chunks,
-                      lambda n_p, n_c, t: {**chead, "choices": [], "usage": usage(n_p, n_c, t)}, include_usage)
+                      lambda n_p, n_c, n_k, t: {**chead, "choices": [], "usage": usage(n_p, n_c, n_k, t)},
+                      include_usage)
 
     @router.post("/v1/completions")
     async def completions(request: Request):
@@ -407,7 +409,7 @@ def make_router(artifacts: dict[str, Path], *, api_key: str | None, ctx: int | N
                       "finish_reason": done.finish_reason}
             if r.return_token_ids:
                 choice["token_ids"] = done.ids
-            return {**head, "choices": [choice], "usage": usage(len(ids), len(done.ids), done.timings), **extra}
+            return {**head, "choices": [choice], "usage": usage(len(ids), len(done.ids), job.cached, done.timings), **extra}
 
         include_usage = bool(r.stream_options and r.stream_options.include_usage)
         u = {"usage": None} if include_usage else {}
@@ -425,7 +427,8 @@ def make_router(artifacts: dict[str, Path], *, api_key: str | None, ctx: int | N
             return chunk(text, None, lpo, tids)
         first = [{**chunk(echo), **extra}] if (echo or r.return_token_ids) else []
         return stream(request, job, token_chunk, first, lambda done: [chunk("", done.finish_reason)],
-                      lambda n_p, n_c, t: {**head, "choices": [], "usage": usage(n_p, n_c, t)}, include_usage)
+                      lambda n_p, n_c, n_k, t: {**head, "choices": [], "usage": usage(n_p, n_c, n_k, t)},
+                      include_usage)
 
     known = {"/v1/chat/completions": "POST", "/v1/completions": "POST", "/v1/models": "GET"}
 

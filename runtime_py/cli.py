@@ -3,6 +3,7 @@
     kiln compile MODEL.gguf -o DIR          GGUF -> WGSL + shards + manifest  [--quant q8_0|q4g32|q4g64|q4g128]
     kiln compile MODEL [--force] [--verify] (re)build MODEL's entry in the artifact cache (what `run` uses)
     kiln run [MODEL] --prompt TEXT [--chat] [sampling flags] [--json]
+    kiln chat [MODEL] [--system TEXT] [sampling flags]    interactive multi-turn chat (runtime_py/repl.py)
     kiln inspect MODEL.gguf [--ctx N]       architecture, parameters, tensor types, memory
     kiln serve [--host H] [--port P]        web demo + OpenAI-compatible API
     kiln export DIR [MODEL ...]             the web demo + models as static files for any web server or CDN
@@ -204,6 +205,20 @@ def _drafter(a, session, model):
     return drafter_for(spec, session.ctx, model, k)
 
 
+def cmd_chat(a):
+    from .artifacts import check_model_arg
+    from .repl import chat_loop
+    if a.max_tokens is not None and a.max_tokens < 1:
+        raise KilnError(f"--max-tokens must be at least 1 (got {a.max_tokens})")
+    params = _sampling(a).validate()
+    check_model_arg(a.model)
+    if a.system is not None:
+        utf8_text(a.system, "--system")
+    template = read_utf8(a.chat_template, "--chat-template") if a.chat_template else None
+    model, session, tok, m = load(a.model, a.ctx, verify=a.verify)
+    chat_loop(session, tok, m, params, system=a.system, template=template, parse_special=a.parse_special)
+
+
 def cmd_inspect(a):
     from compiler.config import read_config, unsupported
     from compiler.gguf_file import GGUFModel
@@ -283,6 +298,26 @@ def cmd_export(a):
           " (README: Deploy; nginx: web/deploy/nginx.conf)")
 
 
+def _sampling_flags(r):
+    """Sampling flags of run and chat; defaults are SamplingParams' (runtime_py/sampling.py REQUEST_TABLE), the
+    API's and the browser's."""
+    from .sampling import SamplingParams
+    d = SamplingParams()
+    r.add_argument("--max-tokens", "-n", type=int, default=d.max_tokens,
+                   help="tokens to generate (default: until EOS, a stop string or the end of the context)")
+    r.add_argument("--temperature", type=float, default=d.temperature, help=f"0 = greedy (default {d.temperature})")
+    r.add_argument("--top-k", type=int, default=d.top_k, help=f"<= 0 = off (default {d.top_k})")
+    r.add_argument("--top-p", type=float, default=d.top_p, help=f"1 = off (default {d.top_p})")
+    r.add_argument("--min-p", type=float, default=d.min_p, help=f"0 = off (default {d.min_p})")
+    r.add_argument("--repeat-penalty", type=float, default=d.repeat_penalty, help="1 = off (llama.cpp default)")
+    r.add_argument("--repeat-last-n", type=int, default=d.repeat_last_n,
+                   help=f"tokens the penalties look at; 0 = off, -1 = all (default {d.repeat_last_n})")
+    r.add_argument("--presence-penalty", type=float, default=d.presence_penalty)
+    r.add_argument("--frequency-penalty", type=float, default=d.frequency_penalty)
+    r.add_argument("--seed", type=int, default=d.seed)
+    r.add_argument("--stop", action="append", help="stop string (repeatable)")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kiln", description="LLM inference on WebGPU: compile GGUF models to WGSL, "
                                                           "run them natively or in the browser")
@@ -309,22 +344,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--chat-template", help="jinja chat template file overriding the model's")
     r.add_argument("--parse-special", action="store_true", help="with --chat: control-token text in the messages "
                    "(e.g. <|im_end|>) becomes control tokens, as in llama.cpp (default: plain text)")
-    # sampling flags: defaults are SamplingParams' (runtime_py/sampling.py REQUEST_TABLE), the API's and the browser's
-    from .sampling import SamplingParams
-    d = SamplingParams()
-    r.add_argument("--max-tokens", "-n", type=int, default=d.max_tokens,
-                   help="tokens to generate (default: until EOS, a stop string or the end of the context)")
-    r.add_argument("--temperature", type=float, default=d.temperature, help=f"0 = greedy (default {d.temperature})")
-    r.add_argument("--top-k", type=int, default=d.top_k, help=f"<= 0 = off (default {d.top_k})")
-    r.add_argument("--top-p", type=float, default=d.top_p, help=f"1 = off (default {d.top_p})")
-    r.add_argument("--min-p", type=float, default=d.min_p, help=f"0 = off (default {d.min_p})")
-    r.add_argument("--repeat-penalty", type=float, default=d.repeat_penalty, help="1 = off (llama.cpp default)")
-    r.add_argument("--repeat-last-n", type=int, default=d.repeat_last_n,
-                   help=f"tokens the penalties look at; 0 = off, -1 = all (default {d.repeat_last_n})")
-    r.add_argument("--presence-penalty", type=float, default=d.presence_penalty)
-    r.add_argument("--frequency-penalty", type=float, default=d.frequency_penalty)
-    r.add_argument("--seed", type=int, default=d.seed)
-    r.add_argument("--stop", action="append", help="stop string (repeatable)")
+    _sampling_flags(r)
     r.add_argument("--json-schema", metavar="FILE", help="constrain the output to JSON valid against this JSON Schema")
     r.add_argument("--json-object", action="store_true", help="constrain the output to a JSON object")
     r.add_argument("--grammar", metavar="FILE", help="constrain the output to this GBNF grammar (llama.cpp's format)")
@@ -340,6 +360,17 @@ def parser() -> argparse.ArgumentParser:
                                                        "tests/gpu/test_cli.py)")
     r.add_argument("--verify", action="store_true", help="hash the GGUF and every artifact file again before running")
     r.set_defaults(fn=cmd_run)
+
+    t = sub.add_parser("chat", help="interactive multi-turn chat in the terminal (earlier turns stay cached)")
+    t.add_argument("model", nargs="?", default=None, help="GGUF path, artifact dir or model name (default smollm2)")
+    t.add_argument("--system", help="system message")
+    t.add_argument("--chat-template", help="jinja chat template file overriding the model's")
+    t.add_argument("--parse-special", action="store_true", help="control-token text in messages becomes control "
+                   "tokens, as in llama.cpp (default: plain text)")
+    _sampling_flags(t)
+    t.add_argument("--ctx", type=int, default=None, help="context length (default 2048, at most the model's)")
+    t.add_argument("--verify", action="store_true", help="hash the GGUF and every artifact file again first")
+    t.set_defaults(fn=cmd_chat, json_schema=None, json_object=False, grammar=None, regex=None)   # unconstrained
 
     i = sub.add_parser("inspect", help="describe a GGUF model and its memory needs")
     i.add_argument("model", nargs="?", default=None)

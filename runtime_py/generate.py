@@ -12,6 +12,7 @@ from compiler.errors import ContextOverflowError
 
 from .gpu_sampling import LP_MAX, RING, gpu_reason
 from .grammar import FINISH_GRAMMAR, constraint_for
+from .kvcache import reuse_prefix
 from .sampling import Sampler, SamplingParams, top_logprobs
 from .tokenizer import StreamDecoder
 
@@ -72,8 +73,9 @@ class StopStrings:
 
 
 def generate(session, tokenizer, prompt_ids: list[int], params: SamplingParams, *, max_tokens: int | None = None,
-             logprobs: int = 0, eog_ids=(), should_stop=lambda: False, speculate=None):
-    """Yields Token events then one Done. The session is reset to position 0 first (no prefix reuse yet).
+             logprobs: int = 0, eog_ids=(), should_stop=lambda: False, reuse: bool = True, speculate=None):
+    """Yields Token events then one Done. The prompt's leading tokens that the session's cache already holds are
+    kept (runtime_py/kvcache.py; reuse=False: the session starts at position 0) and only the rest is prefilled.
     max_tokens overrides params.max_tokens; both None: until EOS, a stop string or the end of the context.
     speculate: a drafter (runtime_py/speculate.py): the same loop, several tokens verified per pass."""
     if not prompt_ids:
@@ -87,7 +89,7 @@ def generate(session, tokenizer, prompt_ids: list[int], params: SamplingParams, 
     if speculate is not None:
         from .speculate import generate_speculative
         yield from generate_speculative(session, tokenizer, prompt_ids, params, speculate, max_tokens=max_tokens,
-                                        logprobs=logprobs, eog_ids=eog_ids, should_stop=should_stop)
+                                        logprobs=logprobs, eog_ids=eog_ids, should_stop=should_stop, reuse=reuse)
         return
     sampler = Sampler(params)
     constraint = constraint_for(params, tokenizer)      # response_format / grammar / regex: a mask per step
@@ -101,11 +103,15 @@ def generate(session, tokenizer, prompt_ids: list[int], params: SamplingParams, 
     on_gpu = callable(getattr(session, "gpu_sampling", None)) and session.gpu_sampling() \
         and gpu_reason(params) is None and logprobs <= LP_MAX and matcher is None   # masks: CPU sampler
     t0 = time.perf_counter()
-    session.reset()
-    if on_gpu:
-        gpu_tokens = _gpu_tokens(session, prompt_ids, params, logprobs, max_tokens)
+    if reuse:
+        cached = reuse_prefix(session, prompt_ids)
     else:
-        session.forward(prompt_ids)
+        session.reset()
+        cached = 0
+    if on_gpu:
+        gpu_tokens = _gpu_tokens(session, prompt_ids, cached, params, logprobs, max_tokens)
+    else:
+        session.forward(prompt_ids[cached:])
     t_first = None
     finish, cut = "length", False
     while len(out_ids) < max_tokens:
@@ -148,21 +154,22 @@ def generate(session, tokenizer, prompt_ids: list[int], params: SamplingParams, 
     t_end = time.perf_counter()
     n = len(out_ids)
     timings = {
-        "prompt_tokens": len(prompt_ids), "generated_tokens": n,
+        "prompt_tokens": len(prompt_ids), "cached_tokens": cached, "generated_tokens": n,
         "ttft_s": round((t_first or t_end) - t0, 4),
-        "prefill_tok_s": round(len(prompt_ids) / max((t_first or t_end) - t0, 1e-9), 2),
+        "prefill_tok_s": round((len(prompt_ids) - cached) / max((t_first or t_end) - t0, 1e-9), 2),
         "decode_tok_s": round((n - 1) / (t_end - t_first), 2) if n > 1 and t_first else None,
         "total_s": round(t_end - t0, 4),
     }
     yield Done(out_ids, "".join(text), finish, timings)
 
 
-def _gpu_tokens(session, prompt_ids: list[int], params: SamplingParams, logprobs: int, max_tokens: int):
+def _gpu_tokens(session, prompt_ids: list[int], cached: int, params: SamplingParams, logprobs: int,
+                max_tokens: int):
     """Yields (id, top logprobs or None) sampled on the GPU, reading the ring once per submit. The caller stops at
     EOS / a stop string / the limit; tokens of the last submit past that are dropped (their KV entries are simply
     overwritten by the next sequence)."""
     session.begin_sampling(params, prompt_ids, logprobs)
-    batch, made, n, target = session.prefill_sample(prompt_ids), 1, 1, RING
+    batch, made, n, target = session.prefill_sample(prompt_ids[cached:]), 1, 1, RING   # the cache holds the rest
     while True:
         for tok, _, tops in batch:
             yield tok, tops if logprobs else None

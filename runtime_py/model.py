@@ -15,9 +15,10 @@ import wgpu
 
 from compiler.errors import ArtifactError, ContextOverflowError
 from compiler.manifest import check_file, read_manifest
-from compiler.schedule import GENERATE, SAMPLE_RING, dispatch_size
+from compiler.schedule import GENERATE, SAMPLE_RING, dispatch_size, split_ref
 
 from .device import adapter_class, check_fits, get_device
+from .weight_texture import BINDING_TYPES, layout_entry, upload_texture  # noqa: F401  (BINDING_TYPES: re-exported)
 
 UNIFORM_ALIGN = 256          # minUniformBufferOffsetAlignment's default (and maximum)
 UNIFORM_BINDING_MAX = 65536  # maxUniformBufferBindingSize's default: an activation bound as "uniform" binds this much
@@ -25,8 +26,6 @@ STATE_BYTES = 16             # struct State { n_tokens, pos0, step, pad }; one r
                              # UNIFORM_ALIGN apart, bound with a dynamic offset
 DEFAULT_CTX = 2048
 
-
-BINDING_TYPES = {"read": "read-only-storage", "read_write": "storage", "uniform": "uniform"}   # kernel binding access
 
 
 def session_buffer_bytes(manifest: dict, ctx: int, programs=GENERATE) -> dict[str, int]:
@@ -77,9 +76,7 @@ class Model:
         entries = [{"binding": 0, "visibility": wgpu.ShaderStage.COMPUTE,
                     "buffer": {"type": "uniform", "has_dynamic_offset": True}},
                    {"binding": 1, "visibility": wgpu.ShaderStage.COMPUTE, "buffer": {"type": "uniform"}}]
-        for i, (_, access) in enumerate(k["bindings"]):
-            entries.append({"binding": i + 2, "visibility": wgpu.ShaderStage.COMPUTE,
-                            "buffer": {"type": BINDING_TYPES[access]}})
+        entries += [layout_entry(i + 2, access) for i, (_, access) in enumerate(k["bindings"])]
         layout = self.device.create_bind_group_layout(entries=entries, label=name)
         module = self.device.create_shader_module(code=code, label=name)
         pipeline = self.device.create_compute_pipeline(
@@ -87,8 +84,21 @@ class Model:
             compute={"module": module, "entry_point": "main"}, label=name)
         return pipeline, layout
 
+    def _weight_uses(self) -> tuple[set, set]:
+        """(parts the programs this adapter runs bind as a texture, parts they bind as a buffer)."""
+        m, tex, buf = self.manifest, set(), set()
+        for prog in self.program_for.values():
+            for s in m["programs"][prog]:
+                for ref, (_, access) in zip(s["bind"], m["kernels"][s["kernel"]]["bindings"]):
+                    (tex if access == "texture" else buf).add(ref)
+        return tex, buf
+
     def _upload_weights(self, progress) -> dict[str, object]:
+        """Each weight part as a storage buffer, or as a texture (self.textures) where the programs this adapter runs
+        bind it so (the CPU-adapter kernels: runtime_py/weight_texture.py); both if both."""
         m = self.manifest
+        as_tex, as_buf = self._weight_uses()
+        self.textures = {}
         by_shard: dict[int, list] = {}
         for name, w in m["weights"].items():
             for i, p in enumerate(w["parts"]):
@@ -97,11 +107,14 @@ class Model:
         for si, shard in enumerate(m["shards"]):
             data = self._read_shard(shard)
             for ref, p in by_shard.get(si, []):
-                chunk = data[p["offset"]:p["offset"] + p["bytes"]]
-                buf = self.device.create_buffer(size=max(16, len(chunk)), label=ref,
-                                                usage=wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_DST)
-                self.device.queue.write_buffer(buf, 0, chunk)
-                out[ref] = buf
+                chunk = memoryview(data)[p["offset"]:p["offset"] + p["bytes"]]
+                if ref in as_tex:
+                    self.textures[ref] = upload_texture(self.device, chunk, label=ref)
+                if ref in as_buf or ref not in as_tex:
+                    buf = self.device.create_buffer(size=max(16, len(chunk)), label=ref,
+                                                    usage=wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_DST)
+                    self.device.queue.write_buffer(buf, 0, chunk)
+                    out[ref] = buf
             done += shard["bytes"]
             if progress:
                 progress(done, total)
@@ -152,6 +165,7 @@ class Session:
         for prog in GENERATE:   # bound now; `score` (and its logits_all) on the first score_chunks, `sample` on the
             self._program(prog)  # first begin_sampling
         self.pos = 0
+        self.held: list[int] = []   # the token ids whose K/V the cache holds, in order (runtime_py/kvcache.py)
 
     def _program(self, prog: str):
         """Program `prog` bound to this session, allocating the buffers it needs on its first use."""
@@ -179,15 +193,22 @@ class Session:
                                                    "size": UNIFORM_ALIGN}}]
             bindings = model.manifest["kernels"][s["kernel"]]["bindings"]
             for j, (ref, (_, access)) in enumerate(zip(s["bind"], bindings)):
-                buf = self.buffers.get(ref) or model.weights[ref]
-                size = min(buf.size, UNIFORM_BINDING_MAX) if access == "uniform" else buf.size
-                entries.append({"binding": j + 2, "resource": {"buffer": buf, "offset": 0, "size": size}})
+                if access == "texture":   # a weight part (runtime_py/weight_texture.py)
+                    entries.append({"binding": j + 2, "resource": model.textures[ref].create_view()})
+                    continue
+                name, offset = split_ref(ref)   # "xn+9216": a uniform x window at that byte offset
+                buf = self.buffers.get(name) or model.weights[name]
+                size = min(buf.size - offset, UNIFORM_BINDING_MAX) if access == "uniform" else buf.size
+                entries.append({"binding": j + 2, "resource": {"buffer": buf, "offset": offset, "size": size}})
             out.append((pipeline, model.device.create_bind_group(layout=layout, entries=entries), s["dispatch"]))
         return out
 
     def reset(self, pos: int = 0):
         """Forget the sequence after `pos` tokens (the cache beyond is simply overwritten later)."""
+        if not 0 <= pos <= len(self.held):
+            raise ValueError(f"reset({pos}): the cache holds {len(self.held)} tokens")
         self.pos = pos
+        del self.held[pos:]
 
     def forward(self, ids: list[int]):
         """Run the model on `ids` (appended at self.pos); afterwards logits / next_token describe the last one."""
@@ -212,14 +233,18 @@ class Session:
             self._copy_ring(enc, 1)
         dev.queue.submit([enc.finish()])
         self.pos += T
+        self.held.extend(int(t) for t in chunk)
 
     def _encode(self, cp, prog: str, T: int, slot: int):
         """Record program `prog` (this adapter's variant of it) into the pass, reading State record `slot`."""
         offset = [slot * UNIFORM_ALIGN]
         for pipeline, bind_group, dispatch in self._program(prog):
+            size = [dispatch_size(d, T) for d in dispatch]
+            if 0 in size:   # a step for an x window past T ("T>n")
+                continue
             cp.set_pipeline(pipeline)
             cp.set_bind_group(0, bind_group, offset)
-            cp.dispatch_workgroups(*(dispatch_size(d, T) for d in dispatch))
+            cp.dispatch_workgroups(*size)
 
     # -- sampling on the GPU, several decode steps per submit (runtime_py/gpu_sampling.py) -----------------------
     def gpu_sampling(self) -> bool:
@@ -243,7 +268,9 @@ class Session:
         chunks = [ids[c0:c0 + self.chunk] for c0 in range(0, len(ids), self.chunk)]
         for i, chunk in enumerate(chunks):
             self._run("decode" if len(chunk) == 1 else "prefill", chunk, then_sample=i == len(chunks) - 1)
-        return self._read_ring(1)
+        out = self._read_ring(1)
+        self._last_sampled = out[0][0]   # decode_sample feeds it first
+        return out
 
     def decode_sample(self, n: int):
         """n decode steps in one submit, each fed the token the previous one sampled (tokens[0]); [(id, lp, tops)]
@@ -265,7 +292,11 @@ class Session:
         self._copy_ring(enc, n)
         dev.queue.submit([enc.finish()])
         self.pos += n
-        return self._read_ring(n)
+        out = self._read_ring(n)
+        # the steps ran the previous batch's last token, then each token but the last of this one
+        self.held.extend([self._last_sampled] + [t for t, _, _ in out[:-1]])
+        self._last_sampled = out[-1][0]
+        return out
 
     def _ring_words(self, n: int) -> int:
         """u32 words of the ring the host reads after n steps: the tokens, or everything up to the n-th slot's tops."""

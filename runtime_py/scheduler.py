@@ -1,7 +1,10 @@
 """The GPU worker behind `kiln serve`: one thread per router owns every model load and forward pass (`Engine`).
 
 Each model has up to `slots` Sessions (KV caches, created on demand and reused); an admitted request gets one for
-itself and keeps it to the end, so concurrent requests never share state. The worker interleaves the active requests
+itself and keeps it to the end, so concurrent requests never share state. A slot keeps the ids it holds after its
+request, and a new request goes to the free slot sharing the longest prefix with its prompt (least recently used
+otherwise; runtime_py/kvcache.py `pick_slot`), whose cached prefix it does not prefill again (`Job.cached`, reported
+as usage.prompt_tokens_details.cached_tokens). The worker interleaves the active requests
 round-robin, one step each per turn: a step is one prefill chunk of the prompt or one decode token
 (`session.forward([tok])`), so every active stream progresses and a long prompt delays the others by at most one
 prefill chunk. Requests beyond the slots wait, FIFO, in a bounded queue (`max_queue` per model); `submit` raises
@@ -26,6 +29,7 @@ import numpy as np
 
 from compiler.errors import ContextOverflowError, KilnError
 
+from .kvcache import pick_slot, reuse_prefix
 from .schemas import APIError, to_api_error
 
 
@@ -53,6 +57,7 @@ class Job:
     gen: Any = None
     prefilled: int = 0
     prefill_to: int = 0
+    cached: int = 0                # prompt tokens found in the slot's cache (usage.prompt_tokens_details)
     tap: Any = None
     engine: Any = None
 
@@ -70,23 +75,30 @@ class Job:
 
 
 class _Tap:
-    """The Session as generate() sees it: keeps the last logits (for the chosen token's logprob), and skips the
-    prompt prefix that the worker already prefilled chunk by chunk (same chunk boundaries as Session.forward, so
-    the result is bit-identical to one forward over the whole prompt)."""
+    """The Session as generate() sees it: keeps the last logits (for the chosen token's logprob). The worker
+    prefills the prompt's whole chunks itself, one per turn, so generate() finds them held and runs only the last
+    chunk (the same chunk boundaries as one forward over the uncached rest). No `gpu_sampling`: the worker steps
+    one token per turn, so generate() samples on the CPU here."""
 
-    def __init__(self, session, skip: int):
-        self.s, self.skip, self.last = session, skip, None
+    def __init__(self, session):
+        self.s, self.last = session, None
 
     @property
     def ctx(self):
         return self.s.ctx
 
+    @property
+    def chunk(self):
+        return self.s.chunk
+
+    @property
+    def held(self):
+        return self.s.held
+
     def reset(self, pos: int = 0):
-        self.s.reset(pos + self.skip)
+        self.s.reset(pos)
 
     def forward(self, ids):
-        if self.skip:
-            ids, self.skip = ids[self.skip:], 0
         self.s.forward(ids)
 
     def logits(self):
@@ -117,10 +129,19 @@ def _drafter(spec: str | None):
 
 
 class _GPUModel:
+    """One loaded model and its KV slots: sessions created on demand (at most `slots`), each keeping the ids it
+    holds after its request (runtime_py/kvcache.py), so a later request with the same prefix prefills only the
+    rest."""
+
     def __init__(self, model):
         self.model = model
+        self.sessions: list = []          # every slot, busy or free
         self.free: list = []
-        self.n_sessions = 0
+        self.clock = 0                    # slot use counter: session.last_used, for LRU
+
+    @property
+    def n_sessions(self) -> int:
+        return len(self.sessions)
 
 
 class Engine:
@@ -162,13 +183,23 @@ class Engine:
             self._cv.notify()
 
     def stats(self) -> dict:
+        """Per model: `running` (= `active`) requests generating, `waiting` (= `queued`) for a slot, and the KV
+        slots: `slots` allowed, `sessions` allocated, `slots_busy`, `cached_tokens` each allocated slot holds."""
         with self._cv:
             active = {}
             for j in list(self._active):
                 active[j.model_id] = active.get(j.model_id, 0) + 1
-            return {m: {"loaded": m in self._gpu, "slots": self.slots,
-                        "sessions": self._gpu[m].n_sessions if m in self._gpu else 0, "active": active.get(m, 0),
-                        "queued": len(self._waiting[m]), "max_queue": self.max_queue} for m in self.artifacts}
+            out = {}
+            for m in self.artifacts:
+                g = self._gpu.get(m)
+                sessions = list(g.sessions) if g else []
+                run, wait = active.get(m, 0), len(self._waiting[m])
+                out[m] = {"loaded": g is not None, "slots": self.slots, "sessions": len(sessions),
+                          "slots_busy": len(sessions) - len(g.free) if g else 0,
+                          "cached_tokens": [len(s.held) for s in sessions],
+                          "running": run, "waiting": wait, "active": run, "queued": wait,
+                          "max_queue": self.max_queue}
+            return out
 
     # -- worker thread ----------------------------------------------------------------------------------------
     def _run(self):
@@ -243,16 +274,21 @@ class Engine:
             if g is None:
                 from .model import Model
                 g = self._gpu[job.model_id] = _GPUModel(Model(self.artifacts[job.model_id]))
-            if g.free:
-                job.session = g.free.pop()
+            s = pick_slot(g.free, job.prompt_ids, can_grow=len(g.sessions) < self.slots)
+            if s is None:
+                s = g.model.session(self.ctx)
+                g.sessions.append(s)
             else:
-                job.session = g.model.session(self.ctx)
-                g.n_sessions += 1
+                g.free.remove(s)
+            g.clock += 1
+            s.last_used = g.clock
+            job.session = s
             info = self._info[job.model_id]()
-            n, chunk = len(job.prompt_ids), job.session.chunk
-            job.prefill_to = ((n - 1) // chunk) * chunk      # whole chunks before the last prompt token's chunk
-            job.session.reset(0)
-            job.tap = _Tap(job.session, job.prefill_to)
+            n, chunk = len(job.prompt_ids), s.chunk
+            job.cached = job.prefilled = reuse_prefix(s, job.prompt_ids)
+            # whole chunks of the uncached rest before its last chunk: the worker runs them, one per turn
+            job.prefill_to = job.cached + ((n - job.cached - 1) // chunk) * chunk
+            job.tap = _Tap(s)
             job.gen = generate(job.tap, info.tokenizer, job.prompt_ids, job.params, max_tokens=job.max_tokens,
                                logprobs=max(job.logprobs, 1) if job.logprobs >= 0 else 0,
                                eog_ids=info.tokenizer.eog_ids, should_stop=job.cancelled.is_set,
@@ -279,6 +315,7 @@ class Engine:
         except Exception as e:  # noqa: BLE001
             return self._fail(job, e)
         if isinstance(ev, Done):
+            ev.timings["cached_tokens"] = job.cached        # generate() saw the worker's own prefill as cached
             return self._finish(job, ("done", ev))
         lp = None
         if job.logprobs >= 0 and ev.id >= 0 and job.tap.last is not None:

@@ -191,7 +191,7 @@ def speculative_tokens(session, history: list[int], sampler, matcher, drafter, m
 
 
 def generate_speculative(session, tokenizer, prompt_ids, params, drafter, *, max_tokens, logprobs, eog_ids,
-                         should_stop):
+                         should_stop, reuse=True):
     """generate()'s loop with speculation; same events, same finish reasons, timings + acceptance."""
     from .generate import FINISH_GRAMMAR, Done, StopStrings, Token
     from .grammar import constraint_for
@@ -206,8 +206,13 @@ def generate_speculative(session, tokenizer, prompt_ids, params, drafter, *, max
     stats = {"draft_tokens": 0, "accepted_tokens": 0, "passes": 0}
 
     t0 = time.perf_counter()
-    session.reset()
-    session.forward(prompt_ids)
+    cached = 0
+    if reuse and hasattr(session, "held"):                          # prefix reuse, as generate.py (runtime_py/kvcache.py)
+        from .kvcache import reuse_prefix
+        cached = reuse_prefix(session, prompt_ids)
+    else:
+        session.reset()
+    session.forward(prompt_ids[cached:])
     t_first = None
     finish, cut = FINISH_GRAMMAR, False                   # the token source ends only on a grammar dead end
     source = speculative_tokens(session, history, sampler, matcher, drafter, max_tokens, stats, bool(logprobs),

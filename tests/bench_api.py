@@ -6,7 +6,12 @@
 
 Each client sends one streaming /v1/completions request (its own short prompt, greedy, include_usage) at the same
 moment; aggregate tok/s = all completion tokens / wall time from the first request to the last [DONE]. TTFT and
-per-stream decode speed are averaged over the clients. Not a test: it prints a table and asserts nothing.
+per-stream decode speed are averaged over the clients.
+
+Prefix reuse (`--prefix-tokens N`, default 400; 0 skips it): one chat system prompt of about N tokens, then two
+requests with different questions, one after the other. The first prefills everything; the second finds the system
+prompt in a KV slot and prefills only its question: its TTFT against the first's, and its
+usage.prompt_tokens_details.cached_tokens. Not a test: it prints tables and asserts nothing.
 """
 from __future__ import annotations
 
@@ -96,6 +101,51 @@ async def level(url: str, model: str, n_clients: int, max_tokens: int, headers: 
             "stream": statistics.mean(dec) if dec else float("nan")}
 
 
+RULES = ["Answer in one short sentence.", "Never invent tracking numbers.", "Refer to parcels, not packages.",
+         "Quote prices in euros.", "Offer the help page when unsure.", "Keep a friendly, plain tone.",
+         "Do not promise delivery dates.", "Ask for the order number first.", "Mention the returns window of 30 days.",
+         "Say which depot handles the parcel."]
+
+
+def system_prompt(n_tokens: int) -> str:
+    """About n_tokens of instructions (about 3.3 characters a token with SmolLM2's tokenizer)."""
+    lines, i = [], 0
+    while len(" ".join(lines)) < n_tokens * 3.3:
+        lines.append(f"Rule {i + 1}: {RULES[i % len(RULES)]}")
+        i += 1
+    return "You are the support assistant of a parcel delivery company. " + " ".join(lines)
+
+
+async def chat_ttft(c: httpx.AsyncClient, url: str, model: str, messages: list, max_tokens: int) -> dict:
+    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    first = usage = None
+    async with c.stream("POST", url + "/v1/chat/completions", json=body) as r:
+        if r.status_code != 200:
+            raise SystemExit(f"HTTP {r.status_code}: {(await r.aread()).decode()}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            ev = json.loads(line[6:])
+            if ev["choices"] and ev["choices"][0]["delta"].get("content") and first is None:
+                first = time.perf_counter() - t0
+            if ev.get("usage"):
+                usage = ev["usage"]
+    return {"ttft": first or time.perf_counter() - t0, "prompt": usage["prompt_tokens"],
+            "cached": usage["prompt_tokens_details"]["cached_tokens"]}
+
+
+async def prefix_reuse(url: str, model: str, n_tokens: int, headers: dict) -> list[dict]:
+    system = {"role": "system", "content": system_prompt(n_tokens)}
+    out = []
+    async with httpx.AsyncClient(timeout=3600, headers=headers) as c:
+        for q in ("Where is my parcel?", "Can I return a broken lamp?"):
+            out.append({"question": q, **await chat_ttft(c, url, model, [system, {"role": "user", "content": q}],
+                                                          2)})
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", help="an already running server (default: spawn one)")
@@ -104,6 +154,8 @@ def main():
     ap.add_argument("--clients", default="1,4,16", help="comma-separated concurrency levels")
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--slots", type=int, default=4, help="KV slots of the spawned server")
+    ap.add_argument("--prefix-tokens", type=int, default=400, help="system prompt size for the prefix-reuse "
+                                                                   "figure (0: skip it)")
     a = ap.parse_args()
     levels = [int(x) for x in a.clients.split(",")]
     proc = None
@@ -113,7 +165,13 @@ def main():
     headers = {"Authorization": f"Bearer {a.api_key}"} if a.api_key else {}
     try:
         asyncio.run(level(url, a.model, 1, 2, headers))               # warm-up: model load, pipelines
-        rows = [asyncio.run(level(url, a.model, n, a.max_tokens, headers)) for n in levels]
+        reuse = asyncio.run(prefix_reuse(url, a.model, a.prefix_tokens, headers)) if a.prefix_tokens else []
+        if reuse:
+            print(f"prefix reuse: {reuse}", file=sys.stderr, flush=True)   # progress; the tables follow at the end
+        rows = []
+        for n in levels:
+            rows.append(asyncio.run(level(url, a.model, n, a.max_tokens, headers)))
+            print(f"{n} clients: {rows[-1]}", file=sys.stderr, flush=True)
     finally:
         if proc:
             proc.terminate()
@@ -125,6 +183,13 @@ def main():
     for r in rows:
         print(f"{r['clients']:>7} {r['tokens']:>7} {r['wall']:>8.1f} {r['agg']:>10.2f} {r['ttft']:>12.2f} "
               f"{r['ttft_max']:>11.2f} {r['stream']:>17.2f}")
+    if reuse:
+        print(f"\nprefix reuse: a {reuse[0]['prompt']}-token chat prompt (system prompt + question), then another "
+              f"question after the same system prompt")
+        print(f"{'request':<32} {'prompt':>7} {'cached':>7} {'ttft s':>8}")
+        for r in reuse:
+            print(f"{r['question']:<32} {r['prompt']:>7} {r['cached']:>7} {r['ttft']:>8.2f}")
+        print(f"second / first TTFT: {reuse[1]['ttft'] / reuse[0]['ttft']:.3f}")
 
 
 if __name__ == "__main__":

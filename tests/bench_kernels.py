@@ -26,6 +26,7 @@ from compiler.render import render
 from compiler.schedule import dispatch_size
 from runtime_py.device import get_adapter
 from runtime_py.model import STATE_BYTES, UNIFORM_ALIGN, pack_params
+from runtime_py.weight_texture import layout_entry, upload_texture
 
 
 def make_device():
@@ -43,10 +44,8 @@ class Case:
     def __init__(self, dev, kernel: Kernel, params: dict, buffers: list[np.ndarray], dispatch, n_tokens: int,
                  weight_bytes: int):
         self.kernel, self.dispatch, self.T, self.weight_bytes = kernel, dispatch, n_tokens, weight_bytes
-        entries = [{"binding": i, "visibility": wgpu.ShaderStage.COMPUTE, "buffer": {"type": "uniform"}} for i in (0, 1)]
-        entries += [{"binding": i + 2, "visibility": wgpu.ShaderStage.COMPUTE,
-                     "buffer": {"type": {"read": "read-only-storage", "uniform": "uniform"}.get(a, "storage")}}
-                    for i, (_, a) in enumerate(kernel.bindings())]
+        entries = [layout_entry(0, "uniform"), layout_entry(1, "uniform")]
+        entries += [layout_entry(i + 2, a) for i, (_, a) in enumerate(kernel.bindings())]
         layout = dev.create_bind_group_layout(entries=entries)
         self.pipeline = dev.create_compute_pipeline(
             layout=dev.create_pipeline_layout(bind_group_layouts=[layout]),
@@ -66,8 +65,10 @@ class Case:
         self.bg = dev.create_bind_group(layout=layout, entries=[
             {"binding": 0, "resource": {"buffer": uni[0], "offset": 0, "size": STATE_BYTES}},
             {"binding": 1, "resource": {"buffer": uni[1], "offset": 0, "size": UNIFORM_ALIGN}},
-            *({"binding": i + 2, "resource": {"buffer": b, "offset": 0, "size": min(b.size, 65536) if a == "uniform" else b.size}}
-              for i, (b, (_, a)) in enumerate(zip(bufs, kernel.bindings())))])
+            *({"binding": i + 2, "resource": upload_texture(dev, np.ascontiguousarray(arr).tobytes()).create_view()}
+              if a == "texture" else
+              {"binding": i + 2, "resource": {"buffer": b, "offset": 0, "size": min(b.size, 65536) if a == "uniform" else b.size}}
+              for i, (arr, b, (_, a)) in enumerate(zip(buffers, bufs, kernel.bindings())))])
 
 
 def time_cases(dev, cases: list[Case], batch: int, reps: int) -> list[list[float]]:
@@ -125,12 +126,16 @@ def variants(quant, T, gate, k):
         out.append(("matmul_tt 8x8", K.MatmulTokens(quant=quant, gate=gate), lambda r, k: [-(-r // k.rows), "T/8", 1]))
     if T == 1:
         for wg in (32, 64):
-            out.append((f"matvec_cpu wg{wg}", K.MatvecCPU(quant=quant, xk=k, wg=wg, gate=gate),
-                        lambda r, kk: [-(-r // kk.wg), 1, 1]))
-    else:
-        for rows in (4, 8, 16):
-            out.append((f"matmul_cpu 8tok x {rows}rows", K.MatmulCPU(quant=quant, rows=rows, gate=gate),
-                        lambda r, kk: [-(-r // kk.rows), "T/8", 1]))
+            for tex in ((False, True) if quant in K.TEXTURE_QUANTS else (False,)):
+                out.append((f"matvec_cpu wg{wg}{' tex' if tex else ''}",
+                            K.MatvecCPU(quant=quant, xk=k, wg=wg, gate=gate, tex=tex),
+                            lambda r, kk: [-(-r // kk.wg), 1, 1]))
+    else:   # one x window (the first `tokens` tokens) per dispatch; per token = that / tokens
+        for tokens, rows, wg in ((8, 4, 32), (8, 2, 32), (4, 4, 32), (8, 1, 64)):
+            for tex in ((False, True) if quant in K.TEXTURE_QUANTS else (False,)):
+                out.append((f"matmul_cpu {tokens}tok {rows}r wg{wg}{' tex' if tex else ''}",
+                            K.MatmulCPU(quant=quant, xk=k, tokens=tokens, rows=rows, wg=wg, gate=gate, tex=tex),
+                            lambda r, kk: [-(-r // kk.rows_per_wg), 1, 1]))
     return out
 
 
@@ -152,14 +157,17 @@ def main():
         bufs = [x, w] + ([random_packed(quant, rows, k, rng)] if gate else []) + [np.zeros((T, rows), np.float32)]
         cases, labels = [], []
         for lab, kern, disp in variants(quant, T, gate, k):
-            cases.append(Case(dev, kern, dict(k=k, rows=rows, n_offset=0, n_stride=rows, last_only=0),
-                              bufs, disp(rows, kern), T, wb))
+            params = {n: v for n, v in dict(k=k, rows=rows, n_offset=0, n_stride=rows, last_only=0, t0=0).items()
+                      if n in dict(kern.params)}
+            cases.append(Case(dev, kern, params, bufs, disp(rows, kern), T, wb))
             labels.append(lab)
         res = time_cases(dev, cases, a.batch, a.reps)
         print(f"{name}: {quant} ({rows}x{k}) T={T}{' gate' if gate else ''}, {wb / 1e6:.2f} MB of weights")
-        for lab, r in zip(labels, res):
+        for (lab, kern, _), r in zip(variants(quant, T, gate, k), res):
             med = statistics.median(r)
-            print(f"  {lab:28s} {med / 1e3:9.1f} us  {wb / med:6.2f} GB/s   (min {min(r) / 1e3:.1f})")
+            toks = getattr(kern, "tokens", 1) if kern.template == "matmul_cpu" else T   # tokens one dispatch does
+            per_tok = f"  {med / 1e3 / toks:8.1f} us/token" if T > 1 else ""
+            print(f"  {lab:32s} {med / 1e3:9.1f} us  {wb / med:6.2f} GB/s{per_tok}   (min {min(r) / 1e3:.1f})")
 
 
 if __name__ == "__main__":

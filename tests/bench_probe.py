@@ -4,7 +4,8 @@
 
 One 1536x576 4-bit matrix (one row per invocation, 64 per workgroup); each probe kernel differs in one thing: weight
 words only (scalar / vec4 loads, per-lane / lane-uniform addresses), dequantize-and-dot with x from a storage buffer,
-workgroup memory or a uniform buffer, and the ALU alone. GPU time per dispatch from timestamp queries, median of 5.
+workgroup memory or a uniform buffer, and the ALU alone; then the weight words from storage, a uniform binding or a
+texture, and int8 weights dotted in f32 or with dot4I8Packed. GPU time per dispatch from timestamp queries, median of 5.
 The WGSL lives here, not in shaders/: these are measurements, not kernels of the product.
 """
 import os
@@ -100,3 +101,76 @@ for rep in range(5):
         res[name].append(np.median(ts[1::2] - ts[0::2]))
 for n, r in res.items():
     print(f"{n:24s} {statistics.median(r)/1e3:9.1f} us  min {min(r)/1e3:9.1f}  ({NW*4/statistics.median(r):.2f} GB/s)")
+
+# -- weight paths: storage words vs a uniform binding vs a texture (rgba32uint, 16 bytes per fetch), and the same with
+# dequantize-and-dot (x uniform); then q8_0-like int8 weights from a texture: f32 dequantize-and-dot vs dot4I8Packed
+# over int8-packed x (what an int8-activation path would do), 6144 x 576 int8
+words = np.random.default_rng(0).integers(0, 2**32, NW, dtype=np.uint32)
+ubuf = dev.create_buffer_with_data(data=words[:16384].tobytes(), usage=wgpu.BufferUsage.UNIFORM)
+tex = dev.create_texture(size=(K // 32, ROWS, 1), format=wgpu.TextureFormat.rgba32uint,
+                         usage=wgpu.TextureUsage.TEXTURE_BINDING | wgpu.TextureUsage.COPY_DST)
+dev.queue.write_texture({"texture": tex}, words.tobytes(), {"bytes_per_row": K // 2, "rows_per_image": ROWS},
+                        (K // 32, ROWS, 1))
+R8 = 6144
+w8 = np.random.default_rng(2).integers(0, 2**32, R8 * K // 4, dtype=np.uint32)
+tex8 = dev.create_texture(size=(4096, R8 * K // 16 // 4096, 1), format=wgpu.TextureFormat.rgba32uint,
+                          usage=wgpu.TextureUsage.TEXTURE_BINDING | wgpu.TextureUsage.COPY_DST)
+dev.queue.write_texture({"texture": tex8}, w8.tobytes(), {"bytes_per_row": 65536, "rows_per_image": R8 * K // 16 // 4096},
+                        (4096, R8 * K // 16 // 4096, 1))
+hdr2 = """
+@group(0) @binding(0) var<storage, read> w: array<u32>;
+@group(0) @binding(1) var<uniform> wu: array<vec4<u32>, 4096>;
+@group(0) @binding(2) var t: texture_2d<u32>;
+@group(0) @binding(3) var t8: texture_2d<u32>;
+@group(0) @binding(4) var<uniform> xu: array<vec4<f32>, 144>;
+@group(0) @binding(5) var<storage, read_write> y: array<f32>;
+const WPR: u32 = %du;
+fn d(q: u32, j: u32) -> f32 {
+  let lo = vec4<f32>(vec4<u32>(q, q >> 8u, q >> 16u, q >> 24u) & vec4<u32>(15u));
+  let hi = vec4<f32>(vec4<u32>(q >> 4u, q >> 12u, q >> 20u, q >> 28u) & vec4<u32>(15u));
+  return dot(lo, xu[2u * j]) + dot(hi, xu[2u * j + 1u]);
+}
+fn d4(q: vec4<u32>, j: u32) -> f32 { return d(q.x, 4u * j) + d(q.y, 4u * j + 1u) + d(q.z, 4u * j + 2u) + d(q.w, 4u * j + 3u); }
+fn t8f(i: u32) -> vec4<u32> { return textureLoad(t8, vec2<u32>(i %% 4096u, i / 4096u), 0); }
+@compute @workgroup_size(64) fn main(@builtin(global_invocation_id) gid: vec3<u32>) {
+  let row = gid.x;
+""" % (K // 8)
+TOUCH2 = (" + f32(w[0]) + f32(wu[0].x) + f32(textureLoad(t, vec2<u32>(0u, 0u), 0).x) + f32(t8f(0u).x) + xu[0].x; }")
+kern2 = {  # name: (body, rows, bytes of weights)
+ "storage words": ("var s = 0u; for (var j = 0u; j < WPR; j++) { s ^= w[row * WPR + j]; } y[row] = f32(s)", ROWS, NW * 4),
+ "uniform words": ("var s = vec4<u32>(0u); for (var j = 0u; j < WPR / 4u; j++) { s ^= wu[(row * WPR / 4u + j) & 4095u]; }"
+                   " y[row] = f32(s.x ^ s.y ^ s.z ^ s.w)", ROWS, NW * 4),
+ "texture words": ("var s = vec4<u32>(0u); for (var j = 0u; j < WPR / 4u; j++) { s ^= textureLoad(t, vec2<u32>(j, row), 0); }"
+                   " y[row] = f32(s.x ^ s.y ^ s.z ^ s.w)", ROWS, NW * 4),
+ "storage dot": ("var a = 0.0; for (var j = 0u; j < WPR; j++) { a += d(w[row * WPR + j], j); } y[row] = a", ROWS, NW * 4),
+ "texture dot": ("var a = 0.0; for (var j = 0u; j < WPR / 4u; j++) { a += d4(textureLoad(t, vec2<u32>(j, row), 0), j); }"
+                 " y[row] = a", ROWS, NW * 4),
+ "int8 w, f32 dot": ("var a = 0.0; for (var j = 0u; j < 36u; j++) { let v = t8f(row * 36u + j); for (var c = 0u; c < 4u; c++) {"
+                     " let q = bitcast<i32>(v[c]); a += dot(vec4<f32>(vec4<i32>(q << 24u, q << 16u, q << 8u, q) >> vec4<u32>(24u)),"
+                     " xu[4u * j + c]); } } y[row] = a", R8, R8 * K),
+ "int8 w, dot4I8Packed": ("var a = 0; for (var j = 0u; j < 36u; j++) { let v = t8f(row * 36u + j); let xq = bitcast<vec4<u32>>(xu[j]);"
+                          " a += dot4I8Packed(v.x, xq.x) + dot4I8Packed(v.y, xq.y) + dot4I8Packed(v.z, xq.z)"
+                          " + dot4I8Packed(v.w, xq.w); } y[row] = f32(a)", R8, R8 * K),
+}
+cases2 = []
+for name, (body, rows, nbytes) in kern2.items():
+    pl = dev.create_compute_pipeline(layout="auto", compute={"module": dev.create_shader_module(code=hdr2 + body + TOUCH2),
+                                                             "entry_point": "main"})
+    ybig = dev.create_buffer(size=R8 * 4, usage=wgpu.BufferUsage.STORAGE)
+    bg = dev.create_bind_group(layout=pl.get_bind_group_layout(0), entries=[
+        {"binding": 0, "resource": {"buffer": wbuf}}, {"binding": 1, "resource": {"buffer": ubuf}},
+        {"binding": 2, "resource": tex.create_view()}, {"binding": 3, "resource": tex8.create_view()},
+        {"binding": 4, "resource": {"buffer": xubuf}}, {"binding": 5, "resource": {"buffer": ybig}}])
+    cases2.append((name, pl, bg, rows, nbytes))
+res2 = {c[0]: [] for c in cases2}
+for rep in range(5):
+    for name, pl, bg, rows, _ in cases2:
+        enc = dev.create_command_encoder(); cp = enc.begin_compute_pass()
+        for i in range(4):
+            cp.set_pipeline(pl); cp.set_bind_group(0, bg); write_timestamp(cp, qs, 2*i); cp.dispatch_workgroups(rows // 64); write_timestamp(cp, qs, 2*i+1)
+        cp.end(); enc.resolve_query_set(qs, 0, 8, qb, 0); dev.queue.submit([enc.finish()])
+        ts = np.frombuffer(dev.queue.read_buffer(qb), np.uint64).astype(np.int64)
+        res2[name].append(np.median(ts[1::2] - ts[0::2]))
+for name, _, _, _, nbytes in cases2:
+    r = res2[name]
+    print(f"{name:24s} {statistics.median(r)/1e3:9.1f} us  min {min(r)/1e3:9.1f}  ({nbytes/statistics.median(r):.2f} GB/s)")

@@ -9,10 +9,13 @@
 //     out += chunk.choices[0]?.delta?.content ?? "";
 //   }
 //   engine.interrupt();  // ends the running generation after its current token (finish_reason "stop")
+//   engine.resetChat();  // forget the conversation the engine's KV cache holds (as WebLLM's resetChat)
 //
 // Also engine.completions.create({prompt, ...}) (raw text, no chat template; `prompt` may be token ids).
 // Streams end with a chunk carrying `usage` (always sent) and `kiln: {prompt_ids, ids, timings}` with
-// timings {ttft_s, prefill_tok_s, decode_tok_s, total_s}; non-streaming responses carry both too.
+// timings {cached_tokens, ttft_s, prefill_tok_s, decode_tok_s, total_s}; non-streaming responses carry both too.
+// The engine keeps the conversation's KV cache between requests: send the whole conversation each turn, as with
+// OpenAI, and only what the cache lacks is prefilled (usage.prompt_tokens_details.cached_tokens says how much not).
 // Sampling fields go through SamplingParams.fromRequest (web/sampler.js), the same table as the native server's
 // (runtime_py/sampling.py REQUEST_TABLE): same defaults, aliases and checks; max_tokens defaults to the rest of the
 // context. A bad value rejects with InvalidParameterError (`param` names the field) before anything runs.
@@ -164,7 +167,8 @@ class Engine {
       ? {index: 0, delta: {content: t.text}, logprobs: logprobsOf(t), finish_reason: null}
       : {index: 0, text: t.text, logprobs: logprobsOf(t), finish_reason: null});
     const usageOf = (d) => ({prompt_tokens: d.prompt_ids.length, completion_tokens: d.ids.length,
-                             total_tokens: d.prompt_ids.length + d.ids.length});
+                             total_tokens: d.prompt_ids.length + d.ids.length,
+                             prompt_tokens_details: {cached_tokens: d.timings.cached_tokens ?? 0}});
 
     const sent = new Promise((resolve, reject) => {
       const stream = req.stream ? new Stream(() => this.interrupt(id)) : null;
@@ -227,6 +231,10 @@ class Engine {
     const ids = id ? [id] : [...this._active.keys()];
     if (ids.length) this.worker.postMessage({type: "interrupt", ids});
   }
+
+  /** Forget the conversation the engine's KV cache holds: the next request prefills its whole prompt. Runs after
+   *  the requests already sent. */
+  resetChat() { this.worker.postMessage({type: "reset"}); }
 
   /** Frees the GPU device and the worker. */
   unload() {

@@ -191,7 +191,8 @@ async function send(e) {
   if (kiln) {
     const t = kiln.timings;
     $("stats").textContent = `${usage.completion_tokens} tokens · time to first token ${t.ttft_s.toFixed(2)} s · ` +
-      `${t.decode_tok_s ?? "–"} tok/s decode · prefill ${usage.prompt_tokens} tokens at ${t.prefill_tok_s} tok/s` +
+      `${t.decode_tok_s ?? "–"} tok/s decode · prompt ${usage.prompt_tokens} tokens, ` +
+      `${usage.prompt_tokens_details.cached_tokens} cached, the rest prefilled at ${t.prefill_tok_s} tok/s` +
       (finish === "length" ? " · stopped at max_tokens" : "");
   }
 }
@@ -200,6 +201,11 @@ $("load").addEventListener("click", load);
 $("chat").addEventListener("submit", send);
 $("prompt").addEventListener("keydown", (e) => { if (e.key === "Enter" && !e.shiftKey) send(e); });
 $("stop").addEventListener("click", () => { engine?.interrupt(); $("stop").disabled = true; });
-$("clear").addEventListener("click", () => { history = []; $("messages").replaceChildren(); $("stats").textContent = ""; });
+$("clear").addEventListener("click", () => {
+  history = [];
+  engine?.resetChat();
+  $("messages").replaceChildren();
+  $("stats").textContent = "";
+});
 $("reload").addEventListener("click", () => location.reload());
 init();

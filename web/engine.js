@@ -10,19 +10,27 @@ import {ArtifactError, bufferBytes, ContextOverflowError, DeviceLostError, getAd
   from "./device.js";
 import {LP_MAX, packConfig, sampleLimits, seedOf} from "./gpu_sampling.js";
 import {fetchManifest, fetchVerified, loadShards} from "./loader.js";
+import {layoutEntry, uploadTexture} from "./weight_texture.js";
 
 export const UNIFORM_ALIGN = 256;   // minUniformBufferOffsetAlignment's default (and maximum)
 export const STATE_BYTES = 16;      // struct State { n_tokens, pos0, step, pad }; one record per decode step of a
                                     // submit, UNIFORM_ALIGN apart, bound with a dynamic offset
 export const UNIFORM_BINDING_MAX = 65536;   // maxUniformBufferBindingSize's default: an activation bound as "uniform"
-const BINDING_TYPES = {read: "read-only-storage", read_write: "storage", uniform: "uniform"};   // kernel binding access
 export const DEFAULT_CTX = 2048;
 
 /** Reference evaluation of a dispatch entry: compiler/schedule.py `dispatch_size`. */
 export function dispatchSize(dim, nTokens) {
   if (typeof dim === "number") return dim;
+  if (dim.startsWith("T>")) return nTokens > parseInt(dim.slice(2), 10) ? 1 : 0;
+  if (dim.startsWith("T<=")) return nTokens <= parseInt(dim.slice(3), 10) ? 1 : 0;
   const div = dim.includes("/") ? parseInt(dim.slice(2), 10) : 1;
   return Math.ceil(nTokens / div);
+}
+
+/** "xn+9216" -> ["xn", 9216]; "xn" -> ["xn", 0]: a buffer ref and the byte offset it binds at (compiler/ir.py). */
+export function splitRef(ref) {
+  const i = ref.indexOf("+");
+  return i < 0 ? [ref, 0] : [ref.slice(0, i), parseInt(ref.slice(i + 1), 10)];
 }
 
 /** One step's uniform values as u32 words (f32 params bit-cast), like runtime_py.model.pack_params. */
@@ -88,6 +96,8 @@ export class Model {
     this.programFor = Object.fromEntries(Object.keys(manifest.programs).filter((p) => !p.includes("@")).map(
       (p) => [p, `${p}@${adapterCls}` in manifest.programs ? `${p}@${adapterCls}` : p]));
     this.weights = new Map();   // "tensor#part" -> GPUBuffer
+    this.textures = new Map();  // "tensor#part" -> GPUTexture, where the programs run here bind it so (weight_texture.js)
+    [this._asTexture, this._asBuffer] = this._weightUses();
     this.disposed = false;
     this.lost = null;
     this._byShard = new Map();
@@ -100,6 +110,17 @@ export class Model {
   }
 
   // -- load ---------------------------------------------------------------------------------------------------
+  /** [parts the programs this adapter runs bind as a texture, parts they bind as a buffer] (two Sets). */
+  _weightUses() {
+    const m = this.manifest, tex = new Set(), buf = new Set();
+    for (const prog of Object.values(this.programFor)) {
+      for (const s of m.programs[prog]) {
+        s.bind.forEach((ref, j) => (m.kernels[s.kernel].bindings[j][1] === "texture" ? tex : buf).add(ref));
+      }
+    }
+    return [tex, buf];
+  }
+
   async _compile() {
     const entries = Object.entries(this.manifest.kernels);
     const pipelines = await Promise.all(entries.map(([name, k]) => this._pipeline(name, k)));
@@ -111,8 +132,7 @@ export class Model {
     const dev = this.device;
     const entries = [{binding: 0, visibility: GPUShaderStage.COMPUTE, buffer: {type: "uniform", hasDynamicOffset: true}},
                      {binding: 1, visibility: GPUShaderStage.COMPUTE, buffer: {type: "uniform"}}];
-    k.bindings.forEach(([, access], i) => entries.push({binding: i + 2, visibility: GPUShaderStage.COMPUTE,
-      buffer: {type: BINDING_TYPES[access]}}));
+    k.bindings.forEach(([, access], i) => entries.push(layoutEntry(i + 2, access)));
     const layout = dev.createBindGroupLayout({entries, label: name});
     const module = dev.createShaderModule({code, label: name});
     try {
@@ -127,8 +147,12 @@ export class Model {
     }
   }
 
+  /** Each weight part as a storage buffer, or as a texture where the programs this adapter runs bind it so (the
+   *  CPU-adapter kernels: weight_texture.js); both if both. */
   _upload(shardIndex, bytes) {
     for (const [ref, p] of this._byShard.get(shardIndex) || []) {
+      if (this._asTexture.has(ref)) this.textures.set(ref, uploadTexture(this.device, bytes, p.offset, p.bytes, ref));
+      if (this._asTexture.has(ref) && !this._asBuffer.has(ref)) continue;
       const buf = this.device.createBuffer({size: Math.max(16, p.bytes), label: ref,
                                             usage: GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_DST});
       this.device.queue.writeBuffer(buf, 0, bytes, p.offset, p.bytes);
@@ -185,6 +209,7 @@ export class Session {
                                         usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST});
     this.tokenRead = dev.createBuffer({size: 4, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST});
     this.pos = 0;
+    this.held = [];   // the token ids whose K/V the cache holds, in order (kvcache.js)
   }
 
   /** Program `prog` bound to this session, allocating the buffers it needs on its first use. */
@@ -215,17 +240,28 @@ export class Session {
                                 size: UNIFORM_ALIGN}}];
       const bindings = model.manifest.kernels[s.kernel].bindings;
       s.bind.forEach((ref, j) => {
-        const buffer = this.buffers.get(ref) || model.weights.get(ref);
+        if (bindings[j][1] === "texture") {   // a weight part (weight_texture.js)
+          entries.push({binding: j + 2, resource: model.textures.get(ref).createView()});
+          return;
+        }
+        const [name, offset] = splitRef(ref);   // "xn+9216": a uniform x window at that byte offset
+        const buffer = this.buffers.get(name) || model.weights.get(name);
         if (!buffer) throw new Error(`step ${prog}[${i}] binds unknown buffer ${ref}`);
-        const size = bindings[j][1] === "uniform" ? Math.min(buffer.size, UNIFORM_BINDING_MAX) : buffer.size;
-        entries.push({binding: j + 2, resource: {buffer, offset: 0, size}});
+        const size = bindings[j][1] === "uniform" ? Math.min(buffer.size - offset, UNIFORM_BINDING_MAX) : buffer.size;
+        entries.push({binding: j + 2, resource: {buffer, offset, size}});
       });
       return [pipeline, model.device.createBindGroup({layout, entries, label: `${prog}[${i}]`}), s.dispatch];
     });
   }
 
   /** Forget the sequence after `pos` tokens (the cache beyond is simply overwritten later). */
-  reset(pos = 0) { this.pos = pos; }
+  reset(pos = 0) {
+    if (!(pos >= 0 && pos <= this.held.length)) {
+      throw new RangeError(`reset(${pos}): the cache holds ${this.held.length} tokens`);
+    }
+    this.pos = pos;
+    this.held.length = pos;
+  }
 
   /** Run the model on `ids` (appended at this.pos); afterwards logits() / nextToken() describe the last one. */
   forward(ids) {
@@ -252,15 +288,18 @@ export class Session {
     if (thenSample) this._copyRing(enc, 1);
     dev.queue.submit([enc.finish()]);
     this.pos += T;
+    this.held.push(...chunk);
   }
 
   /** Record program `prog` (this adapter's variant of it) into the pass, reading State record `slot`. */
   _encode(cp, prog, T, slot) {
     const offset = [slot * UNIFORM_ALIGN];
     for (const [pipeline, bindGroup, dispatch] of this._program(prog)) {
+      const size = dispatch.map((d) => dispatchSize(d, T));
+      if (size.includes(0)) continue;   // a step for an x window past T ("T>n")
       cp.setPipeline(pipeline);
       cp.setBindGroup(0, bindGroup, offset);
-      cp.dispatchWorkgroups(...dispatch.map((d) => dispatchSize(d, T)));
+      cp.dispatchWorkgroups(...size);
     }
   }
 
@@ -290,7 +329,9 @@ export class Session {
       const chunk = ids.slice(c0, c0 + this.chunk);
       this._run(chunk.length === 1 ? "decode" : "prefill", chunk, c0 + this.chunk >= ids.length);
     }
-    return this._readRing(1);
+    const out = await this._readRing(1);
+    this.lastSampled = out[0][0];   // decodeSample feeds it first
+    return out;
   }
 
   /** n decode steps in one submit, each fed the token the previous one sampled (tokens[0]); [[id, lp, tops]]. */
@@ -315,7 +356,11 @@ export class Session {
     this._copyRing(enc, n);
     dev.queue.submit([enc.finish()]);
     this.pos += n;
-    return this._readRing(n);
+    const out = await this._readRing(n);
+    // the steps ran the previous batch's last token, then each token but the last of this one
+    this.held.push(this.lastSampled, ...out.slice(0, -1).map(([t]) => t));
+    this.lastSampled = out[out.length - 1][0];
+    return out;
   }
 
   /** u32 words of the ring the host reads after n steps: the tokens, or everything up to the n-th slot's tops. */

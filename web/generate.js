@@ -7,6 +7,7 @@
 import {ContextOverflowError} from "./device.js";
 import {FINISH_GRAMMAR, constraintFor} from "./grammar.js";
 import {gpuReason, LP_MAX} from "./gpu_sampling.js";
+import {reusePrefix} from "./kvcache.js";
 import {Sampler, topLogprobs} from "./sampler.js";
 
 // several decode steps per submit when sampling runs on the GPU (runtime_py/generate.py: the same schedule)
@@ -55,11 +56,12 @@ const round = (x, d) => Math.round(x * 10 ** d) / 10 ** d;
 
 /**
  * Yields {type: "token", id, text, top_logprobs} events then one {type: "done", ids, text, finish_reason, timings}.
- * The session is reset to position 0 first (no prefix reuse yet). Same order of operations as generate.py.
+ * The prompt's leading tokens that the session's cache already holds are kept (kvcache.js; reuse false: the session
+ * starts at position 0) and only the rest is prefilled. Same order of operations as generate.py.
  * maxTokens overrides params.max_tokens; both null: until EOS, a stop string or the end of the context.
  */
 export async function* generate(session, tokenizer, promptIds, params, {maxTokens = null, logprobs = 0, eogIds = [],
-                                                                        shouldStop = () => false} = {}) {
+                                                                        shouldStop = () => false, reuse = true} = {}) {
   if (!promptIds.length) throw new ContextOverflowError("empty prompt: nothing to condition on");
   if (promptIds.length >= session.ctx) {
     throw new ContextOverflowError(`prompt is ${promptIds.length} tokens but the context holds ${session.ctx} ` +
@@ -80,10 +82,16 @@ export async function* generate(session, tokenizer, promptIds, params, {maxToken
   const onGpu = typeof session.gpuSampling === "function" && session.gpuSampling() &&
     gpuReason(params, session.sampleLimits) === null && logprobs <= LP_MAX && matcher === null;   // masks: CPU
   const t0 = now();
-  session.reset();
+  let cached;
+  if (reuse) {
+    cached = reusePrefix(session, promptIds);
+  } else {
+    session.reset();
+    cached = 0;
+  }
   let gpuTokens = null;
-  if (onGpu) gpuTokens = gpuTokenStream(session, promptIds, params, logprobs, maxTokens);
-  else session.forward(promptIds);
+  if (onGpu) gpuTokens = gpuTokenStream(session, promptIds, cached, params, logprobs, maxTokens);
+  else session.forward(promptIds.slice(cached));
   let tFirst = null, finish = "length", cut = false;
   while (outIds.length < maxTokens) {
     let tok, lp = null;
@@ -123,9 +131,9 @@ export async function* generate(session, tokenizer, promptIds, params, {maxToken
   matcher?.dispose();
   const tEnd = now(), n = outIds.length;
   const timings = {
-    prompt_tokens: promptIds.length, generated_tokens: n,
+    prompt_tokens: promptIds.length, cached_tokens: cached, generated_tokens: n,
     ttft_s: round((tFirst ?? tEnd) - t0, 4),
-    prefill_tok_s: round(promptIds.length / Math.max((tFirst ?? tEnd) - t0, 1e-9), 2),
+    prefill_tok_s: round((promptIds.length - cached) / Math.max((tFirst ?? tEnd) - t0, 1e-9), 2),
     decode_tok_s: n > 1 && tFirst !== null ? round((n - 1) / (tEnd - tFirst), 2) : null,
     total_s: round(tEnd - t0, 4),
   };
@@ -137,10 +145,10 @@ export async function* generate(session, tokenizer, promptIds, params, {maxToken
  * Yields [id, top logprobs or null] sampled on the GPU, reading the ring once per submit (generate.py _gpu_tokens).
  * The caller stops at EOS / a stop string / the limit; tokens of the last submit past that are dropped.
  */
-async function* gpuTokenStream(session, promptIds, params, logprobs, maxTokens) {
+async function* gpuTokenStream(session, promptIds, cached, params, logprobs, maxTokens) {
   session.beginSampling(params, promptIds, logprobs);
   const ring = session.sampleLimits.ring;
-  let batch = await session.prefillSample(promptIds), made = 1, n = 1, target = ring;
+  let batch = await session.prefillSample(promptIds.slice(cached)), made = 1, n = 1, target = ring;   // rest cached
   while (true) {
     for (const [tok, , tops] of batch) yield [tok, logprobs ? tops : null];
     if (made >= maxTokens) return;

@@ -53,6 +53,7 @@
  * @property {number} prompt_tokens
  * @property {number} completion_tokens
  * @property {number} total_tokens
+ * @property {{cached_tokens: number}} prompt_tokens_details   prompt tokens the KV cache already held (not prefilled)
  */
 
 /**
@@ -60,7 +61,7 @@
  * @typedef {Object} KilnExtras
  * @property {number[]} prompt_ids   the prompt as tokens (after the chat template)
  * @property {number[]} ids          the generated tokens
- * @property {{ttft_s: number, prefill_tok_s: number, decode_tok_s: number | null, total_s: number}} timings
+ * @property {{cached_tokens: number, ttft_s: number, prefill_tok_s: number, decode_tok_s: number | null, total_s: number}} timings
  */
 
 /**
@@ -147,6 +148,7 @@
  *             Promise<ChatCompletion | AsyncIterable<ChatCompletionChunk>>}}} chat
  * @property {{create: (req: CompletionRequest) => Promise<Completion | AsyncIterable<CompletionChunk>>}} completions
  * @property {(id?: string) => void} interrupt   end running generations after their current token
+ * @property {() => void} resetChat               forget the conversation the KV cache holds (as WebLLM's)
  * @property {() => void} unload                  free the GPU device and the worker
  */
 

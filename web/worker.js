@@ -1,10 +1,13 @@
 // The engine's home: a module Web Worker holding the GPU device, the model, the tokenizer and one session, so
 // downloads, hashing, shader compilation and the decode loop never block the page. api.js is its only client.
+// The session outlives requests: its KV cache keeps the conversation, and a request whose prompt starts with what it
+// holds prefills only the rest (kvcache.js), so chat turn N costs turn N's tokens.
 //
 // Messages in:   {type: "load", modelUrl, libs: {tokenizers, jinja, xgrammar}, options: {ctx, selftest}}
 //                {type: "generate", id, request: {prompt | messages, params, logprobs, tools?}}   params: SamplingParams
 //                (messages already in tools.js's rendering when tools are in play; `tools` for templates that read it)
 //                {type: "interrupt", ids}     stop these requests after their current token
+//                {type: "reset"}              forget the conversation the session holds (after queued requests)
 //                {type: "unload"}             destroy the device (not reported as a loss)
 //                {type: "debug:lose-device"}  destroy the device as a driver reset would (tests, demo)
 // Messages out:  {type: "progress", progress} | {type: "loaded", info} | {type: "load-error", error}
@@ -108,6 +111,9 @@ self.onmessage = async ({data: msg}) => {
       queue = queue.then(() => run(msg.id, msg.request)).catch((e) => post({type: "error", id: msg.id,
                                                                             error: errorToJson(e)}))
         .finally(() => interrupted.delete(msg.id));
+      break;
+    case "reset":
+      queue = queue.then(() => session?.reset());
       break;
     case "interrupt":
       for (const id of msg.ids) interrupted.add(id);

@@ -41,8 +41,8 @@ def native(artifact):
     class Native:
         tokenizer, manifest = tok, m
 
-        def greedy(self, prompt_ids: list[int]) -> list[int]:
-            for ev in generate(session, tok, prompt_ids, GREEDY, max_tokens=N_TOKENS, eog_ids=tok.eog_ids):
+        def greedy(self, prompt_ids: list[int], n: int = N_TOKENS) -> list[int]:
+            for ev in generate(session, tok, prompt_ids, GREEDY, max_tokens=n, eog_ids=tok.eog_ids, reuse=False):
                 if isinstance(ev, Done):
                     return ev.ids
 
@@ -107,6 +107,7 @@ def test_chat_streams_and_matches_native(demo, native):
     expect(page.locator("body")).to_have_attribute("data-state", "ready", timeout=GENERATION_TIMEOUT_MS)
     expect(page.locator("#stats")).to_contain_text("tok/s")
     expect(page.locator("#stats")).to_contain_text("time to first token")
+    expect(page.locator("#stats")).to_contain_text("cached")
 
     last = page.evaluate("window.kiln.last")
     print(f"browser timings {last['timings']}")
@@ -157,3 +158,29 @@ def test_stop_button_ends_generation(demo):
     assert last["finish_reason"] == "stop"
     assert 1 <= len(last["ids"]) < 20, f"{len(last['ids'])} tokens after stop"
     expect(page.locator("#prompt")).to_be_enabled()
+
+
+def test_second_chat_turn_prefills_only_its_own_tokens(demo, native):
+    """The worker keeps the conversation's KV cache: turn 2 (the whole conversation re-sent, as OpenAI clients do)
+    reports turn 1's prompt as cached through usage.prompt_tokens_details, and its ids equal a native run of the
+    whole turn-2 prompt without any reuse. resetChat() forgets: turn 1 again (a prefix of what was held) then has
+    nothing cached."""
+    r = demo.evaluate("""async () => {
+        const e = window.kiln.engine;
+        e.resetChat();
+        const turn1 = [{role: "user", content: "What is the capital of France?"}];
+        const a = await e.chat.completions.create({messages: turn1, temperature: 0, max_tokens: 3});
+        const turn2 = [...turn1, {role: "assistant", content: a.choices[0].message.content},
+                       {role: "user", content: "And of Italy?"}];
+        const b = await e.chat.completions.create({messages: turn2, temperature: 0, max_tokens: 3});
+        e.resetChat();
+        const c = await e.chat.completions.create({messages: turn1, temperature: 0, max_tokens: 1});
+        return {a: {usage: a.usage, ...a.kiln}, b: {usage: b.usage, ...b.kiln}, c: {usage: c.usage}};
+    }""")
+    a, b, c = r["a"], r["b"], r["c"]
+    print(f"turn 1 usage {a['usage']}, turn 2 usage {b['usage']}")
+    assert a["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    cached = b["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert cached >= len(a["prompt_ids"]), (cached, len(a["prompt_ids"]))
+    assert b["ids"] == native.greedy(b["prompt_ids"], 3)
+    assert c["usage"]["prompt_tokens_details"]["cached_tokens"] == 0

@@ -8,6 +8,7 @@ the list of mirrors is ARCHITECTURE.md's "Mirrors"):
     web/tokenizer.js  == llama.cpp's ids          tests/fixtures/smollm2_tokenizer.json (control tokens parsed)
     web/chat.js       == runtime_py/chat.py       the model's template and the fallback ones
     web/generate.js   == runtime_py/generate.py   StopStrings
+    web/kvcache.js    == runtime_py/kvcache.py    commonPrefix / reusable: the same cached counts
 """
 from __future__ import annotations
 
@@ -209,6 +210,19 @@ def test_chat_templates_match_python(page, artifact):
     assert [g[1] for g in got] == [c["spans"] for c in cases]   # ASCII texts: JS and Python offsets agree
     assert page.evaluate("""async () => Object.keys(await import('/web/chat.js'))
         .filter((k) => k.endsWith('_TEMPLATE'))""") == [], "templates are manifest data, not copies in chat.js"
+
+
+def test_prefix_reuse_matches_python(page):
+    from runtime_py.kvcache import common_prefix, reusable
+    cases = [([], [1, 2], 8), ([1, 2, 3], [1, 2, 4], 8), ([1, 2, 3, 4], [1, 2, 3, 4], 8), ([1, 2, 3, 4, 5], [1, 2], 8),
+             ([1, 2, 3], [1, 2, 3, 4, 5], 8), ([9], [1], 8), (list(range(20)), list(range(18)) + [0, 0], 8),
+             (list(range(20)), list(range(17)), 16), (list(range(9)), list(range(10)), 8)]
+    want = [[common_prefix(h, p), reusable(h, p, c)] for h, p, c in cases]
+    got = page.evaluate("""async (cases) => {
+        const {commonPrefix, reusable} = await import('/web/kvcache.js');
+        return cases.map(([h, p, c]) => [commonPrefix(h, p), reusable(h, p, c)]);
+    }""", [list(c) for c in cases])
+    assert got == want
 
 
 def test_stop_strings_match_python(page):

@@ -15,7 +15,8 @@ from compiler.kernels import Kernel
 from compiler.render import render
 from compiler.schedule import dispatch_size
 from runtime_py.device import get_device
-from runtime_py.model import BINDING_TYPES, STATE_BYTES, UNIFORM_ALIGN, UNIFORM_BINDING_MAX, pack_params
+from runtime_py.model import STATE_BYTES, UNIFORM_ALIGN, UNIFORM_BINDING_MAX, pack_params
+from runtime_py.weight_texture import layout_entry, upload_texture
 
 _pipelines: dict[str, tuple] = {}   # kernel name -> (pipeline, layout); one compile per variant per process
 
@@ -24,9 +25,7 @@ def _pipeline(device, kernel: Kernel):
     if kernel.name not in _pipelines:
         entries = [{"binding": i, "visibility": wgpu.ShaderStage.COMPUTE, "buffer": {"type": "uniform"}}
                    for i in (0, 1)]
-        entries += [{"binding": i + 2, "visibility": wgpu.ShaderStage.COMPUTE,
-                     "buffer": {"type": BINDING_TYPES[access]}}
-                    for i, (_, access) in enumerate(kernel.bindings())]
+        entries += [layout_entry(i + 2, access) for i, (_, access) in enumerate(kernel.bindings())]
         layout = device.create_bind_group_layout(entries=entries, label=kernel.name)
         module = device.create_shader_module(code=render(kernel), label=kernel.name)
         pipeline = device.create_compute_pipeline(
@@ -62,7 +61,9 @@ def run_kernel(kernel: Kernel, params: dict, buffers: list[np.ndarray], dispatch
                {"binding": 1, "resource": {"buffer": uniforms[1], "offset": 0, "size": UNIFORM_ALIGN}}]
     entries += [{"binding": i + 2, "resource": {"buffer": b, "offset": 0,   # as runtime_py/model.py Session._bind
                                                 "size": min(b.size, UNIFORM_BINDING_MAX) if acc == "uniform" else b.size}}
-                for i, (b, (_, acc)) in enumerate(zip(storage, bindings))]
+                if acc != "texture" else   # a weight part as the CPU-adapter kernels read it (weight_texture.py)
+                {"binding": i + 2, "resource": upload_texture(device, np.ascontiguousarray(a).tobytes()).create_view()}
+                for i, (a, b, (_, acc)) in enumerate(zip(buffers, storage, bindings))]
     bind_group = device.create_bind_group(layout=layout, entries=entries)
     enc = device.create_command_encoder()
     cp = enc.begin_compute_pass()

@@ -161,8 +161,8 @@ def reference_ids(prompt: str, n: int) -> list[int]:
         _ref["model"], _ref["session"], _ref["tok"], _ref["m"] = load(MODEL, quiet=True)
     tok = _ref["tok"]
     ids = build_prompt(tok, _ref["m"], prompt, False, None)
-    done = [ev for ev in generate(_ref["session"], tok, ids, GREEDY, max_tokens=n, eog_ids=tok.eog_ids)
-            if isinstance(ev, Done)][0]
+    done = [ev for ev in generate(_ref["session"], tok, ids, GREEDY, max_tokens=n, eog_ids=tok.eog_ids,
+                                  reuse=False) if isinstance(ev, Done)][0]
     return done.ids
 
 
@@ -308,6 +308,27 @@ def test_stop_string_and_seeded_sampling(client):
     assert a.choices[0].text == b.choices[0].text and a.usage.completion_tokens >= 1
 
 
+def test_prefix_reuse_reports_cached_tokens(client, http):
+    """A slot keeps its request's tokens; the next request sharing a prefix goes to that slot and prefills only the
+    rest: usage.prompt_tokens_details.cached_tokens (non-streaming and in the include_usage chunk); same ids as a
+    run without reuse."""
+    prefix = "Farm animals, in alphabetical order: chickens, cows, donkeys, goats,"
+    a = client.completions.create(model=MODEL, prompt=prefix + " horses", max_tokens=3, temperature=0,
+                                  extra_body={"return_token_ids": True})
+    b_prompt = prefix + " sheep and"
+    chunks = list(client.completions.create(model=MODEL, prompt=b_prompt, max_tokens=3, temperature=0, stream=True,
+                                            stream_options={"include_usage": True},
+                                            extra_body={"return_token_ids": True}))
+    shared = next(i for i, (x, y) in enumerate(zip(a.prompt_token_ids, chunks[0].prompt_token_ids)) if x != y)
+    assert a.usage.prompt_tokens_details.cached_tokens < shared          # nothing before it shared this prefix
+    u = chunks[-1].usage
+    assert shared - 1 <= u.prompt_tokens_details.cached_tokens <= shared, (u, shared)
+    ids = [t for c in chunks if c.choices for t in c.choices[0].token_ids]
+    assert ids == reference_ids(b_prompt, 3)
+    st = http.get("/health").json()["models"][MODEL]
+    assert max(st["cached_tokens"]) >= len(chunks[0].prompt_token_ids)   # the slot still holds it
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # concurrency
 
@@ -363,6 +384,7 @@ def test_disconnecting_clients_free_their_slots(server, http):
         run_async(warm())
         server.wait_idle()
     rss0 = server.rss()
+    before = server.health()["models"][MODEL]
 
     async def leave():
         return await asyncio.gather(*[_stream(server.url, p, 500, stop_after=2) for p in PROMPTS[:8]])
@@ -378,7 +400,10 @@ def test_disconnecting_clients_free_their_slots(server, http):
     grown = server.rss() - rss0
     print(f"\nserver RSS {rss0 / 2**20:.1f} MiB -> {(rss0 + grown) / 2**20:.1f} MiB after 8 clients left")
     assert grown < RSS_MARGIN_BYTES, f"server RSS grew by {grown / 2**20:.1f} MiB"
-    assert server.health()["models"][MODEL]["sessions"] == SLOTS     # slots reused, never more KV caches
+    after = server.wait_idle()
+    keys = ("sessions", "slots_busy", "running", "waiting")
+    assert {k: after[k] for k in keys} == {k: before[k] for k in keys} == {"sessions": SLOTS, "slots_busy": 0,
+                                                                           "running": 0, "waiting": 0}
 
 
 def test_full_queue_gets_503_and_recovers(server, http):

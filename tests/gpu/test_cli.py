@@ -9,7 +9,7 @@
     finish_reason  "stop" | "length"  EOS or a stop string | --max-tokens or the context end
     top_logprobs   [[{id, token, logprob}] x 5] per generated token: the model's own 5 most likely next tokens
                    (before sampling adjustments), logprob = log softmax <= 0, sorted descending
-    timings        {prompt_tokens, generated_tokens, ttft_s, prefill_tok_s, decode_tok_s, total_s}
+    timings        {prompt_tokens, cached_tokens, generated_tokens, ttft_s, prefill_tok_s, decode_tok_s, total_s}
 """
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ from tests.unit.test_errors import kiln
 REFERENCE = {c["name"]: c for c in fixture_json("smollm2_transformers.json")["cases"]}
 CAPITAL = "The capital of France is"
 JSON_KEYS = {"model", "prompt_ids", "ids", "text", "finish_reason", "top_logprobs", "timings"}
-TIMING_KEYS = {"prompt_tokens", "generated_tokens", "ttft_s", "prefill_tok_s", "decode_tok_s", "total_s"}
+TIMING_KEYS = {"prompt_tokens", "cached_tokens", "generated_tokens", "ttft_s", "prefill_tok_s", "decode_tok_s",
+               "total_s"}
 
 
 def run_json(art, *args) -> dict:

@@ -107,12 +107,18 @@ ACT = {"silu": lambda g: g * np.exp(-np.logaddexp(0.0, -g)),   # g * sigmoid(g),
 
 def matmul_kernel(tile, quant, gate=None, residual=False, K=None):
     """tile 1 / 8: the k-split Matmul (decode, LM head); "tt": MatmulTokens, what prefill runs (8 tokens per group);
-    "cpu" / "cpu8": MatvecCPU (decode on CPU adapters, T = 1) with 64 / 8 rows per workgroup; "mm" / "mm16": MatmulCPU
-    (prefill on CPU adapters: 8 tokens per workgroup, 8 / 16 rows per invocation)."""
-    if tile in ("mm", "mm16"):
-        return MatmulCPU(quant=quant, rows=16 if tile == "mm16" else 8, gate=gate, residual=residual), 8
-    if tile in ("cpu", "cpu8"):
-        return MatvecCPU(quant=quant, xk=K, wg=8 if tile == "cpu8" else 64, gate=gate, residual=residual), 1
+    "cpu" / "cpu8": MatvecCPU (decode on CPU adapters, T = 1) with 64 / 8 rows per workgroup; "mm" / "mm4": MatmulCPU
+    (prefill on CPU adapters: x windows of 8 tokens, 4 rows per lane, 32 lanes / of 4 tokens, 2 rows, 8 lanes; its
+    default weight access and, "mmbuf", storage); "cpuw": MatvecCPU on an 8-token window (the prefill LM head)."""
+    if tile in ("mm", "mm4", "mmbuf"):
+        shape = dict(tokens=4, rows=2, wg=8) if tile == "mm4" else {}
+        return MatmulCPU(quant=quant, xk=K, gate=gate, residual=residual, tex=False if tile == "mmbuf" else None,
+                         **shape), 8
+    if tile == "cpuw":
+        return MatvecCPU(quant=quant, xk=K, tokens=8, gate=gate, residual=residual), 1
+    if tile in ("cpu", "cpu8", "cpubuf"):   # cpubuf: weights from storage even where the scheme has a texture reader
+        return MatvecCPU(quant=quant, xk=K, wg=8 if tile == "cpu8" else 64, gate=gate, residual=residual,
+                         tex=False if tile == "cpubuf" else None), 1
     if tile == "tt":
         return MatmulTokens(quant=quant, gate=gate, residual=residual), 8
     return Matmul(quant=quant, gate=gate, residual=residual), 1
@@ -121,6 +127,22 @@ def matmul_kernel(tile, quant, gate=None, residual=False, K=None):
 def mm_params(kernel, **p) -> dict:
     """The matmul uniforms `kernel` declares (MatmulTokens has no last_only)."""
     return {n: p.get(n, 0) for n, _ in kernel.params}
+
+
+def run_cpu_windows(k, params, x, weights, y, T, last_only):
+    """A CPU-adapter prefill step per x window of `k.tokens` tokens, as compiler/schedule.py matmul_cpu_windows emits
+    them (a window at or past T dispatches nothing; the LM head runs on the window holding token T-1); y carries over.
+    Each window is its own (tokens, K) x buffer here, where the runtime binds x at the window's byte offset."""
+    tb = k.tokens
+    for t0 in range(0, T, tb):
+        if last_only and not t0 < T <= t0 + tb:
+            continue
+        xw = np.zeros((tb, x.shape[1]), f32)
+        xw[:min(tb, T - t0)] = x[t0:t0 + tb]
+        per_wg = k.rows_per_wg if k.template == "matmul_cpu" else k.rows
+        (y,) = run_kernel(k, mm_params(k, t0=t0, **params), [xw, *weights, y],
+                          [-(-params["rows"] // per_wg), 1, 1], n_tokens=T)
+    return y
 
 
 def check_matmul(quant, tile, T, rows, K, rng, *, gate=None, residual=False, n_offset=0, n_stride=None,
@@ -136,8 +158,12 @@ def check_matmul(quant, tile, T, rows, K, rng, *, gate=None, residual=False, n_o
     n_stride = n_stride or rows
     y0 = rng.standard_normal((T + 1, n_stride)).astype(f32)   # row T: past the tokens, must stay as is
     k, per_wg = matmul_kernel(tile, quant, gate, residual, K)
-    (y,) = run_kernel(k, mm_params(k, k=K, rows=rows, n_offset=n_offset, n_stride=n_stride, last_only=last_only),
-                      bufs + [y0], [-(-rows // k.rows), 1 if last_only else f"T/{per_wg}", 1], n_tokens=T)
+    params = dict(k=K, rows=rows, n_offset=n_offset, n_stride=n_stride, last_only=last_only)
+    if k.template == "matmul_cpu" or getattr(k, "tokens", 1) > 1 and k.template == "matvec_cpu":
+        y = run_cpu_windows(k, params, bufs[0], bufs[1:], y0, T, last_only)
+    else:
+        (y,) = run_kernel(k, mm_params(k, **params), bufs + [y0],
+                          [-(-rows // k.rows), 1 if last_only else f"T/{per_wg}", 1], n_tokens=T)
 
     x = bufs[0].astype(f64)[-1:] if last_only else bufs[0].astype(f64)
     r = x @ w.T
@@ -153,19 +179,19 @@ def check_matmul(quant, tile, T, rows, K, rng, *, gate=None, residual=False, n_o
 
 
 @pytest.mark.parametrize("T,rows,K", [(1, 1, 32), (3, 7, 96), (13, 37, 576)])
-@pytest.mark.parametrize("tile", [1, "tt", "mm", "mm16"])
+@pytest.mark.parametrize("tile", [1, "tt", "mm", "mm4"])
 @pytest.mark.parametrize("quant", SCHEMES)
 def test_matmul(quant, tile, T, rows, K, rng):
     check_matmul(quant, tile, T, rows, K, rng)
 
 
-@pytest.mark.parametrize("tile", [1, "tt", "mm", "mm16"])
+@pytest.mark.parametrize("tile", [1, "tt", "mm", "mm4"])
 @pytest.mark.parametrize("quant", SCHEMES)
 def test_matmul_residual(quant, tile, rng):
     check_matmul(quant, tile, 13, 37, 96, rng, residual=True)
 
 
-@pytest.mark.parametrize("tile", [1, "tt", "mm", "mm16"])
+@pytest.mark.parametrize("tile", [1, "tt", "mm", "mm4"])
 @pytest.mark.parametrize("gate", ["silu", "gelu_tanh"])
 @pytest.mark.parametrize("quant", SCHEMES)
 def test_matmul_gate(quant, gate, tile, rng):
@@ -178,23 +204,45 @@ def test_matmul_gate_residual(rng):
     check_matmul("q4_1", "mm", 3, 7, 96, rng, gate="silu", residual=True)
 
 
-@pytest.mark.parametrize("tile", [1, "tt", "mm", "mm16"])
+@pytest.mark.parametrize("quant", ["q8_0", "q4_1"])
+def test_matmul_cpu_windows_and_weight_access(quant, rng):
+    # 21 tokens: windows 0, 8, 16 (the last one partial); 300 rows over several texture rows and > one workgroup;
+    # the texture and the storage reader of the same scheme
+    for tile in ("mm", "mmbuf"):
+        k, _ = matmul_kernel(tile, quant, K=576)
+        assert k.tex == (tile == "mm")
+        check_matmul(quant, tile, 21, 300, 576, rng)
+        check_matmul(quant, tile, 21, 45, 576, rng, gate="silu", residual=True, n_offset=3, n_stride=50)
+
+
+@pytest.mark.parametrize("T", [1, 8, 13, 16])
+@pytest.mark.parametrize("quant", ["f32", "q8_0", "q4_1", "q5_0"])
+def test_matvec_cpu_window_last_only(quant, T, rng):
+    # the prefill LM head on a CPU adapter: matvec_cpu on the 8-token window holding token T-1, y row 0
+    check_matmul(quant, "cpuw", T, 37, 96, rng, last_only=1)
+
+
+@pytest.mark.parametrize("tile", [1, "tt", "mm", "mm4"])
 @pytest.mark.parametrize("quant", ["f32", "q8_0", "q5_0"])
 def test_matmul_offset_stride(quant, tile, rng):
     # one tensor's output columns inside a wider row, as q/k/v write into the fused qkv buffer
     check_matmul(quant, tile, 3, 37, 96, rng, n_offset=5, n_stride=50)
 
 
-@pytest.mark.parametrize("tile", [1, "tt", "mm", "mm16"])
+@pytest.mark.parametrize("tile", [1, "tt", "mm", "mm4"])
 def test_matmul_split_parts(tile, rng):
     # a tensor split by rows runs once per part with n_offset = row0; together they make the whole product
     scheme, T, rows, K = QuantScheme.registry["q4_0"], 5, 37, 96
     raw, w = make_weights(scheme, rows, K, rng)
     x = rng.standard_normal((T, K)).astype(f32)
     y = rng.standard_normal((T, rows)).astype(f32)
-    k, per_wg = matmul_kernel(tile, "q4_0")
+    k, per_wg = matmul_kernel(tile, "q4_0", K=K)
     for row0, n in [(0, 20), (20, 17)]:
-        (y,) = run_kernel(k, mm_params(k, k=K, rows=n, n_offset=row0, n_stride=rows),
+        params = dict(k=K, rows=n, n_offset=row0, n_stride=rows, last_only=0)
+        if k.template == "matmul_cpu":
+            y = run_cpu_windows(k, params, x, [pack(scheme, raw, rows, K, row0, n)], y, T, 0)
+            continue
+        (y,) = run_kernel(k, mm_params(k, **params),
                           [x, pack(scheme, raw, rows, K, row0, n), y], [-(-n // k.rows), f"T/{per_wg}", 1], n_tokens=T)
     assert_close(y, x.astype(f64) @ w.T, what=k.name)
 
@@ -205,7 +253,7 @@ def test_matmul_last_only(quant, T, rng):
     check_matmul(quant, 1, T, 37, 96, rng, last_only=1)   # the LM head: mat-vec on token T-1 only
 
 
-@pytest.mark.parametrize("tile", [1, "tt", "mm", "mm16"])
+@pytest.mark.parametrize("tile", [1, "tt", "mm", "mm4"])
 def test_matmul_real_q4_1_blocks(tile, rng, smollm2):
     t = smollm2.tensor("blk.0.ffn_gate.weight")
     assert t.ggml_type.name == "Q4_1"
@@ -254,6 +302,17 @@ def test_matvec_cpu_split_parts(rng):
         (y,) = run_kernel(k, dict(k=K, rows=n, n_offset=row0, n_stride=rows, last_only=0),
                           [x, pack(scheme, raw, rows, K, row0, n), y], [-(-n // k.rows), 1, 1], n_tokens=1)
     assert_close(y, x.astype(f64) @ w.T, what=k.name)
+
+
+@pytest.mark.parametrize("tile", ["cpu", "cpubuf"])
+@pytest.mark.parametrize("quant", ["q8_0", "q4_1"])
+def test_matvec_cpu_texture_rows(quant, tile, rng):
+    # weights over several 64 KiB texture rows (q8_0 300 x 576: 184 KB, 3 rows; q4_1: 108 KB, 2) with the scale
+    # regions past the first row; and the storage path of the same schemes
+    k, _ = matmul_kernel(tile, quant, K=576)
+    assert k.tex == (tile == "cpu")
+    check_matmul(quant, tile, 1, 300, 576, rng)
+    check_matmul(quant, tile, 1, 300, 576, rng, gate="silu")
 
 
 def test_matvec_cpu_real_q4_1_blocks(rng, smollm2):

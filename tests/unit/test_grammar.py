@@ -44,12 +44,15 @@ class MockSession:
         texts = [tokenizer.decode([i]) for i in range(tokenizer.vocab_size)] + [""] * (vocab - tokenizer.vocab_size)
         self.bonus = np.array([4.0 if any(c in t for c in '"}],') else 0.0 for t in texts])
         self.ctx, self.seed, self.pos, self.chunk = 4096, seed, 0, 8
+        self.held = []                          # the ids "in the cache" (runtime_py/kvcache.py reads them)
 
     def reset(self, pos=0):
         self.pos = pos
+        del self.held[pos:]
 
     def forward(self, ids):
         self.pos += len(ids)
+        self.held.extend(ids)
 
     def logits(self):
         return np.random.default_rng([self.seed, self.pos]).normal(size=self.bonus.shape) + self.bonus

@@ -111,7 +111,7 @@ SCHEMA = [
     ("dispatch-zeroed", lambda m: [_set(s, "dispatch", [1, 0, 1]) for s in m["programs"]["prefill"]],
      "programs.prefill[0].dispatch[1] = 0"),
     ("dispatch-big", lambda m: _set(_step(m), "dispatch", [70000, 1, 1]), "dispatch[0] = 70000 is out of range"),
-    ("dispatch-T0", lambda m: _set(_step(m), "dispatch", ["T/0", 1, 1]), "is not an integer, \"T\" or \"T/n\""),
+    ("dispatch-T0", lambda m: _set(_step(m), "dispatch", ["T/0", 1, 1]), "is not an integer, \"T\", \"T/n\""),
     ("dispatch-N", lambda m: _set(_step(m), "dispatch", ["N", 1, 1]), "is not an integer"),
     ("dispatch-2d", lambda m: _set(_step(m), "dispatch", [1, 1]), ".dispatch must have 3 entries"),
     ("selftest-id", lambda m: _set(m, "selftest", {"prompt_ids": [1], "top5": [[99999, 1.0]], "tolerance": 0.02}),

@@ -297,15 +297,18 @@ class FakeSession:
 
     def __init__(self, script, ctx=64):
         self.script, self.ctx, self.pos, self.forwards = script, ctx, 0, []
+        self.held, self.chunk = [], 8           # what runtime_py/kvcache.py reads (runtime_py/model.py Session)
 
     def reset(self, pos=0):
         self.pos = pos
+        del self.held[pos:]
 
     def forward(self, ids):
         if self.pos + len(ids) > self.ctx:
             raise ContextOverflowError("overflow")
         self.forwards.append(list(ids))
         self.pos += len(ids)
+        self.held.extend(ids)
 
     def logits(self):
         step = len(self.forwards) - 1

@@ -7,6 +7,7 @@ import importlib.resources
 import pytest
 
 from compiler.kernels import Matmul, MatmulCPU, MatmulTokens, MatvecCPU
+from compiler.ir import split_ref
 from runtime_py.device import adapter_class
 
 MATMULS = (Matmul, MatmulTokens, MatvecCPU, MatmulCPU)
@@ -32,16 +33,34 @@ def test_cpu_variants_replace_only_the_matmuls(programs):
     assert matmul_kinds(programs["decode"]) == {Matmul}
     assert matmul_kinds(programs["prefill"]) == {MatmulTokens, Matmul}   # the LM head: last token, k-split mat-vec
     assert matmul_kinds(programs["decode@cpu"]) == {MatvecCPU}
-    assert matmul_kinds(programs["prefill@cpu"]) == {MatmulCPU, Matmul}   # the last-token LM head: k-split
+    assert matmul_kinds(programs["prefill@cpu"]) == {MatmulCPU, MatvecCPU}   # the last-token LM head: a mat-vec
     assert matmul_kinds(programs["score@cpu"]) == {MatmulCPU}
+    ignore = ("last_only", "t0")   # MatmulTokens has no last_only (always 0 there); t0: the CPU windows' first token
+
+    def key(s):   # what a step does, whichever kernel does it: a matmul's x buffer, weights, output and uniforms
+        if not isinstance(s.kernel, MATMULS):
+            return s
+        return ("matmul", split_ref(s.bind[0])[0], s.bind[1:],
+                tuple((n, v) for (n, _), v in zip(s.kernel.params, s.params) if n not in ignore))
+
     for name in ("prefill", "decode", "score"):
         gpu, cpu = programs[name].steps, programs[f"{name}@cpu"].steps
-        assert len(gpu) == len(cpu)
-        for a, b in zip(gpu, cpu):   # same buffers, same uniforms: only the kernel (and its dispatch) differs
-            named = lambda s: {n: v for (n, _), v in zip(s.kernel.params, s.params) if n != "last_only"}  # noqa: E731
-            assert a.bind == b.bind and named(a) == named(b)   # (MatmulTokens has no last_only; always 0 there)
-            if not isinstance(a.kernel, MATMULS):
-                assert a == b
+        # same steps on the same buffers with the same uniforms; on the CPU, prefill / score run each matmul as a
+        # step per x window of the chunk (compiler/schedule.py matmul_cpu_windows): consecutive equal keys collapse
+        collapsed = [k for i, k in enumerate(map(key, cpu)) if i == 0 or k != key(cpu[i - 1])]
+        assert collapsed == [key(s) for s in gpu]
+        for s in cpu:
+            if isinstance(s.kernel, MATMULS) and name != "decode":
+                t0 = dict(zip((n for n, _ in s.kernel.params), s.params)).get("t0", 0)
+                base, off = split_ref(s.bind[0])
+                assert s.kernel.tokens * s.kernel.xk * 4 <= 65536
+                if isinstance(s.kernel, MatmulCPU):   # its window starts at token t0
+                    assert off == t0 * s.kernel.xk * 4 and s.dispatch[1] == f"T>{t0}"
+                else:   # the LM head: the one window holding token T-1
+                    t = off // (s.kernel.xk * 4)
+                    assert s.dispatch[1:] == (f"T>{t}", f"T<={t + s.kernel.tokens}")
+    windows = [s for s in programs["prefill@cpu"].steps if isinstance(s.kernel, MatmulCPU)]
+    assert len(windows) == 30 * 6 * 128 // 8   # SmolLM2: 30 layers x 6 matmuls (q k v o gate·up down), 16 windows
 
 
 @pytest.mark.parametrize("info,cls", [
