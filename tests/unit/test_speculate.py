@@ -47,9 +47,15 @@ class MockSession:
     def __init__(self, model, ctx):
         self.model, self.ctx, self.cache, self.passes = model, ctx, [], 0
 
+    chunk = 4                                            # prefill chunk (runtime_py/kvcache.py reads it)
+
     @property
     def pos(self):
         return len(self.cache)
+
+    @property
+    def held(self):                                      # the ids in the cache (prefix reuse)
+        return self.cache
 
     def reset(self, pos=0):
         del self.cache[pos:]
@@ -174,6 +180,6 @@ def test_logprobs_are_the_rows_of_the_chosen_tokens():
 def test_usage_extension_reports_acceptance():
     from runtime_py.schemas import usage
     done, _, _ = run(MockModel(1, scale=6.0, eos_bias=-30.0), GREEDY, PROMPTS[0], NgramDrafter(), max_tokens=20)
-    u = usage(10, len(done.ids), done.timings)
+    u = usage(10, len(done.ids), 0, done.timings)
     assert u["speculative"] == {k: done.timings[k] for k in ("draft_tokens", "accepted_tokens", "acceptance_rate")}
-    assert "speculative" not in usage(10, 3, {"decode_tok_s": 1.0})
+    assert "speculative" not in usage(10, 3, 0, {"decode_tok_s": 1.0})
