@@ -110,7 +110,7 @@ def _load_info(model_id: str, art: Path, ctx: int | None) -> ModelInfo:
 
 
 def make_router(artifacts: dict[str, Path], *, api_key: str | None, ctx: int | None, slots: int | None = None,
-                max_queue: int | None = None) -> APIRouter:
+                max_queue: int | None = None, speculate: str | None = None) -> APIRouter:
     from .sampling import SamplingParams
 
     slots = slots or int(os.environ.get("KILN_SLOTS") or DEFAULT_SLOTS)
@@ -130,6 +130,7 @@ def make_router(artifacts: dict[str, Path], *, api_key: str | None, ctx: int | N
             return infos[model_id]
 
     engine = Engine({m: (lambda m=m: info_of(m)) for m in artifacts}, artifacts, ctx, slots, max_queue)
+    engine.speculate = speculate          # "ngram": every request decodes speculatively (runtime_py/speculate.py)
     router = APIRouter(route_class=OpenAIRoute)
     router.engine = engine      # for tests / diagnostics
 
@@ -243,7 +244,7 @@ def make_router(artifacts: dict[str, Path], *, api_key: str | None, ctx: int | N
                         for c in finish_chunk(done):
                             yield sse(c)
                         if include_usage:
-                            yield sse(usage_chunk(len(job.prompt_ids), len(done.ids), job.cached))
+                            yield sse(usage_chunk(len(job.prompt_ids), len(done.ids), job.cached, done.timings))
                         break
                     else:
                         yield sse(ev[1].body())
@@ -338,7 +339,7 @@ def make_router(artifacts: dict[str, Path], *, api_key: str | None, ctx: int | N
                       "logprobs": chat_logprobs(lps) if want_lp >= 0 else None, "finish_reason": finish}
             if r.return_token_ids:
                 choice["token_ids"] = done.ids
-            return {**head, "choices": [choice], "usage": usage(len(ids), len(done.ids), job.cached), **extra}
+            return {**head, "choices": [choice], "usage": usage(len(ids), len(done.ids), job.cached, done.timings), **extra}
 
         include_usage = bool(r.stream_options and r.stream_options.include_usage)
         chead = {**head, "object": "chat.completion.chunk"}
@@ -367,7 +368,8 @@ def make_router(artifacts: dict[str, Path], *, api_key: str | None, ctx: int | N
                       lambda text, tids, lp: None if plan is not None else
                       chunk({"content": text}, None, chat_logprobs([lp]) if lp is not None else None, tids),
                       first, finish_chunks,
-                      lambda n_p, n_c, n_k: {**chead, "choices": [], "usage": usage(n_p, n_c, n_k)}, include_usage)
+                      lambda n_p, n_c, n_k, t: {**chead, "choices": [], "usage": usage(n_p, n_c, n_k, t)},
+                      include_usage)
 
     @router.post("/v1/completions")
     async def completions(request: Request):
@@ -407,7 +409,7 @@ def make_router(artifacts: dict[str, Path], *, api_key: str | None, ctx: int | N
                       "finish_reason": done.finish_reason}
             if r.return_token_ids:
                 choice["token_ids"] = done.ids
-            return {**head, "choices": [choice], "usage": usage(len(ids), len(done.ids), job.cached), **extra}
+            return {**head, "choices": [choice], "usage": usage(len(ids), len(done.ids), job.cached, done.timings), **extra}
 
         include_usage = bool(r.stream_options and r.stream_options.include_usage)
         u = {"usage": None} if include_usage else {}
@@ -425,7 +427,8 @@ def make_router(artifacts: dict[str, Path], *, api_key: str | None, ctx: int | N
             return chunk(text, None, lpo, tids)
         first = [{**chunk(echo), **extra}] if (echo or r.return_token_ids) else []
         return stream(request, job, token_chunk, first, lambda done: [chunk("", done.finish_reason)],
-                      lambda n_p, n_c, n_k: {**head, "choices": [], "usage": usage(n_p, n_c, n_k)}, include_usage)
+                      lambda n_p, n_c, n_k, t: {**head, "choices": [], "usage": usage(n_p, n_c, n_k, t)},
+                      include_usage)
 
     known = {"/v1/chat/completions": "POST", "/v1/completions": "POST", "/v1/models": "GET"}
 

@@ -157,6 +157,8 @@ def cmd_run(a):
         raise KilnError(f"--max-tokens must be at least 1 (got {a.max_tokens}); generation also stops at the end of "
                         f"the context (--ctx) and at the model's end-of-text token")
     params = _sampling(a).validate()   # bad flags fail before the model loads
+    if a.speculate and a.draft:
+        raise KilnError("--speculate and --draft both choose the drafter; give one")
     from .artifacts import check_model_arg
     check_model_arg(a.model)
     for flag, value in (("--prompt", a.prompt), ("--system", a.system)):
@@ -169,9 +171,10 @@ def cmd_run(a):
     ids = build_prompt(tok, m, prompt, a.chat, a.system, a.chat_template, a.parse_special)
     from .grammar import constraint_for
     constraint_for(params, tok)        # an engine-rejected grammar fails here, before prefill (then cached)
+    drafter = _drafter(a, session, model)
     tops, done = [], None
     for ev in generate(session, tok, ids, params, logprobs=5 if a.json else 0,
-                       eog_ids=tok.eog_ids):
+                       eog_ids=tok.eog_ids, speculate=drafter):
         if isinstance(ev, Done):
             done = ev
         elif a.json:
@@ -188,6 +191,18 @@ def cmd_run(a):
         t = done.timings
         print(f"[{t['prompt_tokens']} prompt tokens, {t['generated_tokens']} generated; ttft {t['ttft_s']:.2f}s, "
               f"prefill {t['prefill_tok_s']:.1f} tok/s, decode {t['decode_tok_s'] or 0:.1f} tok/s]", file=sys.stderr)
+
+
+def _drafter(a, session, model):
+    """--speculate ngram|MODEL / --draft MODEL -> a drafter (runtime_py/speculate.py), or None."""
+    spec = a.speculate or a.draft
+    if spec is None:
+        return None
+    from .speculate import DRAFT_K, drafter_for
+    k = DRAFT_K if a.draft_k is None else a.draft_k
+    if not 1 <= k < model.manifest["limits"]["score_chunk"]:
+        raise KilnError(f"--draft-k must be between 1 and {model.manifest['limits']['score_chunk'] - 1} (got {k})")
+    return drafter_for(spec, session.ctx, model, k)
 
 
 def cmd_chat(a):
@@ -334,6 +349,11 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--json-object", action="store_true", help="constrain the output to a JSON object")
     r.add_argument("--grammar", metavar="FILE", help="constrain the output to this GBNF grammar (llama.cpp's format)")
     r.add_argument("--regex", help="constrain the output to match this regular expression")
+    r.add_argument("--speculate", metavar="ngram|MODEL", help="speculative decoding (exact): draft with prompt lookup "
+                   "(ngram) or a draft model sharing the vocabulary (a model name or path); timings report the "
+                   "acceptance rate")
+    r.add_argument("--draft", metavar="MODEL", help="the same as --speculate MODEL")
+    r.add_argument("--draft-k", type=int, default=None, help="tokens drafted per pass (default 5)")
     r.add_argument("--ctx", type=int, default=None, help="context length (default 2048, at most the model's)")
     r.add_argument("--json", action="store_true", help="print one JSON object: model, prompt_ids, ids, text, "
                                                        "finish_reason, top_logprobs, timings (schema: "
@@ -366,6 +386,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 routes")
     s.add_argument("--ctx", type=int, default=None)
     s.add_argument("--verify", action="store_true", help="hash each GGUF and artifact file again at startup")
+    s.add_argument("--speculate", choices=["ngram"], default=None, help="speculative decoding (exact) with prompt "
+                   "lookup for every request; usage.speculative reports the acceptance")
     s.set_defaults(fn=cmd_serve)
 
     e = sub.add_parser("export", help="write the web demo and models as a static site (any web server or CDN)")

@@ -73,10 +73,11 @@ class StopStrings:
 
 
 def generate(session, tokenizer, prompt_ids: list[int], params: SamplingParams, *, max_tokens: int | None = None,
-             logprobs: int = 0, eog_ids=(), should_stop=lambda: False, reuse: bool = True):
+             logprobs: int = 0, eog_ids=(), should_stop=lambda: False, reuse: bool = True, speculate=None):
     """Yields Token events then one Done. The prompt's leading tokens that the session's cache already holds are
     kept (runtime_py/kvcache.py; reuse=False: the session starts at position 0) and only the rest is prefilled.
-    max_tokens overrides params.max_tokens; both None: until EOS, a stop string or the end of the context."""
+    max_tokens overrides params.max_tokens; both None: until EOS, a stop string or the end of the context.
+    speculate: a drafter (runtime_py/speculate.py): the same loop, several tokens verified per pass."""
     if not prompt_ids:
         raise ContextOverflowError("empty prompt: nothing to condition on")
     if len(prompt_ids) >= session.ctx:
@@ -85,6 +86,11 @@ def generate(session, tokenizer, prompt_ids: list[int], params: SamplingParams, 
     room = session.ctx - len(prompt_ids)
     max_tokens = max_tokens if max_tokens is not None else params.max_tokens
     max_tokens = room if max_tokens is None else min(max_tokens, room)
+    if speculate is not None:
+        from .speculate import generate_speculative
+        yield from generate_speculative(session, tokenizer, prompt_ids, params, speculate, max_tokens=max_tokens,
+                                        logprobs=logprobs, eog_ids=eog_ids, should_stop=should_stop, reuse=reuse)
+        return
     sampler = Sampler(params)
     constraint = constraint_for(params, tokenizer)      # response_format / grammar / regex: a mask per step
     matcher = constraint.matcher() if constraint is not None else None

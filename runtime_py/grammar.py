@@ -47,7 +47,7 @@ def spec_of(params) -> tuple[str, str, str] | None:
         if rf["type"] == "json_object":
             return "json_object", "", "response_format"
         schema = rf["json_schema"]["schema"]
-        return "json_schema", json.dumps(schema, sort_keys=True, separators=(",", ":")), "response_format"
+        return "json_schema", json.dumps(schema, separators=(",", ":")), "response_format"   # schema order kept
     if params.grammar is not None:
         return "grammar", params.grammar, "grammar"
     if params.regex is not None:

@@ -237,13 +237,23 @@ class Sampler:
     def sample(self, logits: np.ndarray, history: list[int], mask: np.ndarray | None = None) -> int:
         """logits: (vocab,) float; history: prompt + generated ids; mask: (vocab,) bool, the tokens allowed (a
         grammar's, runtime_py/grammar.py; at least one True), others never chosen. Returns the chosen id."""
+        order, w = self.candidates(logits, history, mask)
+        if w is None:
+            return int(order[0])
+        cdf = np.cumsum(w)
+        r = self.rng.next() * cdf[-1]
+        return int(order[min(int(np.searchsorted(cdf, r, side="right")), len(order) - 1)])
+
+    def candidates(self, logits: np.ndarray, history: list[int], mask: np.ndarray | None = None):
+        """(ids, weights) of the distribution `sample` draws from: ids best first, weights unnormalised (probability
+        = w / w.sum()); greedy: ([argmax], None). Speculative decoding's rejection rule reads it (speculate.py)."""
         p = self.p
         logits = self.apply_penalties(np.asarray(logits, dtype=np.float64), history)
         if mask is not None:
             from .grammar import apply_mask
             logits = apply_mask(logits, mask)
         if p.greedy:
-            return int(np.argmax(logits))
+            return np.array([int(np.argmax(logits))]), None
         order = np.argsort(-logits, kind="stable")                       # candidates, best first
         if mask is not None:
             order = order[:int(np.count_nonzero(np.isfinite(logits)))]   # the allowed ones (sorted first)
@@ -258,10 +268,7 @@ class Sampler:
         if p.min_p > 0:
             keep = int(np.count_nonzero(probs >= p.min_p * probs[0]))
             order, cand = order[:keep], cand[:keep]
-        w = np.exp((cand - cand[0]) / p.temperature)
-        cdf = np.cumsum(w)
-        r = self.rng.next() * cdf[-1]
-        return int(order[min(int(np.searchsorted(cdf, r, side="right")), len(order) - 1)])
+        return order, np.exp((cand - cand[0]) / p.temperature)
 
 
 def top_logprobs(logits: np.ndarray, k: int = 5) -> list[tuple[int, float]]:

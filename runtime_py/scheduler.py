@@ -108,6 +108,25 @@ class _Tap:
     def next_token(self):
         return self.s.next_token()
 
+    # speculative decoding (runtime_py/speculate.py): the score pass and rewinds, after the prompt
+    @property
+    def model(self):
+        return self.s.model
+
+    @property
+    def pos(self):
+        return self.s.pos
+
+    def score_chunks(self, ids):
+        return self.s.score_chunks(ids)
+
+
+def _drafter(spec: str | None):
+    if spec is None:
+        return None
+    from .speculate import NgramDrafter
+    return NgramDrafter()
+
 
 class _GPUModel:
     """One loaded model and its KV slots: sessions created on demand (at most `slots`), each keeping the ids it
@@ -139,6 +158,7 @@ class Engine:
         self._gpu: dict[str, _GPUModel] = {}         # worker thread only
         self._thread: threading.Thread | None = None
         self._stop = False
+        self.speculate: str | None = None              # "ngram": each job gets a prompt-lookup drafter
 
     # -- any thread -------------------------------------------------------------------------------------------
     def submit(self, job: Job):
@@ -271,7 +291,8 @@ class Engine:
             job.tap = _Tap(s)
             job.gen = generate(job.tap, info.tokenizer, job.prompt_ids, job.params, max_tokens=job.max_tokens,
                                logprobs=max(job.logprobs, 1) if job.logprobs >= 0 else 0,
-                               eog_ids=info.tokenizer.eog_ids, should_stop=job.cancelled.is_set)
+                               eog_ids=info.tokenizer.eog_ids, should_stop=job.cancelled.is_set,
+                               speculate=_drafter(self.speculate))
         except Exception as e:  # noqa: BLE001
             self._fail(job, e)
 

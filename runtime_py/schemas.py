@@ -249,10 +249,14 @@ def check_common(r: CommonRequest):
 # response shapes
 
 
-def usage(n_prompt: int, n_out: int, cached: int = 0) -> dict:
-    """OpenAI's usage object; `cached`: prompt tokens whose KV was reused instead of prefilled."""
-    return {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out,
-            "prompt_tokens_details": {"cached_tokens": cached}}
+def usage(n_prompt: int, n_out: int, cached: int = 0, timings: dict | None = None) -> dict:
+    """OpenAI's usage object; `cached`: prompt tokens whose KV was reused instead of prefilled; with speculative
+    decoding (kiln serve --speculate) the extension `speculative`: draft_tokens, accepted_tokens, acceptance_rate."""
+    out = {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out,
+           "prompt_tokens_details": {"cached_tokens": cached}}
+    if timings and "draft_tokens" in timings:
+        out["speculative"] = {k: timings[k] for k in ("draft_tokens", "accepted_tokens", "acceptance_rate")}
+    return out
 
 
 def _bytes(s: str) -> list[int]:

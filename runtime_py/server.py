@@ -41,7 +41,7 @@ def env_int(name: str, minimum: int) -> int | None:
 
 
 def create_app(models: list[str] | None = None, *, api_key: str | None = None, ctx: int | None = None,
-               native: bool = True, log=print, verify: bool = False) -> FastAPI:
+               native: bool = True, log=print, verify: bool = False, speculate: str | None = None) -> FastAPI:
     """models: model names / GGUF paths / artifact dirs; each is compiled on first start if needed."""
     slots, queue = env_int("KILN_SLOTS", 1), env_int("KILN_QUEUE", 0)    # refused before anything is compiled
     artifacts: dict[str, Path] = {}
@@ -56,7 +56,8 @@ def create_app(models: list[str] | None = None, *, api_key: str | None = None, c
     if native:
         from .api import install_error_handlers, make_router
         install_error_handlers(app)   # OpenAI-shaped errors for every route, not only /v1
-        app.include_router(make_router(artifacts, api_key=api_key, ctx=ctx, slots=slots, max_queue=queue))
+        app.include_router(make_router(artifacts, api_key=api_key, ctx=ctx, slots=slots, max_queue=queue,
+                                       speculate=speculate))
     return app
 
 
@@ -69,6 +70,6 @@ def _model_id(spec: str, art: Path) -> str:
 def serve(args):
     import uvicorn
     app = create_app(args.model, api_key=args.api_key, ctx=args.ctx, verify=getattr(args, "verify", False),
-                     log=lambda *x: print(*x, file=sys.stderr))
+                     log=lambda *x: print(*x, file=sys.stderr), speculate=getattr(args, "speculate", None))
     print(f"kiln: serving on http://{args.host}:{args.port}/", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

@@ -25,21 +25,16 @@
 import {DeviceLostError, ERRORS, InvalidParameterError, KilnError, errorFromJson} from "./errors.js";
 import {moduleProblem} from "./loader.js";
 import {SamplingParams} from "./sampler.js";
+import {parseReply, planTools, renderMessages} from "./tools.js";
 
-/** Fields the browser runtime does not implement yet are refused by name, never ignored: output constraints and
- *  tool calls run natively (runtime_py/grammar.py, runtime_py/tools.py; `kiln serve`), and web/ has no grammar engine
- *  yet (@mlc-ai/web-xgrammar is the planned one, see issue 11). */
-function refuseUnimplemented(req, params) {
-  const notHere = (field) => new InvalidParameterError(`${field} is not implemented in the browser runtime yet ` +
-    "(constrained output and tool calls run in kiln's native server, `kiln serve`)", field);
-  if (params.constrained) {
-    throw notHere(["response_format", "grammar", "regex"].find((n) => params[n] !== null
-      && !(n === "response_format" && params.response_format.type === "text")));
+/** Fields the browser runtime does not implement are refused by name, never ignored. */
+function refuseUnimplemented(req) {
+  if (Array.isArray(req.functions) ? req.functions.length : req.functions != null) {
+    throw new InvalidParameterError("the legacy functions field is not implemented (use tools)", "functions");
   }
-  for (const field of ["tools", "functions"]) {
-    if (Array.isArray(req[field]) ? req[field].length : req[field] != null) throw notHere(field);
+  if (req.parallel_tool_calls === true) {
+    throw new InvalidParameterError("kiln makes at most one tool call per reply (set it false)", "parallel_tool_calls");
   }
-  if (req.tool_choice != null && req.tool_choice !== "none") throw notHere("tool_choice");
 }
 
 export * from "./device.js";
@@ -56,7 +51,8 @@ function libUrls() {
   // (fallbacks: a page without kiln's import map; the same files index.html maps, which `kiln export` copies)
   return {tokenizers: resolve("@huggingface/tokenizers",
                               "./node_modules/@huggingface/tokenizers/dist/tokenizers.min.mjs"),
-          jinja: resolve("@huggingface/jinja", "./node_modules/@huggingface/jinja/dist/index.js")};
+          jinja: resolve("@huggingface/jinja", "./node_modules/@huggingface/jinja/dist/index.js"),
+          xgrammar: resolve("@mlc-ai/web-xgrammar", "./node_modules/@mlc-ai/web-xgrammar/lib/index.js")};
 }
 
 /** A queue the worker fills and a `for await` drains. */
@@ -111,6 +107,7 @@ class Engine {
     const h = this._active.get(msg.id);
     if (!h) return;
     if (msg.type === "token") h.token(msg.token);
+    else if (msg.type === "accepted") h.accepted();
     else if (msg.type === "done") { this._active.delete(msg.id); h.done(msg.done); }
     else if (msg.type === "error") { this._active.delete(msg.id); h.fail(errorFromJson(msg.error)); }
   }
@@ -131,10 +128,36 @@ class Engine {
     const model = req.model || this.model;
     const topN = kind === "chat" ? (req.logprobs ? (req.top_logprobs ?? 0) || 1 : 0) : (req.logprobs ?? 0);
     const params = SamplingParams.fromRequest(req);                                  // throws InvalidParameterError
-    refuseUnimplemented(req, params);
+    refuseUnimplemented(req);
+    let plan = null, messages = req.messages;                 // tools (chat): tools.js, as runtime_py/api.py
+    if (kind === "chat") {
+      plan = planTools(req.tools ?? null, req.tool_choice ?? null);
+      if (plan !== null) {
+        if (params.constrained) {
+          throw new InvalidParameterError("a reply with tools is constrained to the tool-call format already; give " +
+                                          "tools or an output constraint, not both", "response_format");
+        }
+        params.response_format = plan.response_format;
+      }
+      if (plan !== null || messages.some((m) => m?.role === "tool" || m?.tool_calls)) {
+        messages = renderMessages(messages, plan);
+      }
+    } else if (req.tools != null || req.tool_choice != null) {
+      throw new InvalidParameterError("tools are for chat completions", req.tools != null ? "tools" : "tool_choice");
+    }
     const request = {params: {...params}, logprobs: topN};
-    if (kind === "chat") Object.assign(request, {messages: req.messages, parse_special: Boolean(req.parse_special)});
-    else request.prompt = req.prompt;
+    if (kind === "chat") {
+      Object.assign(request, {messages, parse_special: Boolean(req.parse_special)});
+      if (plan !== null) request.tools = plan.tools;
+    } else {
+      request.prompt = req.prompt;
+    }
+    /** (message fields, finish_reason) of a finished chat reply: tool calls parsed out when tools are in play. */
+    const reply = (text, finish) => {
+      if (plan === null) return [{content: text}, finish];
+      const [content, calls] = parseReply(text, plan);
+      return calls.length ? [{content: null, tool_calls: calls}, "tool_calls"] : [{content}, finish];
+    };
 
     const base = {id, object: kind === "chat" ? "chat.completion.chunk" : "text_completion", created, model};
     const logprobsOf = (t) => (t.top_logprobs ? {content: [{token: t.piece, logprob: t.top_logprobs.find(
@@ -150,10 +173,12 @@ class Engine {
     const sent = new Promise((resolve, reject) => {
       const stream = req.stream ? new Stream(() => this.interrupt(id)) : null;
       const text = [], logprobs = [];
-      let first = true;
+      let first = true, started = false;
       this._active.set(id, {
         token: (t) => {
-          if (stream) {
+          if (stream && plan !== null) {                    // a tool-call reply is sent whole at the end
+            text.push(t.text);
+          } else if (stream) {
             const c = choice(t);
             if (first && kind === "chat") c.delta.role = "assistant";
             first = false;
@@ -166,23 +191,36 @@ class Engine {
         done: (d) => {
           const kiln = {prompt_ids: d.prompt_ids, ids: d.ids, timings: d.timings};
           if (stream) {
-            const c = kind === "chat" ? {index: 0, delta: {}, logprobs: null, finish_reason: d.finish_reason}
-              : {index: 0, text: "", logprobs: null, finish_reason: d.finish_reason};
+            if (!started) { started = true; resolve(stream); }   // interrupted while queued: an empty stream
+            let finish = d.finish_reason;
+            if (plan !== null) {
+              const [fields, f] = reply(text.join(""), finish);
+              finish = f;
+              const delta = fields.tool_calls
+                ? {role: "assistant", tool_calls: fields.tool_calls.map((c, index) => ({index, ...c}))}
+                : {role: "assistant", content: fields.content};
+              stream.push({...base, choices: [{index: 0, delta, logprobs: null, finish_reason: null}]});
+            }
+            const c = kind === "chat" ? {index: 0, delta: {}, logprobs: null, finish_reason: finish}
+              : {index: 0, text: "", logprobs: null, finish_reason: finish};
             stream.push({...base, choices: [c]});
             stream.push({...base, choices: [], usage: usageOf(d), kiln});
             stream.end();
           } else {
             const lp = logprobs.length ? {content: logprobs} : null;
+            const [fields, finish] = reply(text.join(""), d.finish_reason);
             const c = kind === "chat"
-              ? {index: 0, message: {role: "assistant", content: text.join("")}, logprobs: lp, finish_reason: d.finish_reason}
+              ? {index: 0, message: {role: "assistant", ...fields}, logprobs: lp, finish_reason: finish}
               : {index: 0, text: text.join(""), logprobs: lp, finish_reason: d.finish_reason};
             resolve({...base, object: kind === "chat" ? "chat.completion" : "text_completion", choices: [c],
                      usage: usageOf(d), kiln});
           }
         },
-        fail: (e) => (stream ? stream.end(e) : reject(e)),
+        accepted: () => { if (stream) { started = true; resolve(stream); } },   // a constrained stream: compiled
+        fail: (e) => (started ? stream.end(e) : reject(e)),
       });
-      if (stream) resolve(stream);
+      // a stream starts at once, except with a constraint: one the engine rejects rejects the call (a 400 natively)
+      if (stream && !params.constrained) { started = true; resolve(stream); }
     });
     this.worker.postMessage({type: "generate", id, request});
     return sent;
@@ -228,7 +266,12 @@ function startWorker(workerUrl) {
  * @returns {Promise<import("./types.js").Engine>}
  */
 export async function createEngine(modelUrl, {onProgress = () => {}, onDeviceLost = null, ctx = null,
-                                              selftest = "report", model = null} = {}) {
+                                              selftest = "report", model = null, speculate = null} = {}) {
+  if (speculate !== null) {     // native only (runtime_py/speculate.py: kiln run/serve --speculate)
+    throw new InvalidParameterError("speculate is not implemented in the browser runtime yet (speculative decoding " +
+                                    "runs natively: `kiln run --speculate ngram`, `kiln serve --speculate ngram`)",
+                                    "speculate");
+  }
   const workerUrl = new URL("./worker.js", import.meta.url);
   const worker = startWorker(workerUrl);
   const url = new URL(modelUrl, globalThis.location.href).href;

@@ -5,6 +5,7 @@
 //   // ev: {type: "token", ...} events, then one {type: "done", ...}
 
 import {ContextOverflowError} from "./device.js";
+import {FINISH_GRAMMAR, constraintFor} from "./grammar.js";
 import {gpuReason, LP_MAX} from "./gpu_sampling.js";
 import {reusePrefix} from "./kvcache.js";
 import {Sampler, topLogprobs} from "./sampler.js";
@@ -70,14 +71,16 @@ export async function* generate(session, tokenizer, promptIds, params, {maxToken
   maxTokens = maxTokens ?? params.max_tokens ?? null;
   maxTokens = maxTokens === null ? room : Math.min(maxTokens, room);
   const sampler = new Sampler(params);
+  const constraint = await constraintFor(params, tokenizer);   // response_format / grammar / regex: a mask per step
+  const matcher = constraint !== null ? await constraint.matcher() : null;
   const fastGreedy = params.greedy && !logprobs && params.repeat_penalty === 1 && !params.presence_penalty &&
-    !params.frequency_penalty;
+    !params.frequency_penalty && matcher === null;             // masks: the CPU sampling path
   const decoder = tokenizer.streamDecoder(), stops = new StopStrings(params.stop);
   const history = [...promptIds], outIds = [], text = [];
   const eog = new Set(eogIds);
 
   const onGpu = typeof session.gpuSampling === "function" && session.gpuSampling() &&
-    gpuReason(params, session.sampleLimits) === null && logprobs <= LP_MAX;
+    gpuReason(params, session.sampleLimits) === null && logprobs <= LP_MAX && matcher === null;   // masks: CPU
   const t0 = now();
   let cached;
   if (reuse) {
@@ -97,19 +100,22 @@ export async function* generate(session, tokenizer, promptIds, params, {maxToken
     } else if (fastGreedy) {
       tok = await session.nextToken();
     } else {
+      const mask = matcher !== null ? await matcher.mask() : null;
+      if (matcher !== null && mask === null) { finish = FINISH_GRAMMAR; break; }
       const logits = await session.logits();
-      tok = sampler.sample(logits, history);
+      tok = sampler.sample(logits, history, mask);
       if (logprobs) lp = topLogprobs(logits, logprobs);
     }
     if (tFirst === null) tFirst = now();
     if (eog.has(tok)) { finish = "stop"; break; }
+    if (matcher !== null) matcher.consume(tok);
     outIds.push(tok);
     history.push(tok);
     let delta;
     [delta, cut] = stops.feed(decoder.push(tok));
     text.push(delta);
     yield {type: "token", id: tok, text: delta, top_logprobs: lp};
-    if (cut || shouldStop()) { finish = "stop"; break; }
+    if (cut || shouldStop() || (matcher !== null && await matcher.done())) { finish = "stop"; break; }
     if (outIds.length < maxTokens && !onGpu) session.forward([tok]);
   }
   if (!cut) {   // release what was held back: an unfinished UTF-8 sequence, a possible stop-string prefix
@@ -122,6 +128,7 @@ export async function* generate(session, tokenizer, promptIds, params, {maxToken
       yield {type: "token", id: -1, text: tail, top_logprobs: null};   // id -1: text released at the end
     }
   }
+  matcher?.dispose();
   const tEnd = now(), n = outIds.length;
   const timings = {
     prompt_tokens: promptIds.length, cached_tokens: cached, generated_tokens: n,

@@ -6,6 +6,7 @@
 // Arithmetic is float64 like numpy's, and sums over many terms use numpy's pairwise summation, so the two runtimes
 // agree bit for bit except where Math.exp and the C library's exp differ in the last place.
 
+import {applyMask} from "./grammar.js";
 import {InvalidParameterError} from "./errors.js";
 
 // The request table: OpenAI / llama.cpp request fields -> SamplingParams. The same rows as runtime_py/sampling.py's
@@ -244,12 +245,18 @@ export class Sampler {
     return logits;
   }
 
-  /** logits: Float32Array (vocab,); history: prompt + generated ids. Returns the chosen id. */
-  sample(logits, history) {
+  /** logits: Float32Array (vocab,); history: prompt + generated ids; mask: Uint8Array (vocab,) of 0/1, the tokens
+   *  allowed (a grammar's, web/grammar.js; at least one), others never chosen. Returns the chosen id. */
+  sample(logits, history, mask = null) {
     const p = this.p;
     logits = this.applyPenalties(Float64Array.from(logits), history);
+    let n = logits.length;
+    if (mask !== null) {
+      logits = applyMask(logits, mask);
+      n = logits.reduce((c, v) => c + (v > -Infinity), 0);               // the allowed ones (sorted first)
+    }
     if (p.greedy) return argmax(logits);
-    let order = topOrder(logits, p.top_k > 0 ? p.top_k : logits.length);   // candidates, best first
+    let order = topOrder(logits, p.top_k > 0 ? Math.min(p.top_k, n) : n);   // candidates, best first
     let cand = Float64Array.from(order, (i) => logits[i]);
     let probs = cand.map((c) => Math.exp(c - cand[0]));
     const total = pairwiseSum(probs);

@@ -3,13 +3,15 @@
 // The session outlives requests: its KV cache keeps the conversation, and a request whose prompt starts with what it
 // holds prefills only the rest (kvcache.js), so chat turn N costs turn N's tokens.
 //
-// Messages in:   {type: "load", modelUrl, libs: {tokenizers, jinja}, options: {ctx, selftest}}
-//                {type: "generate", id, request: {prompt | messages, params, logprobs}}   params: SamplingParams
+// Messages in:   {type: "load", modelUrl, libs: {tokenizers, jinja, xgrammar}, options: {ctx, selftest}}
+//                {type: "generate", id, request: {prompt | messages, params, logprobs, tools?}}   params: SamplingParams
+//                (messages already in tools.js's rendering when tools are in play; `tools` for templates that read it)
 //                {type: "interrupt", ids}     stop these requests after their current token
 //                {type: "reset"}              forget the conversation the session holds (after queued requests)
 //                {type: "unload"}             destroy the device (not reported as a loss)
 //                {type: "debug:lose-device"}  destroy the device as a driver reset would (tests, demo)
 // Messages out:  {type: "progress", progress} | {type: "loaded", info} | {type: "load-error", error}
+//                {type: "accepted", id}  (a constrained request: its grammar compiled)
 //                {type: "token", id, token} | {type: "done", id, done} | {type: "error", id, error}
 //                {type: "lost", message}
 // Errors travel as errors.js errorToJson makes them ({name, message, param?}); api.js turns them back into their
@@ -19,9 +21,11 @@ import {chatPromptIds} from "./chat.js";
 import {DeviceLostError, errorToJson} from "./errors.js";
 import {Model, selftest} from "./engine.js";
 import {generate} from "./generate.js";
+import {constraintFor, useGrammarEngine} from "./grammar.js";
 import {fetchVerified, importModule} from "./loader.js";
 import {SamplingParams} from "./sampler.js";
 import {Tokenizer} from "./tokenizer.js";
+import {templateTakesTools} from "./tools.js";
 
 let model = null, tokenizer = null, session = null, jinja = null;
 const interrupted = new Set();
@@ -34,6 +38,7 @@ async function load({modelUrl, libs, options = {}}) {
   // importModule: a host serving .mjs with a wrong Content-Type fails here with a ServerConfigError saying so
   const [tokLib, jinjaLib] = await Promise.all([importModule(libs.tokenizers), importModule(libs.jinja)]);
   jinja = jinjaLib;
+  useGrammarEngine(libs.xgrammar);   // imported on the first constrained request (1 MB of wasm)
   const onProgress = (progress) => post({type: "progress", progress});
   model = await Model.load(modelUrl, {ctx: options.ctx, onProgress,
                                       onLost: (message) => post({type: "lost", message})});
@@ -57,8 +62,9 @@ async function load({modelUrl, libs, options = {}}) {
 /** The prompt ids of a request: chat messages through the template, a text prompt, or ids as they are. */
 function promptIds(request) {
   if (request.messages) {
+    const extra = request.tools && templateTakesTools(model.manifest.chat_template) ? {tools: request.tools} : {};
     return chatPromptIds(jinja, tokenizer, model.manifest, request.messages,   // contents as text unless parse_special
-                         {parseSpecial: Boolean(request.parse_special)});
+                         {parseSpecial: Boolean(request.parse_special), ...extra});
   }
   if (Array.isArray(request.prompt)) return request.prompt.map(Number);
   return tokenizer.encode(String(request.prompt ?? ""));
@@ -73,6 +79,10 @@ async function run(id, request) {
     return;
   }
   const params = new SamplingParams(request.params || {});
+  if (params.constrained) {     // compiled (and cached) before anything runs: a rejected grammar is the call's error
+    await constraintFor(params, tokenizer);
+    post({type: "accepted", id});
+  }
   const events = generate(session, tokenizer, ids, params, {
     logprobs: request.logprobs || 0, eogIds: [...tokenizer.eog_ids],
     shouldStop: () => interrupted.has(id)});
