@@ -19,7 +19,12 @@ from .quant import requantize
 def packed_parts(m: GGUFModel, plan: WeightPlan, name: str) -> Iterator[tuple[int, np.ndarray]]:
     """Yields (part index, packed u32 words) for one planned weight, one part at a time."""
     ref, src, scheme = plan(name), plan.sources[name], plan.scheme(name)
-    raw = src.constant.view(np.uint8) if src.constant is not None else m.tensor(name).data
+    if src.constant is not None:
+        raw = src.constant.view(np.uint8)
+    elif src.concat:   # rows of several GGUF tensors stacked (plan.py concat_qkv): row-major blocks, so bytes concatenate
+        raw = np.concatenate([np.asarray(m.tensor(n).data).reshape(-1).view(np.uint8) for n in src.concat])
+    else:
+        raw = m.tensor(name).data
     row_bytes = raw.size // ref.rows
     for i, (row0, n) in enumerate(ref.parts):
         part = raw[row0 * row_bytes:(row0 + n) * row_bytes]
