@@ -15,11 +15,16 @@ Responses are shaped like OpenAI's (ids, object, created, model, choices, usage,
 Request fields. Accepted: model, messages / prompt, max_tokens (alias max_completion_tokens), temperature, top_p,
 top_k, min_p, stop (string or up to 4 strings), seed, presence_penalty, frequency_penalty, repetition_penalty
 (alias repeat_penalty), repeat_last_n, n (1 only), stream, stream_options.include_usage, logprobs + top_logprobs
-(chat: bool and 0..20; completions: int 0..5), echo and best_of=1 (completions), user. Extension (as in vLLM):
-return_token_ids=true adds `prompt_token_ids` to the response and `token_ids` to each choice / chunk. Fields that would
-change the output in ways kiln does not implement (tools, tool_choice other than "none", response_format other than
-text, logit_bias, suffix, best_of > 1, n > 1, non-text content parts) are refused with a 400 naming the field, rather
-than silently ignored. Any other unknown field is ignored (OpenAI-compatible clients and SDK versions send many
+(chat: bool and 0..20; completions: int 0..5), echo and best_of=1 (completions), user; output constraints
+(runtime_py/grammar.py, llguidance): response_format json_object / json_schema, and the extensions grammar (GBNF, as
+llama.cpp's server) and regex (as vLLM's guided_regex), one at a time, a constraint the engine rejects is a 400 with
+its message, a state no token can continue ends with finish_reason "grammar"; chat: tools + tool_choice (auto, none,
+required, a named function; runtime_py/tools.py: the reply is constrained to a call whose arguments match the
+function's schema, returned as message.tool_calls / delta.tool_calls with finish_reason "tool_calls"; role "tool"
+messages and assistant tool_calls are rendered back). Extension (as in vLLM): return_token_ids=true adds
+`prompt_token_ids` to the response and `token_ids` to each choice / chunk. Fields that would change the output in
+ways kiln does not implement (functions, parallel_tool_calls=true, logit_bias, suffix, best_of > 1, n > 1, non-text
+content parts) are refused with a 400 naming the field, rather than silently ignored. Any other unknown field is ignored (OpenAI-compatible clients and SDK versions send many
 optional fields; refusing them would break clients for no benefit). Types are checked strictly ("0.5" is not a
 number, "yes" is not a boolean).
 
@@ -56,10 +61,12 @@ from starlette.concurrency import run_in_threadpool
 
 from compiler.errors import KilnError
 
+from .grammar import constraint_for
 from .scheduler import Engine, Job, Overloaded
 from .schemas import (MAX_BODY_BYTES, APIError, ChatRequest, CommonRequest, CompletionRequest, OpenAIRoute,
                       chat_logprobs, check_common, completion_logprobs, install_error_handlers, read_json, sse,
                       unsupported, usage)
+from .tools import parse_reply, plan_tools, render_messages, template_takes_tools
 
 __all__ = ["APIError", "MAX_BODY_BYTES", "install_error_handlers", "make_router"]
 
@@ -227,11 +234,13 @@ def make_router(artifacts: dict[str, Path], *, api_key: str | None, ctx: int | N
                         yield ": keep-alive\n\n"      # an SSE comment: clients ignore it, proxies see traffic
                     elif ev[0] == "token":
                         _, tid, text, lp = ev
-                        if text or lp is not None:
-                            yield sse(make_chunk(text, [tid] if tid >= 0 else [], lp))
+                        c = make_chunk(text, [tid] if tid >= 0 else [], lp) if text or lp is not None else None
+                        if c is not None:          # None: held back (a tool-call reply is sent whole at the end)
+                            yield sse(c)
                     elif ev[0] == "done":
                         done = ev[1]
-                        yield sse(finish_chunk(done.finish_reason))
+                        for c in finish_chunk(done):
+                            yield sse(c)
                         if include_usage:
                             yield sse(usage_chunk(len(job.prompt_ids), len(done.ids)))
                         break
@@ -268,19 +277,22 @@ def make_router(artifacts: dict[str, Path], *, api_key: str | None, ctx: int | N
         check_key(request)
         r: ChatRequest = await read_json(request, ChatRequest)
         check_common(r)
-        if r.tools:
-            raise unsupported("tools", "tool calling is not implemented")
         if r.functions:
-            raise unsupported("functions", "function calling is not implemented")
-        if r.tool_choice not in (None, "none"):
-            raise unsupported("tool_choice", "tool calling is not implemented")
-        if r.response_format and r.response_format.get("type", "text") != "text":
-            raise unsupported("response_format", "only {\"type\": \"text\"} is implemented")
+            raise unsupported("functions", "the legacy functions field is not implemented (use tools)")
+        if r.parallel_tool_calls:
+            raise unsupported("parallel_tool_calls", "kiln makes at most one tool call per reply (set it false)")
         if r.top_logprobs is not None and not r.logprobs:
             raise APIError(400, "Invalid value for 'top_logprobs': 'logprobs' must be set to true when "
                                 "'top_logprobs' is used.", param="top_logprobs", code="invalid_value")
         params = sampling(r)
+        plan = plan_tools(r.tools, r.tool_choice)          # None: plain text reply
+        if plan is not None:
+            if params.constrained:
+                raise unsupported("response_format", "a reply with tools is constrained to the tool-call format "
+                                                     "already; give tools or an output constraint, not both")
+            params.response_format = plan.response_format
         info = await run_in_threadpool(get_info, r.model)   # first use: reads manifest + tokenizer
+        await run_in_threadpool(constraint_for, params, info.tokenizer)   # engine-rejected: 400 (then cached)
         messages = []
         for i, msg in enumerate(r.messages):
             content = msg.content
@@ -290,11 +302,16 @@ def make_router(artifacts: dict[str, Path], *, api_key: str | None, ctx: int | N
                         raise unsupported(f"messages.{i}.content.{j}", f"content parts of type {part.type!r} are "
                                            f"not implemented (only {{\"type\": \"text\", \"text\": ...}})")
                 content = "\n".join(p.text for p in content)
-            messages.append({"role": "system" if msg.role == "developer" else msg.role, "content": content or ""})
+            messages.append({"role": "system" if msg.role == "developer" else msg.role, "content": content or "",
+                             "name": msg.name, "tool_call_id": msg.tool_call_id,
+                             "tool_calls": [c.model_dump() for c in msg.tool_calls] if msg.tool_calls else None})
+        messages = render_messages(messages, plan)        # tool calls / results in the generic format
+        extra_vars = {"tools": plan.tools} if plan and template_takes_tools(info.manifest.get("chat_template")) else {}
 
         def encode():
             from .chat import chat_prompt_ids   # message contents as plain text unless parse_special
-            return chat_prompt_ids(info.tokenizer, info.manifest, messages, parse_special=r.parse_special)
+            return chat_prompt_ids(info.tokenizer, info.manifest, messages, parse_special=r.parse_special,
+                                   **extra_vars)
         ids = await run_in_threadpool(encode)
         max_tokens = budget(info, ids, params.max_tokens, "messages")
         want_lp = (r.top_logprobs or 0) if r.logprobs else -1
@@ -304,10 +321,20 @@ def make_router(artifacts: dict[str, Path], *, api_key: str | None, ctx: int | N
                 "system_fingerprint": None}
         extra = {"prompt_token_ids": ids} if r.return_token_ids else {}
 
+        def reply(done):
+            """(message fields, finish_reason) of a finished generation: tool calls parsed out when tools are in play."""
+            if plan is None:
+                return {"content": done.text}, done.finish_reason
+            content, calls = parse_reply(done.text, plan)
+            if calls:
+                return {"content": None, "tool_calls": calls}, "tool_calls"
+            return {"content": content}, done.finish_reason
+
         if not r.stream:
             done, lps = await collect(request, job)
-            choice = {"index": 0, "message": {"role": "assistant", "content": done.text, "refusal": None},
-                      "logprobs": chat_logprobs(lps) if want_lp >= 0 else None, "finish_reason": done.finish_reason}
+            fields, finish = reply(done)
+            choice = {"index": 0, "message": {"role": "assistant", **fields, "refusal": None},
+                      "logprobs": chat_logprobs(lps) if want_lp >= 0 else None, "finish_reason": finish}
             if r.return_token_ids:
                 choice["token_ids"] = done.ids
             return {**head, "choices": [choice], "usage": usage(len(ids), len(done.ids)), **extra}
@@ -324,10 +351,21 @@ def make_router(artifacts: dict[str, Path], *, api_key: str | None, ctx: int | N
         first = [chunk({"role": "assistant", "content": ""})]
         if r.return_token_ids:
             first[0].update(extra)
+
+        def finish_chunks(done):
+            if plan is None:
+                return [chunk({}, done.finish_reason)]
+            # tools: the reply is JSON in the call format, parsed once complete, then sent as one delta
+            fields, finish = reply(done)
+            if "tool_calls" in fields:
+                delta = {"tool_calls": [{"index": i, **c} for i, c in enumerate(fields["tool_calls"])]}
+            else:
+                delta = {"content": fields["content"]}
+            return [chunk(delta, None, None, done.ids), chunk({}, finish)]
         return stream(request, job,
-                      lambda text, tids, lp: chunk({"content": text}, None,
-                                                   chat_logprobs([lp]) if lp is not None else None, tids),
-                      first, lambda fr: chunk({}, fr),
+                      lambda text, tids, lp: None if plan is not None else
+                      chunk({"content": text}, None, chat_logprobs([lp]) if lp is not None else None, tids),
+                      first, finish_chunks,
                       lambda n_p, n_c: {**chead, "choices": [], "usage": usage(n_p, n_c)}, include_usage)
 
     @router.post("/v1/completions")
@@ -348,6 +386,7 @@ def make_router(artifacts: dict[str, Path], *, api_key: str | None, ctx: int | N
             prompt = prompt[0]
         params = sampling(r)
         info = await run_in_threadpool(get_info, r.model)   # first use: reads manifest + tokenizer
+        await run_in_threadpool(constraint_for, params, info.tokenizer)   # engine-rejected: 400 (then cached)
         if isinstance(prompt, str):
             ids = await run_in_threadpool(_encode, info.tokenizer, prompt, "prompt")
         else:
@@ -384,7 +423,7 @@ def make_router(artifacts: dict[str, Path], *, api_key: str | None, ctx: int | N
             offset[0] += len(text)
             return chunk(text, None, lpo, tids)
         first = [{**chunk(echo), **extra}] if (echo or r.return_token_ids) else []
-        return stream(request, job, token_chunk, first, lambda fr: chunk("", fr),
+        return stream(request, job, token_chunk, first, lambda done: [chunk("", done.finish_reason)],
                       lambda n_p, n_c: {**head, "choices": [], "usage": usage(n_p, n_c)}, include_usage)
 
     known = {"/v1/chat/completions": "POST", "/v1/completions": "POST", "/v1/models": "GET"}

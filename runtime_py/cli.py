@@ -67,7 +67,26 @@ def _sampling(a):
     return SamplingParams(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
                           repeat_penalty=a.repeat_penalty, repeat_last_n=a.repeat_last_n,
                           presence_penalty=a.presence_penalty, frequency_penalty=a.frequency_penalty, seed=a.seed,
-                          stop=a.stop or [], max_tokens=a.max_tokens)
+                          stop=a.stop or [], max_tokens=a.max_tokens, **_constraint(a))
+
+
+def _constraint(a) -> dict:
+    """--json-schema FILE / --json-object / --grammar FILE (GBNF) / --regex RE -> SamplingParams fields
+    (runtime_py/grammar.py); files are read here, so a missing or malformed one fails before the model loads."""
+    out = {}
+    if a.json_schema:
+        try:
+            schema = json.loads(read_utf8(a.json_schema, "--json-schema"))
+        except json.JSONDecodeError as e:
+            raise KilnError(f"--json-schema {a.json_schema}: not JSON ({e})") from None
+        out["response_format"] = {"type": "json_schema", "json_schema": {"name": "cli", "schema": schema}}
+    if a.json_object:
+        out["response_format"] = {"type": "json_object"}
+    if a.grammar:
+        out["grammar"] = read_utf8(a.grammar, "--grammar")
+    if a.regex is not None:
+        out["regex"] = a.regex
+    return out
 
 
 def load(model: str | None, ctx: int | None = None, quiet=False, verify=False):
@@ -147,6 +166,8 @@ def cmd_run(a):
     prompt = a.prompt if a.prompt is not None else read_stdin()
     model, session, tok, m = load(a.model, a.ctx, quiet=a.json, verify=a.verify)
     ids = build_prompt(tok, m, prompt, a.chat, a.system, a.chat_template, a.parse_special)
+    from .grammar import constraint_for
+    constraint_for(params, tok)        # an engine-rejected grammar fails here, before prefill (then cached)
     tops, done = [], None
     for ev in generate(session, tok, ids, params, logprobs=5 if a.json else 0,
                        eog_ids=tok.eog_ids):
@@ -304,6 +325,10 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--frequency-penalty", type=float, default=d.frequency_penalty)
     r.add_argument("--seed", type=int, default=d.seed)
     r.add_argument("--stop", action="append", help="stop string (repeatable)")
+    r.add_argument("--json-schema", metavar="FILE", help="constrain the output to JSON valid against this JSON Schema")
+    r.add_argument("--json-object", action="store_true", help="constrain the output to a JSON object")
+    r.add_argument("--grammar", metavar="FILE", help="constrain the output to this GBNF grammar (llama.cpp's format)")
+    r.add_argument("--regex", help="constrain the output to match this regular expression")
     r.add_argument("--ctx", type=int, default=None, help="context length (default 2048, at most the model's)")
     r.add_argument("--json", action="store_true", help="print one JSON object: model, prompt_ids, ids, text, "
                                                        "finish_reason, top_logprobs, timings (schema: "

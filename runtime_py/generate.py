@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from compiler.errors import ContextOverflowError
 
 from .gpu_sampling import LP_MAX, RING, gpu_reason
+from .grammar import FINISH_GRAMMAR, constraint_for
 from .sampling import Sampler, SamplingParams, top_logprobs
 from .tokenizer import StreamDecoder
 
@@ -33,7 +34,8 @@ class Token:
 class Done:
     ids: list[int]
     text: str
-    finish_reason: str                         # "stop" (EOS or stop string) | "length"
+    finish_reason: str                         # "stop" (EOS, stop string, grammar complete) | "length" |
+                                               # "grammar" (the grammar allows no further token)
     timings: dict = field(default_factory=dict)
 
 
@@ -82,14 +84,16 @@ def generate(session, tokenizer, prompt_ids: list[int], params: SamplingParams, 
     max_tokens = max_tokens if max_tokens is not None else params.max_tokens
     max_tokens = room if max_tokens is None else min(max_tokens, room)
     sampler = Sampler(params)
+    constraint = constraint_for(params, tokenizer)      # response_format / grammar / regex: a mask per step
+    matcher = constraint.matcher() if constraint is not None else None
     fast_greedy = params.greedy and not logprobs and params.repeat_penalty == 1 \
-        and not params.presence_penalty and not params.frequency_penalty
+        and not params.presence_penalty and not params.frequency_penalty and matcher is None   # masks: CPU path
     decoder, stops = StreamDecoder(tokenizer), StopStrings(params.stop)
     history, out_ids, text = list(prompt_ids), [], []
     eog = set(eog_ids)
 
     on_gpu = callable(getattr(session, "gpu_sampling", None)) and session.gpu_sampling() \
-        and gpu_reason(params) is None and logprobs <= LP_MAX
+        and gpu_reason(params) is None and logprobs <= LP_MAX and matcher is None   # masks: CPU sampler
     t0 = time.perf_counter()
     session.reset()
     if on_gpu:
@@ -104,20 +108,26 @@ def generate(session, tokenizer, prompt_ids: list[int], params: SamplingParams, 
         elif fast_greedy:
             tok, lp = session.next_token(), None
         else:
+            mask = matcher.mask() if matcher is not None else None
+            if matcher is not None and mask is None:
+                finish = FINISH_GRAMMAR
+                break
             logits = session.logits()
-            tok = sampler.sample(logits, history)
+            tok = sampler.sample(logits, history, mask)
             lp = top_logprobs(logits, logprobs) if logprobs else None
         if t_first is None:
             t_first = time.perf_counter()
         if tok in eog:
             finish = "stop"
             break
+        if matcher is not None:
+            matcher.consume(tok)
         out_ids.append(tok)
         history.append(tok)
         delta, cut = stops.feed(decoder.push(tok))
         text.append(delta)
         yield Token(tok, delta, lp)
-        if cut or should_stop():
+        if cut or should_stop() or (matcher is not None and matcher.done):
             finish = "stop"
             break
         if len(out_ids) < max_tokens and not on_gpu:

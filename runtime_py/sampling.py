@@ -33,6 +33,11 @@ from compiler.errors import InvalidParameterError
 #   stop               stop                            string|list   []       <= 4 strings (*)      "" ignored
 #   max_tokens         max_tokens,                     integer|null  null     >= 1                  null: until EOS,
 #                      max_completion_tokens                                                        a stop or ctx end
+#   response_format    response_format                 object|null   null     type text,            constrained
+#                                                                             json_object or        output, see
+#                                                                             json_schema (+ schema) runtime_py/
+#   grammar            grammar                         string|null   null     GBNF (llama.cpp's)    grammar.py;
+#   regex              regex                           string|null   null     a regular expression  at most one
 #
 # (*) request-only rules, OpenAI's: temperature <= 2, top_p 0 accepted (becomes top_k 1, top_p 1: only the most
 # likely token, as OpenAI and llama.cpp do), at most 4 stop strings. SamplingParams itself (what `kiln run` flags
@@ -55,7 +60,11 @@ REQUEST_TABLE = [
     {"field": "stop", "names": ["stop"], "type": "stop", "request_max_items": 4},
     {"field": "max_tokens", "names": ["max_tokens", "max_completion_tokens"], "type": "integer|null", "min": 1,
      "max": None},
+    {"field": "response_format", "names": ["response_format"], "type": "response_format"},
+    {"field": "grammar", "names": ["grammar"], "type": "string|null"},
+    {"field": "regex", "names": ["regex"], "type": "string|null"},
 ]
+RESPONSE_FORMATS = ["text", "json_object", "json_schema"]
 
 
 @dataclass
@@ -72,6 +81,10 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     logit_bias: dict[int, float] = field(default_factory=dict)   # token id -> added to its logit before penalties
     max_tokens: int | None = None   # None: until EOS, a stop string or the end of the context
+    # output constraints (runtime_py/grammar.py), at most one: {"type": "json_object" | "json_schema", ...}, GBNF, regex
+    response_format: dict | None = None
+    grammar: str | None = None
+    regex: str | None = None
 
     @classmethod
     def from_request(cls, req: dict) -> SamplingParams:
@@ -97,7 +110,18 @@ class SamplingParams:
     def validate(self):
         for row in REQUEST_TABLE:
             _check(row, row["field"], getattr(self, row["field"]))
+        given = [n for n in ("response_format", "grammar", "regex") if getattr(self, n) is not None
+                 and not (n == "response_format" and self.response_format["type"] == "text")]
+        if len(given) > 1:
+            raise InvalidParameterError(f"{given[0]} and {given[1]} are two output constraints; give one",
+                                        param=given[1])
         return self
+
+    @property
+    def constrained(self) -> bool:
+        """An output constraint is set (a grammar mask is applied each step: the CPU sampling path)."""
+        rf = self.response_format
+        return (rf is not None and rf["type"] != "text") or self.grammar is not None or self.regex is not None
 
     @property
     def greedy(self) -> bool:
@@ -122,8 +146,14 @@ def _check(row: dict, name: str, value, request: bool = False):
         if limit is not None and len(value) > limit:
             raise InvalidParameterError(f"{name} takes at most {limit} strings (got {len(value)})", param=name)
         return list(value)
-    if value is None and kind.endswith("|null"):
+    if value is None and (kind.endswith("|null") or kind == "response_format"):
         return None
+    if kind == "response_format":
+        return _check_response_format(name, value)
+    if kind == "string|null":
+        if not isinstance(value, str):
+            raise InvalidParameterError(f"{name} must be a string (got {_show(value)})", param=name)
+        return value
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if kind.startswith("integer"):
         if not number or (isinstance(value, float) and not value.is_integer()):
@@ -140,6 +170,21 @@ def _check(row: dict, name: str, value, request: bool = False):
         else:
             rng = f"in {'(' if lo_open else '['}{lo}, {hi}]"
         raise InvalidParameterError(f"{name} must be {rng} (got {_show(value)})", param=name)
+    return value
+
+
+def _check_response_format(name: str, value):
+    """OpenAI's shape: {"type": "text"} | {"type": "json_object"} | {"type": "json_schema", "json_schema": {"name":
+    ..., "schema": {...}, "strict": ...}}. The schema itself is checked by the grammar engine (runtime_py/grammar.py)."""
+    if not isinstance(value, dict) or value.get("type") not in RESPONSE_FORMATS:
+        got = value.get("type") if isinstance(value, dict) else value
+        raise InvalidParameterError(f"{name}.type must be one of {', '.join(RESPONSE_FORMATS)} (got {_show(got)})",
+                                    param=name)
+    if value["type"] == "json_schema":
+        js = value.get("json_schema")
+        if not isinstance(js, dict) or not isinstance(js.get("schema"), dict):
+            raise InvalidParameterError(f"{name}.json_schema.schema must be a JSON object (a JSON Schema)",
+                                        param=name)
     return value
 
 
@@ -189,13 +234,19 @@ class Sampler:
         logits[ids] = sel
         return logits
 
-    def sample(self, logits: np.ndarray, history: list[int]) -> int:
-        """logits: (vocab,) float; history: prompt + generated ids. Returns the chosen id."""
+    def sample(self, logits: np.ndarray, history: list[int], mask: np.ndarray | None = None) -> int:
+        """logits: (vocab,) float; history: prompt + generated ids; mask: (vocab,) bool, the tokens allowed (a
+        grammar's, runtime_py/grammar.py; at least one True), others never chosen. Returns the chosen id."""
         p = self.p
         logits = self.apply_penalties(np.asarray(logits, dtype=np.float64), history)
+        if mask is not None:
+            from .grammar import apply_mask
+            logits = apply_mask(logits, mask)
         if p.greedy:
             return int(np.argmax(logits))
         order = np.argsort(-logits, kind="stable")                       # candidates, best first
+        if mask is not None:
+            order = order[:int(np.count_nonzero(np.isfinite(logits)))]   # the allowed ones (sorted first)
         if p.top_k > 0:
             order = order[:p.top_k]
         cand = logits[order]

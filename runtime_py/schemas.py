@@ -135,10 +135,23 @@ class ContentPart(_Req):
     text: str | None = None
 
 
+class ToolCallFunction(_Req):
+    name: str
+    arguments: str                  # a JSON text, as OpenAI sends it
+
+
+class ToolCall(_Req):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class Message(_Req):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[ContentPart], None] = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None     # assistant: the calls it made (rendered back, runtime_py/tools.py)
+    tool_call_id: str | None = None              # tool: the call this is the result of
 
 
 class CommonRequest(_Req):
@@ -163,6 +176,10 @@ class CommonRequest(_Req):
     user: str | None = None
     logit_bias: dict[str, float] | None = None
     return_token_ids: bool = False
+    # output constraints (runtime_py/grammar.py): shapes checked by REQUEST_TABLE, contents by the grammar engine
+    response_format: dict[str, Any] | None = None
+    grammar: str | None = None        # GBNF, llama.cpp's grammar format (as llama.cpp's server takes it)
+    regex: str | None = None          # as vLLM's guided_regex
 
 
 class ChatRequest(CommonRequest):
@@ -172,7 +189,7 @@ class ChatRequest(CommonRequest):
     tools: list[Any] | None = None
     tool_choice: Any = None
     functions: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     parse_special: bool = False   # kiln: control-token text in message contents becomes control tokens (llama.cpp's)
 
 

@@ -19,9 +19,25 @@
 // Leaving a `for await` early interrupts that request. Errors are the classes of errors.js (re-exported here), also
 // when they were thrown in the worker.
 
-import {DeviceLostError, ERRORS, KilnError, errorFromJson} from "./errors.js";
+import {DeviceLostError, ERRORS, InvalidParameterError, KilnError, errorFromJson} from "./errors.js";
 import {moduleProblem} from "./loader.js";
 import {SamplingParams} from "./sampler.js";
+
+/** Fields the browser runtime does not implement yet are refused by name, never ignored: output constraints and
+ *  tool calls run natively (runtime_py/grammar.py, runtime_py/tools.py; `kiln serve`), and web/ has no grammar engine
+ *  yet (@mlc-ai/web-xgrammar is the planned one, see issue 11). */
+function refuseUnimplemented(req, params) {
+  const notHere = (field) => new InvalidParameterError(`${field} is not implemented in the browser runtime yet ` +
+    "(constrained output and tool calls run in kiln's native server, `kiln serve`)", field);
+  if (params.constrained) {
+    throw notHere(["response_format", "grammar", "regex"].find((n) => params[n] !== null
+      && !(n === "response_format" && params.response_format.type === "text")));
+  }
+  for (const field of ["tools", "functions"]) {
+    if (Array.isArray(req[field]) ? req[field].length : req[field] != null) throw notHere(field);
+  }
+  if (req.tool_choice != null && req.tool_choice !== "none") throw notHere("tool_choice");
+}
 
 export * from "./device.js";
 
@@ -111,7 +127,9 @@ class Engine {
     const created = Math.floor(Date.now() / 1000);
     const model = req.model || this.model;
     const topN = kind === "chat" ? (req.logprobs ? (req.top_logprobs ?? 0) || 1 : 0) : (req.logprobs ?? 0);
-    const request = {params: {...SamplingParams.fromRequest(req)}, logprobs: topN};   // throws InvalidParameterError
+    const params = SamplingParams.fromRequest(req);                                  // throws InvalidParameterError
+    refuseUnimplemented(req, params);
+    const request = {params: {...params}, logprobs: topN};
     if (kind === "chat") Object.assign(request, {messages: req.messages, parse_special: Boolean(req.parse_special)});
     else request.prompt = req.prompt;
 

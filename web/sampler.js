@@ -24,14 +24,18 @@ export const REQUEST_TABLE = [
   {field: "seed", names: ["seed"], type: "integer|null", min: null, max: null},
   {field: "stop", names: ["stop"], type: "stop", request_max_items: 4},
   {field: "max_tokens", names: ["max_tokens", "max_completion_tokens"], type: "integer|null", min: 1, max: null},
+  {field: "response_format", names: ["response_format"], type: "response_format"},
+  {field: "grammar", names: ["grammar"], type: "string|null"},
+  {field: "regex", names: ["regex"], type: "string|null"},
 ];
+export const RESPONSE_FORMATS = ["text", "json_object", "json_schema"];
 
 export class SamplingParams {
   constructor({temperature = 0.7, top_k = 40, top_p = 0.95, min_p = 0.05, repeat_penalty = 1.0, repeat_last_n = 64,
                presence_penalty = 0.0, frequency_penalty = 0.0, seed = null, stop = [], max_tokens = null,
-               logit_bias = {}} = {}) {
+               response_format = null, grammar = null, regex = null, logit_bias = {}} = {}) {
     Object.assign(this, {temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, presence_penalty,
-                         frequency_penalty, seed, stop, max_tokens, logit_bias});
+                         frequency_penalty, seed, stop, max_tokens, response_format, grammar, regex, logit_bias});
   }
 
   /** An OpenAI / llama.cpp style request (other keys ignored) -> validated params, by REQUEST_TABLE.
@@ -58,7 +62,18 @@ export class SamplingParams {
 
   validate() {
     for (const row of REQUEST_TABLE) check(row, row.field, this[row.field]);
+    const given = ["response_format", "grammar", "regex"].filter((n) => this[n] !== null
+      && !(n === "response_format" && this.response_format.type === "text"));
+    if (given.length > 1) {
+      throw new InvalidParameterError(`${given[0]} and ${given[1]} are two output constraints; give one`, given[1]);
+    }
     return this;
+  }
+
+  /** An output constraint is set (a grammar mask is applied each step: the CPU sampling path). */
+  get constrained() {
+    const rf = this.response_format;
+    return (rf !== null && rf.type !== "text") || this.grammar !== null || this.regex !== null;
   }
 
   get greedy() { return this.temperature === 0; }
@@ -82,7 +97,12 @@ function check(row, name, value, request = false) {
     }
     return [...value];
   }
-  if (value === null && kind.endsWith("|null")) return null;
+  if (value === null && (kind.endsWith("|null") || kind === "response_format")) return null;
+  if (kind === "response_format") return checkResponseFormat(name, value);
+  if (kind === "string|null") {
+    if (typeof value !== "string") throw new InvalidParameterError(`${name} must be a string (got ${show(value)})`, name);
+    return value;
+  }
   const number = typeof value === "number";
   if (kind.startsWith("integer")) {
     if (!number || !Number.isInteger(value)) {
@@ -97,6 +117,20 @@ function check(row, name, value, request = false) {
   if (!ok) {   // also NaN, which compares false
     const range = hi === null ? `${loOpen ? ">" : ">="} ${lo}` : `in ${loOpen ? "(" : "["}${lo}, ${hi}]`;
     throw new InvalidParameterError(`${name} must be ${range} (got ${show(value)})`, name);
+  }
+  return value;
+}
+
+/** OpenAI's shape, as runtime_py/sampling.py `_check_response_format`; the schema itself is the engine's to check. */
+function checkResponseFormat(name, value) {
+  const isObject = (v) => typeof v === "object" && v !== null && !Array.isArray(v);
+  if (!isObject(value) || !RESPONSE_FORMATS.includes(value.type)) {
+    const got = isObject(value) ? value.type ?? null : value;
+    throw new InvalidParameterError(`${name}.type must be one of ${RESPONSE_FORMATS.join(", ")} (got ${show(got)})`,
+                                    name);
+  }
+  if (value.type === "json_schema" && !(isObject(value.json_schema) && isObject(value.json_schema.schema))) {
+    throw new InvalidParameterError(`${name}.json_schema.schema must be a JSON object (a JSON Schema)`, name);
   }
   return value;
 }

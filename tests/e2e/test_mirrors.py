@@ -53,6 +53,14 @@ REQUEST_CASES = [
     {"max_tokens": 5, "max_completion_tokens": 6}, {"max_tokens": 5, "max_completion_tokens": 5},
     {"temperature": 0.9, "top_p": 0.8, "top_k": 20, "min_p": 0.1, "repeat_penalty": 1.1, "repeat_last_n": 32,
      "presence_penalty": 0.5, "frequency_penalty": 0.25, "seed": 42, "stop": ["</s>", "\n\n"], "max_tokens": 64},
+    # output constraints: shapes checked by the table on both sides (the schema itself by the grammar engine)
+    {"response_format": {"type": "text"}}, {"response_format": {"type": "json_object"}},
+    {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}},
+    {"response_format": {"type": "xml"}}, {"response_format": {}}, {"response_format": "json"},
+    {"response_format": {"type": "json_schema"}}, {"response_format": {"type": "json_schema", "json_schema": []}},
+    {"grammar": 'root ::= "a"'}, {"grammar": 5}, {"regex": "[0-9]+"}, {"regex": ["a"]},
+    {"grammar": 'root ::= "a"', "regex": "a"}, {"response_format": {"type": "json_object"}, "grammar": "x"},
+    {"response_format": {"type": "text"}, "regex": "a"},
 ]
 
 
@@ -254,7 +262,15 @@ def test_a_loaded_engine_reports_request_and_template_errors_by_class(demo):
           }
         };
         return [await fail({messages: [{content: "no role"}], max_tokens: 1}),
-                await fail({messages: [{role: "user", content: "hi"}], repetition_penalty: 1.1, repeat_penalty: 1.2})];
+                await fail({messages: [{role: "user", content: "hi"}], repetition_penalty: 1.1, repeat_penalty: 1.2}),
+                // not implemented in the browser yet: refused by name, never ignored
+                await fail({messages: [{role: "user", content: "hi"}], response_format: {type: "json_object"}}),
+                await fail({messages: [{role: "user", content: "hi"}], regex: "a+"}),
+                await fail({messages: [{role: "user", content: "hi"}],
+                            tools: [{type: "function", function: {name: "f"}}]}),
+                await fail({messages: [{role: "user", content: "hi"}], tool_choice: "required"})];
     }""")
     assert got[0] is not None and got[0][:3] == ["ChatTemplateError", True, None], got[0]
     assert got[1] is not None and got[1][:3] == ["InvalidParameterError", True, "repeat_penalty"], got[1]
+    for g, field in zip(got[2:], ["response_format", "regex", "tools", "tool_choice"]):
+        assert g is not None and g[:3] == ["InvalidParameterError", True, field], g
