@@ -18,6 +18,7 @@ import math
 
 import pytest
 
+from compiler.schedule import DECODE_SPLITS
 from tests.conftest import fixture_json
 from tests.unit.test_errors import kiln
 
@@ -162,9 +163,10 @@ def test_inspect_json(ctx):
     assert info["parameters"] == 134_515_008
     assert set(info["tensor_bytes_by_type"]) == {"Q4_1", "Q8_0", "F32"}
     assert info["weights_bytes"] == sum(info["tensor_bytes_by_type"].values())
-    # every other buffer a generating session allocates: tokens, x, xn, qkv, attn, ff (T = 128 rows) and the logits;
-    # not the score program's logits_all (64 x vocab f32), allocated only where scoring runs
-    assert info["activation_bytes"] == 4 * (128 * (1 + 576 + 576 + 960 + 576 + 1536) + 49152)
+    # every other buffer a generating session allocates: tokens, x, xn, qkv, attn, ff (T = 128 rows), the logits and
+    # split-K attention's partials (9 heads x DECODE_SPLITS x (64 + max + sum)); not the score program's logits_all
+    # (64 x vocab f32), allocated only where scoring runs
+    assert info["activation_bytes"] == 4 * (128 * (1 + 576 + 576 + 960 + 576 + 1536) + 49152 + 9 * DECODE_SPLITS * 66)
     assert info["total_gpu_bytes"] == info["weights_bytes"] + info["kv_cache_bytes_f32"] + info["activation_bytes"]
 
 
