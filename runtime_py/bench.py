@@ -79,8 +79,8 @@ class Counter:
 
     def __exit__(self, *exc):
         a = self._api
-        a.GPUComputePassEncoder.dispatch_workgroups, a.GPUQueue.submit, a.GPUQueue.read_buffer, a.GPUBuffer.map_async = \
-            self._orig
+        (a.GPUComputePassEncoder.dispatch_workgroups, a.GPUQueue.submit, a.GPUQueue.read_buffer,
+         a.GPUBuffer.map_async) = self._orig
 
 
 # -- probes ---------------------------------------------------------------------------------------------------------
