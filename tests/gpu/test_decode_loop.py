@@ -29,13 +29,19 @@ class CPUPath:
 
 
 class Traffic:
-    """Counts queue submits and bytes read back (queue.read_buffer, buffer map_async) while active."""
+    """Counts dispatches, queue submits and bytes read back (queue.read_buffer, buffer map_async) while active."""
 
     def __enter__(self):
-        self.submits = self.read_bytes = 0
+        self.submits = self.read_bytes = self.dispatches = 0
         self._orig = (_api.GPUQueue.submit, _api.GPUQueue.read_buffer, _api.GPUBuffer.map_async)
+        self._orig_dispatch = _api.GPUComputePassEncoder.dispatch_workgroups
         sub, rb, mp = self._orig
         me = self
+
+        def dispatch(cp, *a, **k):
+            me.dispatches += 1
+            return me._orig_dispatch(cp, *a, **k)
+        _api.GPUComputePassEncoder.dispatch_workgroups = dispatch
 
         def submit(q, *a, **k):
             me.submits += 1
@@ -59,6 +65,7 @@ class Traffic:
 
     def __exit__(self, *exc):
         _api.GPUQueue.submit, _api.GPUQueue.read_buffer, _api.GPUBuffer.map_async = self._orig
+        _api.GPUComputePassEncoder.dispatch_workgroups = self._orig_dispatch
 
 
 def run(session, tok, ids, params, n, logprobs=0, eog=()):
@@ -129,3 +136,24 @@ def test_eos_and_stop_strings_inside_a_submit(session, smollm2_tokenizer):
         cpu, _ = run(CPUPath(session), tok, ids, params, 12, eog=kw.get("eog", ()))
         assert (gpu.ids, gpu.text, gpu.finish_reason) == (cpu.ids, cpu.text, cpu.finish_reason)
         assert gpu.finish_reason == "stop" and len(gpu.ids) < 12
+
+
+@pytest.mark.parametrize("variant", ["decode", "decode@cpu"])
+def test_decode_dispatches(smollm2_model, variant):
+    """A SmolLM2 decode token is <= 160 dispatches (issue 14; 304 before the fusion), counted at wgpu-py's API while
+    the program replays, for the plain program and the CPU-adapter variant alike; the manifest's `dispatches` says
+    the same; and the two variants agree on the logits (each runs correctly on any adapter)."""
+    m = smollm2_model.manifest
+    ids = PROMPT[:6]
+    logits = {}
+    for prog in dict.fromkeys([variant, "decode@cpu"]):
+        s = smollm2_model.session(ctx=64)
+        s.programs["decode"] = s._bind(prog, m["programs"][prog])   # replay this variant whatever the adapter is
+        s.forward(ids[:-1])
+        with Traffic() as t:
+            s.forward(ids[-1:])
+        assert t.dispatches == m["dispatches"][prog] == len(m["programs"][prog])
+        logits[prog] = s.logits()
+    print(f"{variant}: {m['dispatches'][variant]} dispatches per decode token")
+    assert m["dispatches"][variant] <= 160
+    np.testing.assert_allclose(logits[variant], logits["decode@cpu"], atol=2e-3)
