@@ -11,9 +11,9 @@ from runtime_py.generate import generate
 from runtime_py.sampling import GREEDY, SamplingParams
 
 try:
-    from .test_smollm2 import TRANSFORMERS, first_tie_step
+    from .test_smollm2 import LAST_LOGITS, MAX_ABS_LOGIT_DIFF, TRANSFORMERS, first_tie_step
 except ImportError:   # tests/gpu is not a package: pytest put it on sys.path
-    from test_smollm2 import TRANSFORMERS, first_tie_step
+    from test_smollm2 import LAST_LOGITS, MAX_ABS_LOGIT_DIFF, TRANSFORMERS, first_tie_step
 
 
 class CPUPath:
@@ -139,21 +139,30 @@ def test_eos_and_stop_strings_inside_a_submit(session, smollm2_tokenizer):
 
 
 @pytest.mark.parametrize("variant", ["decode", "decode@cpu"])
-def test_decode_dispatches(smollm2_model, variant):
+def test_decode_dispatches(smollm2_model, smollm2_artifact, variant, monkeypatch):
     """A SmolLM2 decode token is <= 160 dispatches (issue 14; 304 before the fusion), counted at wgpu-py's API while
-    the program replays, for the plain program and the CPU-adapter variant alike; the manifest's `dispatches` says
-    the same; and the two variants agree on the logits (each runs correctly on any adapter)."""
-    m = smollm2_model.manifest
-    ids = PROMPT[:6]
-    logits = {}
-    for prog in dict.fromkeys([variant, "decode@cpu"]):
-        s = smollm2_model.session(ctx=64)
-        s.programs["decode"] = s._bind(prog, m["programs"][prog])   # replay this variant whatever the adapter is
-        s.forward(ids[:-1])
-        with Traffic() as t:
-            s.forward(ids[-1:])
-        assert t.dispatches == m["dispatches"][prog] == len(m["programs"][prog])
-        logits[prog] = s.logits()
+    the program replays, for the plain program and the CPU-adapter variant alike (each on a model loaded for the
+    adapter class that runs it: KILN_ADAPTER_CLASS); the manifest's `dispatches` says the same; and the logits of a
+    prompt whose last token is decoded by that variant match float32 transformers (each variant is correct on any
+    adapter)."""
+    from runtime_py.model import Model
+    cls = "cpu" if variant.endswith("@cpu") else "gpu"
+    if smollm2_model.adapter_class == cls:
+        model = smollm2_model
+    else:
+        monkeypatch.setenv("KILN_ADAPTER_CLASS", cls)
+        model = Model(smollm2_artifact)
+    assert model.program_for["decode"] == variant
+    m = model.manifest
+    name = next(iter(TRANSFORMERS))
+    ids = TRANSFORMERS[name]["prompt_ids"]
+    s = model.session(ctx=256)
+    s.forward(ids[:-1])
+    with Traffic() as t:
+        s.forward(ids[-1:])
+    assert t.dispatches == m["dispatches"][variant] == len(m["programs"][variant])
     print(f"{variant}: {m['dispatches'][variant]} dispatches per decode token")
     assert m["dispatches"][variant] <= 160
-    np.testing.assert_allclose(logits[variant], logits["decode@cpu"], atol=2e-3)
+    logits, ref = s.logits(), LAST_LOGITS[name]
+    assert int(logits.argmax()) == int(ref.argmax())
+    assert float(np.abs(logits - ref).max()) <= MAX_ABS_LOGIT_DIFF

@@ -4,7 +4,8 @@
   - Matmul / MatvecCPU with pre="reduce": y = W attention_reduce(partials), from attention_split's partials (incl.
     empty splits);
   - AttentionSplit with rope (+ qk_norm): RoPE, QK-norm and the KV-cache write of position pos in the prologue, then
-    split-K attention, reduced as decode reduces it (in the o-projection's prologue: chained here through it).
+    split-K attention, reduced as decode reduces it (in the o-projection's prologue: chained here through it);
+    AttentionSplitSoftcap (gemma2's score soft-capping) with the same prologue.
 """
 from __future__ import annotations
 
@@ -14,16 +15,18 @@ import zlib
 import numpy as np
 import pytest
 
-from compiler.kernels import AttentionSplit, Matmul, MatvecCPU
+from compiler.kernels import AttentionSplit, AttentionSplitSoftcap, Matmul, MatvecCPU
 from compiler.quant import QuantScheme
 from runtime_py.device import NoAdapterError, get_device
 
 try:
     from .kernel_harness import run_kernel
     from .test_kernels import ACT, assert_close, assert_untouched, attention_ref, kdim, make_weights, pack, rope_ref
+    from .test_kernels_archs import attention_softcap_ref
 except ImportError:   # tests/gpu is not a package: pytest put it on sys.path
     from kernel_harness import run_kernel
     from test_kernels import ACT, assert_close, assert_untouched, attention_ref, kdim, make_weights, pack, rope_ref
+    from test_kernels_archs import attention_softcap_ref
 
 try:
     get_device()
@@ -125,15 +128,17 @@ def test_matvec_reduce_prologue(kind, quant, rows, heads, hd, S, residual, rng):
 
 
 @pytest.mark.parametrize("style", ["norm", "neox"])
-@pytest.mark.parametrize("n_head,n_kv,hd,rot,pos,window,qk_norm", [
-    (9, 3, 64, 64, 0, 0, False),        # SmolLM2's heads, first token: the one key is the new one
-    (9, 3, 64, 64, 100, 0, False),
-    (9, 3, 64, 64, 1000, 0, False),
-    (4, 1, 256, 256, 300, 0, True),     # Gemma 3's heads, QK-norm
-    (4, 1, 256, 256, 700, 512, True),   # sliding window
-    (2, 2, 64, 32, 17, 0, True),        # rot_dim < head_dim
+@pytest.mark.parametrize("n_head,n_kv,hd,rot,pos,window,qk_norm,cap", [
+    (9, 3, 64, 64, 0, 0, False, 0),        # SmolLM2's heads, first token: the one key is the new one
+    (9, 3, 64, 64, 100, 0, False, 0),
+    (9, 3, 64, 64, 1000, 0, False, 0),
+    (4, 1, 256, 256, 300, 0, True, 0),     # Gemma 3's heads, QK-norm
+    (4, 1, 256, 256, 700, 512, True, 0),   # sliding window
+    (2, 2, 64, 32, 17, 0, True, 0),        # rot_dim < head_dim
+    (4, 2, 64, 64, 70, 32, False, 2.0),    # gemma2 fixture-like: soft-capped scores, window 32
+    (3, 1, 96, 96, 40, 0, False, 0),       # phi3-like head_dim 96 (G * hd not a multiple of the workgroup)
 ])
-def test_attention_rope_kv_fused(style, n_head, n_kv, hd, rot, pos, window, qk_norm, rng):
+def test_attention_rope_kv_fused(style, n_head, n_kv, hd, rot, pos, window, qk_norm, cap, rng):
     S, base, eps = 16, 10000.0, 1e-6
     stride = (n_head + 2 * n_kv) * hd
     qkv = (rng.standard_normal((1, stride)) * 2).astype(f32)
@@ -154,15 +159,20 @@ def test_attention_rope_kv_fused(style, n_head, n_kv, hd, rot, pos, window, qk_n
     kc_want, vc_want = kc0.astype(f64), vc0.astype(f64)
     kc_want[pos] = roped[0, n_head * hd:(n_head + n_kv) * hd].reshape(n_kv, hd)
     vc_want[pos] = qkv[0, (n_head + n_kv) * hd:].reshape(n_kv, hd)
-    want = attention_ref(roped[:, :n_head * hd], kc_want, vc_want, n_head, n_kv, pos, window, 1 / math.sqrt(hd))
+    if cap:
+        want = attention_softcap_ref(roped[:, :n_head * hd], kc_want, vc_want, n_head, n_kv, pos, window,
+                                     1 / math.sqrt(hd), cap)
+    else:
+        want = attention_ref(roped[:, :n_head * hd], kc_want, vc_want, n_head, n_kv, pos, window, 1 / math.sqrt(hd))
 
-    k = AttentionSplit.for_heads(n_head, n_kv, hd, rope=style, qk_norm=qk_norm)
+    kind = AttentionSplitSoftcap if cap else AttentionSplit
+    k = kind.for_heads(n_head, n_kv, hd, rope=style, qk_norm=qk_norm)
     part0 = np.full((n_head, S, hd + 2), 7.0, f32)
     out0 = rng.standard_normal((1, n_head * hd)).astype(f32)
     bufs = [qkv, kc0, vc0, part0, out0, inv_freq] + ([qn, kn] if qk_norm else [])
-    kc, vc, part, out = run_kernel(k, dict(n_head=n_head, n_kv=n_kv, head_dim=hd, window=window,
-                                           scale=1 / math.sqrt(hd), splits=S, rot_dim=rot, eps=eps),
-                                   bufs, [n_kv, S, 1], n_tokens=1, pos0=pos)
+    params = dict(n_head=n_head, n_kv=n_kv, head_dim=hd, window=window, scale=1 / math.sqrt(hd), splits=S,
+                  **(dict(cap=cap) if cap else {}), rot_dim=rot, eps=eps)
+    kc, vc, part, out = run_kernel(k, params, bufs, [n_kv, S, 1], n_tokens=1, pos0=pos)
     assert_close(kc[pos], kc_want[pos], rel=1e-5, what=f"{k.name} k_cache[pos]")
     assert_untouched(vc[pos], vc_want[pos].astype(f32), np.ones((n_kv, hd), bool), f"{k.name} v_cache[pos]")
     others = np.ones(kc.shape, bool)
