@@ -93,7 +93,7 @@ class Builder:
 
     def matmul(self, x: str, w: str, y: str, *, n_offset=0, n_stride=None, residual=False, gate=None,
                up: str | None = None, last_only=False, pre=None):
-        """pre: ("norm", x, weight) or ("reduce",): x computed in the mat-vec's prologue (decode only, see FUSE_MAX_K)."""
+        """pre: ("norm", x, weight) or ("reduce",): x computed in the mat-vec's prologue (decode only, FUSE_MAX_K)."""
         wr = self.W(w)
         ur = self.W(up) if up else None
         tile = 1 if last_only else self.tile
