@@ -124,14 +124,16 @@ class BeamSearch:
         cands, tops = [], []
         for i, (b, row) in enumerate(zip(self.live, rows)):
             lp = log_softmax(row)
+            # the model's own top alternatives at this position (EOS among them), for the logprobs of its children
+            tops.append((lp, [(int(j), float(lp[j])) for j in top_tokens(lp, self.n_top)]) if self.n_top >= 0
+                        else None)
             eos = [e for e in self.eos if e < len(lp)]
             for e in eos:
                 self._finish(b.ids, b.cum + lp[e], t, "stop", b.logprobs)
-            lp[eos] = -np.inf
+            cont = lp.copy()
+            cont[eos] = -np.inf
             # a parent's children outside its own top K cannot be among the K best overall
-            cands += [(b.cum + lp[tok], i, int(tok)) for tok in top_tokens(lp, self.width)]
-            tops.append((lp, [(int(j), float(lp[j])) for j in top_tokens(lp, self.n_top)]) if self.n_top >= 0
-                        else None)
+            cands += [(b.cum + cont[tok], i, int(tok)) for tok in top_tokens(cont, self.width)]
         cands.sort(key=lambda c: (-c[0], c[1], c[2]))
         live = []
         for cum, i, tok in cands[:self.width]:
@@ -187,7 +189,8 @@ def check_request(req: dict) -> BeamSpec | None:
     if not req.get("use_beam_search"):
         for name in ("length_penalty", "early_stopping"):
             if req.get(name) is not None:
-                raise InvalidParameterError(f"{name} applies to beam search only (set use_beam_search: true)", name)
+                raise InvalidParameterError(f"{name} applies to beam search only (use_beam_search: true; kiln run "
+                                            f"--beams K)", name)
         return None
     n, best_of = req.get("n"), req.get("best_of")
     for name, v in (("n", n), ("best_of", best_of)):
@@ -214,11 +217,11 @@ def check_request(req: dict) -> BeamSpec | None:
         v = req.get(name)
         if v is not None and v not in ok:
             raise InvalidParameterError(f"beam search scores the model's own log-probabilities: {name} "
-                                        f"{'must be 0' if name == 'temperature' else 'cannot be set'} with "
-                                        f"use_beam_search (got {v!r})", name)
+                                        f"{'must be 0' if name == 'temperature' else 'cannot be set'} with beam "
+                                        f"search (got {v!r})", name)
     if (req.get("top_k") or 0) > 0:
         raise InvalidParameterError("beam search scores the model's own log-probabilities: top_k cannot be set with "
-                                    "use_beam_search", "top_k")
+                                    "it", "top_k")
     for name in ("stop", "logit_bias", "grammar", "regex"):
         if req.get(name):
             raise InvalidParameterError(f"{name} is not implemented with beam search", name)

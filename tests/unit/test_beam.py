@@ -166,8 +166,7 @@ def test_logprobs_are_each_tokens_and_sum_to_the_cumulative_one():
     for h in beam_search(MockSource(f), 3, 4, (0,), logprobs=2):
         assert [t for t, _, _ in h.logprobs] == h.ids
         for i, (t, lp, tops) in enumerate(h.logprobs):
-            row = log_softmax(f(tuple(h.ids[:i])))
-            row[0] = -np.inf                   # the alternatives of a token that continued: EOS excluded
+            row = log_softmax(f(tuple(h.ids[:i])))       # the model's own alternatives, EOS among them
             assert abs(lp - row[t]) < 1e-12 and [a for a, _ in tops] == list(np.argsort(-row, kind="stable")[:2])
         eos_lp = log_softmax(f(tuple(h.ids)))[0] if h.finish_reason == "stop" else 0.0
         assert abs(sum(lp for _, lp, _ in h.logprobs) + eos_lp - h.cum_logprob) < 1e-9
