@@ -10,15 +10,16 @@ Definition (HF's and vLLM's beam search, made exact so that it can be checked by
   - a hypothesis is a continuation y_1..y_L of the prompt, scored on the model's own distribution:
     cum_logprob = sum_i log p(y_i | prompt, y_<i), log-softmax of the raw logits in float64 (no temperature, no
     truncation, no penalties: sampling settings are refused with beams, `check_request`);
-  - it ends with an end-of-generation token (finish "stop": the EOS counts in cum_logprob and in L, it is not in
-    `ids`: the probability of stopping there is part of the hypothesis) or after max_tokens tokens ("length");
+  - it ends with an end-of-generation token (finish "stop") or after max_tokens tokens ("length"). Stopping is one
+    event whatever EOS id does it (a model has several: SmolLM2 0, 2, 4): its log-probability is the logsumexp of
+    theirs, and it counts in cum_logprob and in L, not in `ids` (so no two hypotheses have the same text);
   - score = cum_logprob / L ** length_penalty, L >= 1 the generated tokens (vLLM divides by prompt + output
     length and leaves the EOS out; HF by the output length: we take the output, EOS included, so that a one-token
     answer "EOS" has L = 1). length_penalty 0: the plain cum logprob; > 0 favours longer hypotheses, < 0 shorter.
 Search with width K, returning the n <= K best:
   live_0 = [prompt]; for t = 1 .. max_tokens:
-    every live beam's EOS child is a finished hypothesis of length t (vLLM keeps those among each beam's top 2K, HF
-    those among the step's top K; we keep them all, so the result does not depend on such a cut-off);
+    every live beam's stop is a finished hypothesis of length t (vLLM keeps EOS children among each beam's top 2K,
+    HF those among the step's top K; we keep them all, so the result does not depend on such a cut-off);
     live_t = the K best non-EOS children of live_{t-1} by cum_logprob (ties: parent order, then token id);
     at t = max_tokens the live beams finish with "length".
   Finished hypotheses: the n best by score are kept (ties: the one finished first).
@@ -51,7 +52,7 @@ class Beam:
 @dataclass
 class Hypothesis:
     ids: list[int]                               # generated ids, the EOS left out
-    cum_logprob: float                           # the EOS's log-probability included ("stop")
+    cum_logprob: float                           # the stop's log-probability included ("stop")
     score: float                                 # cum_logprob / len ** length_penalty, len counting the EOS
     finish_reason: str                           # "stop" (EOS) | "length"
     logprobs: list | None = None                 # per id (id, logprob, tops) when asked for
@@ -128,8 +129,9 @@ class BeamSearch:
             tops.append((lp, [(int(j), float(lp[j])) for j in top_tokens(lp, self.n_top)]) if self.n_top >= 0
                         else None)
             eos = [e for e in self.eos if e < len(lp)]
-            for e in eos:
-                self._finish(b.ids, b.cum + lp[e], t, "stop", b.logprobs)
+            if eos:                                   # stopping: any end-of-generation token (one hypothesis)
+                m = lp[eos].max()
+                self._finish(b.ids, b.cum + m + np.log(np.exp(lp[eos] - m).sum()), t, "stop", b.logprobs)
             cont = lp.copy()
             cont[eos] = -np.inf
             # a parent's children outside its own top K cannot be among the K best overall

@@ -35,6 +35,19 @@ function refuseUnimplemented(req) {
   if (req.parallel_tool_calls === true) {
     throw new InvalidParameterError("kiln makes at most one tool call per reply (set it false)", "parallel_tool_calls");
   }
+  // beam search runs natively only (runtime_py/beam.py: kiln run --beams, kiln serve use_beam_search)
+  for (const name of ["use_beam_search", "length_penalty", "early_stopping"]) {
+    if (name === "use_beam_search" ? req[name] === true : req[name] != null) {
+      throw new InvalidParameterError(`${name}: beam search is not implemented in the browser runtime (it runs ` +
+                                      "natively: `kiln run --beams K`, `kiln serve` with use_beam_search)", name);
+    }
+  }
+  for (const name of ["n", "best_of"]) {
+    if (req[name] != null && req[name] !== 1) {
+      throw new InvalidParameterError(`the browser runtime generates one choice per request (${name} must be 1)`,
+                                      name);
+    }
+  }
 }
 
 export * from "./device.js";

@@ -22,7 +22,7 @@ V = 5
 
 
 def mock_logits(seed: int, eos_bias: float = 0.0):
-    """seq (tuple of ids) -> (V,) float32 logits, deterministic per (seed, seq); EOS (id 0) shifted by eos_bias."""
+    """seq (tuple of ids) -> (V,) float32 logits, deterministic per (seed, seq); id 0 (an EOS) shifted by eos_bias."""
     def f(seq):
         h = hashlib.sha256(repr((seed, tuple(seq))).encode()).digest()
         x = np.random.default_rng(int.from_bytes(h[:8], "little")).normal(0, 2, V).astype(np.float32)
@@ -50,6 +50,11 @@ def score(cum, length, alpha):
     return cum / length ** alpha
 
 
+def stop_lp(lp, eos):
+    """log P(stop) = log of the summed probability of the EOS ids."""
+    return float(np.log(np.exp(lp[list(eos)]).sum()))
+
+
 def brute_force(f, depth, n, eos, alpha):
     """The n best of every hypothesis: a non-EOS prefix + EOS (length len + 1), or a non-EOS sequence of `depth`."""
     out = []
@@ -57,8 +62,8 @@ def brute_force(f, depth, n, eos, alpha):
         for seq in itertools.product([v for v in range(V) if v not in eos], repeat=L):
             cum = sum(log_softmax(f(seq[:i]))[seq[i]] for i in range(L))
             if L < depth:
-                lp = log_softmax(f(seq))
-                out += [(score(cum + lp[e], L + 1, alpha), list(seq), cum + lp[e], "stop") for e in eos]
+                c = cum + stop_lp(log_softmax(f(seq)), eos)
+                out.append((score(c, L + 1, alpha), list(seq), c, "stop"))
             else:
                 out.append((score(cum, L, alpha), list(seq), cum, "length"))
     out.sort(key=lambda h: -h[0])
@@ -72,11 +77,9 @@ def literal(f, depth, width, n, eos, alpha):
         children = []
         for i, (seq, cum) in enumerate(live):
             lp = log_softmax(f(seq))
-            for v in range(V):
-                if v in eos:
-                    finished.append((score(cum + lp[v], t, alpha), list(seq), cum + lp[v], "stop"))
-                else:
-                    children.append((cum + lp[v], i, v, seq + (v,)))
+            c = cum + stop_lp(lp, eos)
+            finished.append((score(c, t, alpha), list(seq), c, "stop"))
+            children += [(cum + lp[v], i, v, seq + (v,)) for v in range(V) if v not in eos]
         children.sort(key=lambda c: (-c[0], c[1], c[2]))
         live = [(s, c) for c, _, _, s in children[:width]]
     finished += [(score(c, depth, alpha), list(s), c, "length") for s, c in live]
@@ -109,7 +112,7 @@ def test_enough_beams_find_the_best_of_all_sequences(seed, alpha):
 @pytest.mark.parametrize("alpha", ALPHAS)
 def test_k_beams_are_the_definition(seed, width, n, alpha):
     f = mock_logits(100 + seed, eos_bias=seed % 4 - 1.5)
-    eos = (0,)
+    eos = (0,) if seed % 2 else (0, 3)
     src = MockSource(f)
     got = beam_search(src, width, 4, eos, n=n, length_penalty=alpha)
     check(got, literal(f, 4, width, n, eos, alpha))
