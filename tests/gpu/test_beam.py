@@ -5,12 +5,16 @@ over HTTP (use_beam_search + n / best_of / length_penalty, official `openai` cli
   (not a theorem for K > 1 — greedy's prefix can be pruned — but what the issue asks to check on the reference
   prompts; tests/bench_beam.py reports every prompt);
 - every returned beam's cumulative logprob is what the `score` program computes for its ids from scratch (the sum
-  of each token's log-softmax, EOS included): a wrong KV copy on a fork would change the logits of every later step;
-- HTTP returns the n best as choices, best first, equal to the native search; combinations kiln does not implement
-  are refused by name.
+  of each token's log-softmax, log P(stop) included): a wrong KV copy on a fork would change every later logit;
+- `kiln run --beams --json` and HTTP return the n best, best first, equal to the native search; combinations kiln
+  does not implement are refused by name (the flag / the field).
 Short generations (N tokens, K <= 3): a beam step is K decode forwards.
 """
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -25,7 +29,7 @@ except NoAdapterError as e:   # pragma: no cover - depends on the machine
 from runtime_py.beam import BeamSpec, log_softmax       # noqa: E402
 from runtime_py.beam_sessions import beam_generate       # noqa: E402
 from tests.conftest import fixture_json                  # noqa: E402
-from tests.gpu.test_api import API_KEY, Server, assert_error   # noqa: E402
+from tests.gpu.test_api import API_KEY, Server, _env, assert_error   # noqa: E402
 
 N = 5
 CTX = 64
@@ -130,6 +134,30 @@ def server():
 
 
 PROMPT = "The capital of France is"
+_native = {}
+
+
+def native_prompt_beams(model, tok):
+    """K = 2, 3 tokens, length_penalty 0 on PROMPT, natively (what HTTP and the CLI must return), computed once."""
+    if not _native:
+        _native["done"] = run_beams(model, tok, tok.encode(PROMPT), 2, max_tokens=3)
+    return _native["done"]
+
+
+def test_cli_beams_json(smollm2_model, smollm2_tokenizer):
+    out = subprocess.run([sys.executable, "-m", "runtime_py.cli", "run", "smollm2", "-p", PROMPT, "--beams", "2",
+                          "-n", "3", "--length-penalty", "0", "--json"], env=_env(), capture_output=True, text=True,
+                         timeout=900)
+    assert out.returncode == 0, out.stderr
+    d = json.loads(out.stdout)
+    native = native_prompt_beams(smollm2_model, smollm2_tokenizer)
+    assert [(b["ids"], b["text"], b["finish_reason"]) for b in d["beams"]] == \
+        [(h.ids, t, h.finish_reason) for h, t in zip(native.beams, native.texts)]
+    assert d["ids"] == native.ids and d["timings"]["beams"] == 2 and len(d["top_logprobs"]) == len(native.ids)
+    for args, flag in ((["--temperature", "0.7"], "--temperature"), (["--speculate", "ngram"], "--speculate")):
+        bad = subprocess.run([sys.executable, "-m", "runtime_py.cli", "run", "smollm2", "-p", "x", "--beams", "2",
+                              *args], env=_env(), capture_output=True, text=True, timeout=300)
+        assert bad.returncode == 1 and flag in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
 
 
 def test_http_completion_beams_equal_native(server, smollm2_model, smollm2_tokenizer):
@@ -138,7 +166,7 @@ def test_http_completion_beams_equal_native(server, smollm2_model, smollm2_token
     r = client.completions.create(model="smollm2", prompt=PROMPT, max_tokens=3, n=2,
                                   extra_body={"use_beam_search": True, "length_penalty": 0.0,
                                               "return_token_ids": True})
-    native = run_beams(smollm2_model, smollm2_tokenizer, smollm2_tokenizer.encode(PROMPT), 2, max_tokens=3)
+    native = native_prompt_beams(smollm2_model, smollm2_tokenizer)
     got = [(c.model_extra["token_ids"], c.text, c.finish_reason) for c in r.choices]
     assert got == [(h.ids, t, h.finish_reason) for h, t in zip(native.beams, native.texts)]
     np.testing.assert_allclose([c.model_extra["cumulative_logprob"] for c in r.choices],
