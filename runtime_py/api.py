@@ -15,8 +15,8 @@ Responses are shaped like OpenAI's (ids, object, created, model, choices, usage,
 
 Request fields. Accepted: model, messages / prompt, max_tokens (alias max_completion_tokens), temperature, top_p,
 top_k, min_p, stop (string or up to 4 strings), seed, presence_penalty, frequency_penalty, repetition_penalty
-(alias repeat_penalty), repeat_last_n, n (1 only), stream, stream_options.include_usage, logprobs + top_logprobs
-(chat: bool and 0..20; completions: int 0..5), echo (completions), user; output constraints
+(alias repeat_penalty), repeat_last_n, n (1 only but with beams), stream, stream_options.include_usage, logprobs +
+top_logprobs (chat: bool and 0..20; completions: int 0..5), echo (completions), user; output constraints
 (runtime_py/grammar.py, llguidance): response_format json_object / json_schema, and the extensions grammar (GBNF, as
 llama.cpp's server) and regex (as vLLM's guided_regex), one at a time, a constraint the engine rejects is a 400 with
 its message, a state no token can continue ends with finish_reason "grammar"; chat: tools + tool_choice (auto, none,
