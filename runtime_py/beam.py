@@ -1,5 +1,5 @@
 """Beam search over an abstract logits source: the algorithm and the request check, nothing else (no GPU: the
-sessions' side is runtime_py/beam_sessions.py; tests/unit/test_beam.py checks this against brute-force enumeration).
+sessions' side is runtime_py/beam_sessions.py; tests/unit/test_beam_mock.py checks this against brute force).
 
     search = BeamSearch(width=3, max_tokens=8, eos_ids=tok.eog_ids, length_penalty=1.0)
     moves = search.step([logits])          # logits (vocab,) after each live beam -> [(parent beam, token)], [] = done
