@@ -28,7 +28,13 @@ import {SamplingParams} from "./sampler.js";
 import {parseReply, planTools, renderMessages} from "./tools.js";
 
 /** Fields the browser runtime does not implement are refused by name, never ignored. */
-function refuseUnimplemented(req) {
+function refuseUnimplemented(req, kind) {
+  if (kind === "text" && req.suffix != null && req.suffix !== "") {
+    throw new InvalidParameterError("suffix: insertion (suffix) is not implemented", "suffix");
+  }
+  if (kind === "text" && req.echo === true) {   // the native server implements it (runtime_py/api.py)
+    throw new InvalidParameterError("echo is not implemented in the browser runtime", "echo");
+  }
   if (Array.isArray(req.functions) ? req.functions.length : req.functions != null) {
     throw new InvalidParameterError("the legacy functions field is not implemented (use tools)", "functions");
   }
@@ -141,7 +147,7 @@ class Engine {
     const model = req.model || this.model;
     const topN = kind === "chat" ? (req.logprobs ? (req.top_logprobs ?? 0) || 1 : 0) : (req.logprobs ?? 0);
     const params = SamplingParams.fromRequest(req);                                  // throws InvalidParameterError
-    refuseUnimplemented(req);
+    refuseUnimplemented(req, kind);
     let plan = null, messages = req.messages;                 // tools (chat): tools.js, as runtime_py/api.py
     if (kind === "chat") {
       plan = planTools(req.tools ?? null, req.tool_choice ?? null);
