@@ -294,24 +294,18 @@ class MatvecCPU(Kernel):
     residual: bool = False
     tex: bool | None = None   # weights from a texture; None: where the scheme allows (TEXTURE_QUANTS)
     tokens: int = 1     # rows of the x window; > 1: the prefill LM head (last_only: token T-1 = row (T-1) % tokens)
-    pre: str | None = None     # as Matmul's: x from the prologue, in workgroup memory instead of a uniform binding
-    heads: int | None = None
-    splits: int | None = None
+    # no x prologue (Matmul's `pre`): x would leave the uniform binding for workgroup memory, 4.5x slower decode on
+    # lavapipe (compiler/schedule.py Builder.fuse_prologues)
+    params: ClassVar[tuple[Param, ...]] = MATMUL_PARAMS
 
     def __post_init__(self):
         _init_tex(self)
         assert self.tokens * self.xk * 4 <= UNIFORM_BINDING_BYTES, f"x window of {self.tokens} x {self.xk} f32"
-        assert not (self.pre and self.tokens > 1), "a prologue computes one token's x (decode)"
-
-    @property
-    def params(self) -> tuple[Param, ...]:
-        return MATMUL_PARAMS + PRE_PARAMS[self.pre]
 
     def bindings(self):
         a = "texture" if self.tex else "read"
         w = [("w", a)] + ([("w_up", a)] if self.gate else [])
-        x = pre_bindings(self.pre) if self.pre else [("x", "uniform")]
-        return [*x, *w, ("y", "read_write")]
+        return [("x", "uniform"), *w, ("y", "read_write")]
 
     @property
     def rows(self) -> int:   # output rows per workgroup, for the dispatch arithmetic

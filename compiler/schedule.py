@@ -84,9 +84,16 @@ class Builder:
         """Decode (T = 1): the fused steps apply."""
         return self.tile == 1
 
+    @property
+    def fuse_prologues(self) -> bool:
+        """Decode mat-vec prologues (norm / reduce): not on CPU adapters. There x would sit in workgroup memory instead
+        of matvec_cpu's uniform binding, a per-lane loop per load on lavapipe: SmolLM2 decode@cpu measured 4.5x slower
+        (ARCHITECTURE.md, "fusion"), against ~21 us saved per dispatch."""
+        return self.fuse and self.adapter != "cpu"
+
     def pre_norm(self, x: str, weight: str, k: int):
         """The `pre` argument of matmul that fuses `rmsnorm(x, weight)` into it, or None (then the norm runs here)."""
-        if self.fuse and prologue_fits(k):
+        if self.fuse_prologues and prologue_fits(k):
             return ("norm", x, weight)
         self.rmsnorm(x, weight, "xn", width=k)
         return None
@@ -109,9 +116,10 @@ class Builder:
                 continue
             if tile > 1:   # prefill: one invocation per (row, token); 2x the k-split tile kernel on lavapipe
                 k = MatmulTokens(quant=wr.quant, tokens=tile, gate=gate, residual=residual)
-            elif self.adapter == "cpu" and self.tile == 1 and (wr.k <= UNIFORM_X_MAX_K or pre):   # decode (x row 0 =
-                # token 0): 3-5x Matmul on lavapipe (ARCHITECTURE.md)
-                k = MatvecCPU(quant=wr.quant, xk=wr.k, gate=gate, residual=residual, **self.pre_fields(pre))
+            elif self.adapter == "cpu" and self.tile == 1 and wr.k <= UNIFORM_X_MAX_K:   # decode (x row 0 = token 0):
+                # 3-5x Matmul on lavapipe (ARCHITECTURE.md); never with a prologue (Builder.fuse_prologues)
+                assert not pre, "matvec_cpu reads x from a uniform binding: no prologue"
+                k = MatvecCPU(quant=wr.quant, xk=wr.k, gate=gate, residual=residual)
             else:
                 k = Matmul(quant=wr.quant, gate=gate, residual=residual, **MATMUL_SHAPE, **self.pre_fields(pre),
                            **(dict(xk=wr.k) if pre else {}))
@@ -193,7 +201,7 @@ class Builder:
                        dict(n_head=c.n_head, n_kv=c.n_kv_head, head_dim=c.head_dim, rot_dim=c.rope_dim), ["T", 1, 1])
         self.attention(L, window=c.sliding_window if swa else 0, rope=inv_freq if fused else None)
         # decode: the o-projection reduces the split-K partials in its prologue (when K fits)
-        o_pre = ("reduce",) if fused and prologue_fits(q_dim) else None
+        o_pre = ("reduce",) if fused and self.fuse_prologues and prologue_fits(q_dim) else None
         if fused and not o_pre:
             self.p.add(AttentionReduce(), ["attn_part", "attn"],
                        dict(n_head=c.n_head, head_dim=c.head_dim, splits=DECODE_SPLITS), [c.n_head, "T", 1])
@@ -321,12 +329,10 @@ def activation_buffers(cfg: ModelConfig, score_tokens: int | None = None) -> dic
     score_tokens: the score program's chunk (adds `logits_all`)."""
     q_dim, kv_dim = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
     every, fwd, gen = list(PROGRAMS), ["prefill", "decode", "score"], ["prefill", "decode", "sample"]
-    # decode binds xn only where a norm is not fused or gemma's post-norms use it as scratch (Builder.pre_norm)
-    xn = fwd if cfg.post_norms or not prologue_fits(cfg.n_embd) else ["prefill", "score"]
     bufs = {
         "tokens": {"shape": ["T"], "dtype": "u32", "programs": every},                    # (T,) ids; argmax writes [0]
         "x": {"shape": ["T", cfg.n_embd], "dtype": "f32", "programs": fwd},               # (T, D) residual stream
-        "xn": {"shape": ["T", cfg.n_embd], "dtype": "f32", "programs": xn},               # (T, D) normed / scratch
+        "xn": {"shape": ["T", cfg.n_embd], "dtype": "f32", "programs": fwd},              # (T, D) normed / scratch
         "qkv": {"shape": ["T", q_dim + 2 * kv_dim], "dtype": "f32", "programs": fwd},     # (T, (n_head + 2 n_kv) hd)
         "attn": {"shape": ["T", q_dim], "dtype": "f32", "programs": fwd},                 # (T, n_head hd)
         # (n_head, S, hd + 2): decode's split-K partials (T = 1); prefill/score bind it with one split, never written
@@ -351,15 +357,16 @@ def activation_buffers(cfg: ModelConfig, score_tokens: int | None = None) -> dic
 
 
 def buffer_programs(programs: dict[str, Program]) -> dict[str, list[str]]:
-    """{activation buffer: [programs that bind it]}, in program order. An adapter variant (`decode@cpu`) counts as its
-    program (`decode`): it binds the same buffers, and a session runs one or the other."""
+    """{activation buffer: [programs that bind it]}, in PROGRAMS order. An adapter variant (`decode@cpu`) counts as its
+    program (`decode`): it binds the same buffers, and a session runs one or the other (xn: only `decode@cpu` binds
+    it among the decode variants, its norms not being fused)."""
     out: dict[str, list[str]] = {}
     for name, prog in programs.items():
         base = name.split("@")[0]
         for ref in dict.fromkeys(split_ref(r)[0] for s in prog.steps for r in s.bind if "#" not in r):
             if base not in out.setdefault(ref, []):
                 out[ref].append(base)
-    return out
+    return {ref: sorted(progs, key=PROGRAMS.index) for ref, progs in out.items()}
 
 
 def build_programs(cfg: ModelConfig, weights, prefill_chunk: int = 128) -> dict[str, Program]:

@@ -1,7 +1,7 @@
 """Decode fusion (issue 14): each fused kernel against its float64 numpy reference.
 
-  - Matmul / MatvecCPU with pre="norm": y = W (rmsnorm(x) * g), the RMSNorm computed in the mat-vec's prologue;
-  - Matmul / MatvecCPU with pre="reduce": y = W attention_reduce(partials), from attention_split's partials (incl.
+  - Matmul with pre="norm": y = W (rmsnorm(x) * g), the RMSNorm computed in the mat-vec's prologue;
+  - Matmul with pre="reduce": y = W attention_reduce(partials), from attention_split's partials (incl.
     empty splits);
   - AttentionSplit with rope (+ qk_norm): RoPE, QK-norm and the KV-cache write of position pos in the prologue, then
     split-K attention, reduced as decode reduces it (in the o-projection's prologue: chained here through it);
@@ -15,7 +15,7 @@ import zlib
 import numpy as np
 import pytest
 
-from compiler.kernels import AttentionSplit, AttentionSplitSoftcap, Matmul, MatvecCPU
+from compiler.kernels import AttentionSplit, AttentionSplitSoftcap, Matmul
 from compiler.quant import QuantScheme
 from runtime_py.device import NoAdapterError, get_device
 
@@ -41,14 +41,12 @@ def rng(request):
     return np.random.default_rng(zlib.crc32(request.node.name.encode()))
 
 
-def fused_kernel(kind, quant, K, gate, residual, pre, heads=None, splits=None):
+def fused_kernel(quant, K, gate, residual, pre, heads=None, splits=None):
     extra = dict(heads=heads, splits=splits) if pre == "reduce" else {}
-    if kind == "cpu":
-        return MatvecCPU(quant=quant, xk=K, gate=gate, residual=residual, pre=pre, **extra)
     return Matmul(quant=quant, rows=16, lanes=4, gate=gate, residual=residual, pre=pre, xk=K, **extra)
 
 
-def run_matvec(kind, quant, rows, K, x_bufs, params, rng, gate=None, residual=False, pre="norm", **kw):
+def run_matvec(quant, rows, K, x_bufs, params, rng, gate=None, residual=False, pre="norm", **kw):
     """One fused mat-vec dispatch (T = 1); returns (y, y0, W, U) with W / U float64."""
     scheme = QuantScheme.registry[quant]
     raw, w = make_weights(scheme, rows, K, rng)
@@ -58,7 +56,7 @@ def run_matvec(kind, quant, rows, K, x_bufs, params, rng, gate=None, residual=Fa
         raw_u, u = make_weights(scheme, rows, K, rng)
         bufs.append(pack(scheme, raw_u, rows, K))
     y0 = rng.standard_normal((2, rows)).astype(f32)
-    k = fused_kernel(kind, quant, K, gate, residual, pre, **kw)
+    k = fused_kernel(quant, K, gate, residual, pre, **kw)
     p = dict(k=K, rows=rows, n_offset=0, n_stride=rows, last_only=0, **params)
     (y,) = run_kernel(k, p, bufs + [y0], [-(-rows // k.rows), 1, 1], n_tokens=1)
     return y, y0, w, u, k
@@ -74,7 +72,6 @@ def finish(y, y0, w, u, x, gate, residual, k, what):
     assert_untouched(y[1:], y0[1:], np.ones_like(y0[1:], bool), f"{k.name} past row 0")
 
 
-@pytest.mark.parametrize("kind", ["gpu", "cpu"])
 @pytest.mark.parametrize("quant,rows,K,gate,residual", [
     ("q4_1", 96, 576, None, False),       # SmolLM2's QKV / LM head shape (K = 576)
     ("q4_1", 64, 576, "silu", False),     # gate/up
@@ -82,12 +79,12 @@ def finish(y, y0, w, u, x, gate, residual, k, what):
     ("q5_0", 64, 640, "gelu_tanh", False),
     ("q4_k", 32, 512, None, False),
 ])
-def test_matvec_norm_prologue(kind, quant, rows, K, gate, residual, rng):
+def test_matvec_norm_prologue(quant, rows, K, gate, residual, rng):
     K = kdim(QuantScheme.registry[quant], K)
     x = (rng.standard_normal((2, K)) * 3).astype(f32)   # row 1: another token, not read
     g = rng.standard_normal(K).astype(f32)
     eps = 1e-6
-    y, y0, w, u, k = run_matvec(kind, quant, rows, K, [x, g], dict(eps=eps), rng, gate, residual, pre="norm")
+    y, y0, w, u, k = run_matvec(quant, rows, K, [x, g], dict(eps=eps), rng, gate, residual, pre="norm")
     v = x[0].astype(f64)
     xn = v / np.sqrt((v * v).mean() + eps) * g
     finish(y, y0, w, u, xn, gate, residual, k, "norm prologue")
@@ -113,16 +110,15 @@ def reduce_ref(part):
     return ((e[:, :, None] * p[:, :, :hd]).sum(1) / (e * p[:, :, hd + 1]).sum(1)[:, None]).reshape(-1)
 
 
-@pytest.mark.parametrize("kind", ["gpu", "cpu"])
 @pytest.mark.parametrize("quant,rows,heads,hd,S,residual", [
     ("q4_1", 64, 9, 64, 16, True),    # SmolLM2's o-projection
     ("q4_k", 32, 4, 256, 16, False),  # Gemma 3's (then the post-attention norm)
     ("q8_0", 48, 3, 32, 5, True),
 ])
-def test_matvec_reduce_prologue(kind, quant, rows, heads, hd, S, residual, rng):
+def test_matvec_reduce_prologue(quant, rows, heads, hd, S, residual, rng):
     part = partials(rng, heads, S, hd, empty=(S - 1, S - 2))
     K = heads * hd
-    y, y0, w, u, k = run_matvec(kind, quant, rows, K, [part], {}, rng, None, residual, pre="reduce",
+    y, y0, w, u, k = run_matvec(quant, rows, K, [part], {}, rng, None, residual, pre="reduce",
                                 heads=heads, splits=S)
     finish(y, y0, w, u, reduce_ref(part), None, residual, k, "reduce prologue")
 
