@@ -4,13 +4,25 @@ Each model has up to `slots` Sessions (KV caches, created on demand and reused);
 itself and keeps it to the end, so concurrent requests never share state. A slot keeps the ids it holds after its
 request, and a new request goes to the free slot sharing the longest prefix with its prompt (least recently used
 otherwise; runtime_py/kvcache.py `pick_slot`), whose cached prefix it does not prefill again (`Job.cached`, reported
-as usage.prompt_tokens_details.cached_tokens). The worker interleaves the active requests
-round-robin, one step each per turn: a step is one prefill chunk of the prompt or one decode token
-(`session.forward([tok])`), so every active stream progresses and a long prompt delays the others by at most one
-prefill chunk. Requests beyond the slots wait, FIFO, in a bounded queue (`max_queue` per model); `submit` raises
-Overloaded when slots + queue are full. A client that disconnects (or a stream that is closed) marks its Job
-cancelled: the worker drops it before its next step and returns its slot. Sequences are not batched into the same
-kernels (the compiled programs take one sequence), so aggregate throughput is that of one stream, shared.
+as usage.prompt_tokens_details.cached_tokens). Requests beyond the slots wait, FIFO, in a bounded queue
+(`max_queue` per model); `submit` raises Overloaded when slots + queue are full. A client that disconnects (or a
+stream that is closed) marks its Job cancelled: the worker drops it before its next step and returns its slot.
+
+Continuous batching (artifacts with the `rows` program, compiler/schedule_rows.py): the slots' KV caches live in one
+pool (runtime_py/rows.py `KVPool`), and each turn is one `rows` forward — usually one, more only when the rows
+exceed `limits.rows` — over every running request's next token (its last sampled token, or its prompt's last token)
+plus the prompt tokens of requests still prefilling, under a budget of `limits.rows` rows per forward (decodes
+first, then prompt chunks in arrival order). Requests join and leave between turns. Each row's greedy token comes
+back from the GPU; a request that samples, reports logprobs or follows a grammar gets its row's logits and samples
+on the CPU, per request, exactly as alone. A row's result does not depend on the other rows of its forward, and a
+request takes this path whether it runs alone or beside others, so batching changes no id
+(tests/gpu/test_rows.py, tests/gpu/test_rows_serving.py). generate() drives each request as before: the worker runs
+the row a request's next `forward([token])` asks for before resuming its generator, and the request's `_Tap`
+hands the result over instead of running a forward of its own.
+
+The one-sequence path (round-robin, one step per request per turn: a prefill chunk or `session.forward([tok])`)
+remains for speculative decoding (`kiln serve --speculate`: a score pass per step over one sequence) and for
+artifacts without a `rows` program (compiled by an older kiln; `/health` says `"batching": false`).
 
 Events go back to each request's event loop as tuples: ("token", id, text, logprob | None), ("done", Done),
 ("error", APIError).
@@ -60,6 +72,13 @@ class Job:
     cached: int = 0                # prompt tokens found in the slot's cache (usage.prompt_tokens_details)
     tap: Any = None
     engine: Any = None
+    # batched jobs (the `rows` program): prompt rows run up to prefill_to = len(prompt) - 1, then `pending` is the
+    # token the generator feeds next (the prompt's last, then each sampled one) at position session.pos
+    rows: bool = False
+    pending: int | None = None
+    emitted: int = 0               # tokens the generator produced so far
+    limit: int = 0                 # the most tokens it will produce (generate()'s max_tokens)
+    needs_logits: bool = False     # samples / logprobs / grammar: its row's logits are read back
 
     def post(self, item):
         try:
@@ -78,10 +97,18 @@ class _Tap:
     """The Session as generate() sees it: keeps the last logits (for the chosen token's logprob). The worker
     prefills the prompt's whole chunks itself, one per turn, so generate() finds them held and runs only the last
     chunk (the same chunk boundaries as one forward over the uncached rest). No `gpu_sampling`: the worker steps
-    one token per turn, so generate() samples on the CPU here."""
+    one token per turn, so generate() samples on the CPU here.
 
-    def __init__(self, session):
-        self.s, self.last = session, None
+    rows=True (batched jobs): the worker runs the rows forward first and leaves its result in `ready`; the
+    generator's forward([token]) at that position takes it (the session's pos and held advance) instead of running
+    the one-sequence programs, and next_token / logits return the row's. `chunk` is 1 then: in the rows program a
+    one-token rest runs the same kernels as any other, so prefix reuse need not give a token back
+    (runtime_py/kvcache.py reusable)."""
+
+    def __init__(self, session, rows: bool = False):
+        self.s, self.last, self.rows = session, None, rows
+        self.ready = None     # (pos, token, next id, logits | None): the row the worker ran for the next forward
+        self._row = None      # (next id, logits | None) of the row the last forward took
 
     @property
     def ctx(self):
@@ -89,7 +116,7 @@ class _Tap:
 
     @property
     def chunk(self):
-        return self.s.chunk
+        return 1 if self.rows else self.s.chunk
 
     @property
     def held(self):
@@ -99,14 +126,25 @@ class _Tap:
         self.s.reset(pos)
 
     def forward(self, ids):
+        r, self.ready, self._row = self.ready, None, None
+        if r is not None and list(ids) == [r[1]] and self.s.pos == r[0]:
+            self.s.pos += 1
+            self.s.held.append(r[1])
+            self._row = r[2:]
+            return
         self.s.forward(ids)
 
     def logits(self):
-        self.last = self.s.logits()
+        if self._row is not None:
+            if self._row[1] is None:
+                raise RuntimeError("internal: a batched request asked for logits the worker did not read back")
+            self.last = self._row[1]
+        else:
+            self.last = self.s.logits()
         return self.last
 
     def next_token(self):
-        return self.s.next_token()
+        return self._row[0] if self._row is not None else self.s.next_token()
 
     # speculative decoding (runtime_py/speculate.py): the score pass and rewinds, after the prompt
     @property
@@ -133,11 +171,17 @@ class _GPUModel:
     holds after its request (runtime_py/kvcache.py), so a later request with the same prefix prefills only the
     rest."""
 
-    def __init__(self, model):
+    def __init__(self, model, slots: int, ctx: int | None):
+        from .rows import KVPool
         self.model = model
         self.sessions: list = []          # every slot, busy or free
         self.free: list = []
         self.clock = 0                    # slot use counter: session.last_used, for LRU
+        # continuous batching: every slot's KV in one pool (the `rows` program); None: one sequence per forward
+        self.pool = KVPool(model, slots, ctx) if "rows" in model.manifest["programs"] else None
+
+    def new_session(self, ctx: int | None):
+        return self.pool.session(len(self.sessions)) if self.pool else self.model.session(ctx)
 
     @property
     def n_sessions(self) -> int:
@@ -195,6 +239,7 @@ class Engine:
                 sessions = list(g.sessions) if g else []
                 run, wait = active.get(m, 0), len(self._waiting[m])
                 out[m] = {"loaded": g is not None, "slots": self.slots, "sessions": len(sessions),
+                          "batching": bool(g and g.pool) and self.speculate is None,
                           "slots_busy": len(sessions) - len(g.free) if g else 0,
                           "cached_tokens": [len(s.held) for s in sessions],
                           "running": run, "waiting": wait, "active": run, "queued": wait,
@@ -234,8 +279,14 @@ class Engine:
             self._active.extend(starts)
         for job in starts:
             self._start(job)
+        batched: dict[str, list[Job]] = {}
         for job in list(self._active):
-            self._step(job)
+            if job.rows:
+                batched.setdefault(job.model_id, []).append(job)
+            else:
+                self._step(job)
+        for mid, jobs in batched.items():
+            self._step_rows(self._gpu[mid].pool, jobs)
         return False
 
     def _finish(self, job: Job, item=None):
@@ -273,10 +324,10 @@ class Engine:
             g = self._gpu.get(job.model_id)
             if g is None:
                 from .model import Model
-                g = self._gpu[job.model_id] = _GPUModel(Model(self.artifacts[job.model_id]))
+                g = self._gpu[job.model_id] = _GPUModel(Model(self.artifacts[job.model_id]), self.slots, self.ctx)
             s = pick_slot(g.free, job.prompt_ids, can_grow=len(g.sessions) < self.slots)
             if s is None:
-                s = g.model.session(self.ctx)
+                s = g.new_session(self.ctx)
                 g.sessions.append(s)
             else:
                 g.free.remove(s)
@@ -285,10 +336,24 @@ class Engine:
             job.session = s
             info = self._info[job.model_id]()
             n, chunk = len(job.prompt_ids), s.chunk
-            job.cached = job.prefilled = reuse_prefix(s, job.prompt_ids)
-            # whole chunks of the uncached rest before its last chunk: the worker runs them, one per turn
-            job.prefill_to = job.cached + ((n - job.cached - 1) // chunk) * chunk
-            job.tap = _Tap(s)
+            job.rows = g.pool is not None and self.speculate is None
+            job.tap = _Tap(s, rows=job.rows)
+            job.cached = job.prefilled = reuse_prefix(job.tap, job.prompt_ids)
+            if job.rows:   # the worker runs every prompt row but the last; the last is the first pending row
+                if not 0 < n < s.ctx:   # generate()'s own checks, before any row runs
+                    raise ContextOverflowError(f"prompt is {n} tokens but the context holds {s.ctx} "
+                                               f"(use a shorter prompt or a larger --ctx)" if n else
+                                               "empty prompt: nothing to condition on")
+                job.prefill_to = n - 1
+                p, room = job.params, s.ctx - n
+                want = job.max_tokens if job.max_tokens is not None else p.max_tokens
+                job.limit = room if want is None else min(want, room)
+                job.needs_logits = not (p.greedy and job.logprobs < 0 and p.repeat_penalty == 1
+                                        and not p.presence_penalty and not p.frequency_penalty
+                                        and p.response_format is None and p.grammar is None and p.regex is None)
+            else:
+                # whole chunks of the uncached rest before its last chunk: the worker runs them, one per turn
+                job.prefill_to = job.cached + ((n - job.cached - 1) // chunk) * chunk
             job.gen = generate(job.tap, info.tokenizer, job.prompt_ids, job.params, max_tokens=job.max_tokens,
                                logprobs=max(job.logprobs, 1) if job.logprobs >= 0 else 0,
                                eog_ids=info.tokenizer.eog_ids, should_stop=job.cancelled.is_set,
@@ -297,7 +362,6 @@ class Engine:
             self._fail(job, e)
 
     def _step(self, job: Job):
-        from .generate import Done
         if job not in self._active:
             return
         if job.cancelled.is_set():
@@ -314,9 +378,15 @@ class Engine:
             return self._finish(job)
         except Exception as e:  # noqa: BLE001
             return self._fail(job, e)
+        self._event(job, ev)
+
+    def _event(self, job: Job, ev) -> bool:
+        """Post one generator event; True when the job is finished."""
+        from .generate import Done
         if isinstance(ev, Done):
             ev.timings["cached_tokens"] = job.cached        # generate() saw the worker's own prefill as cached
-            return self._finish(job, ("done", ev))
+            self._finish(job, ("done", ev))
+            return True
         lp = None
         if job.logprobs >= 0 and ev.id >= 0 and job.tap.last is not None:
             tok = self._info[job.model_id]().tokenizer
@@ -326,3 +396,77 @@ class Engine:
             top = [(tok.decode([i]), lpv) for i, lpv in (ev.top_logprobs or [])[:job.logprobs]]
             lp = (tok.decode([ev.id]), float(x[ev.id] - lse), top)
         job.post(("token", ev.id, ev.text, lp))
+        return False
+
+    # -- continuous batching (the `rows` program) -------------------------------------------------------------
+    def _step_rows(self, pool, jobs: list[Job]):
+        """One turn of the batched jobs of one model: rows forwards over every pending token and, within the row
+        budget, prompt rows; then each job whose row ran resumes its generator up to its next token."""
+        live = []
+        for job in jobs:
+            if job.cancelled.is_set():
+                self._finish(job)
+            else:
+                live.append(job)
+        decode = [j for j in live if j.pending is not None and j.emitted < j.limit]
+        ended = [j for j in live if j.pending is not None and j.emitted >= j.limit]   # resume without a row
+        prompt = [j for j in live if j.pending is None]
+        ran: list[Job] = []
+        while True:
+            rows, owner = [], []           # owner[i]: (job, True) for a pending row, (job, False) for a prompt row
+            for job in decode[:pool.max_rows]:
+                rows.append((job.session.slot, job.session.pos, job.pending))
+                owner.append((job, True))
+            decode = decode[pool.max_rows:]
+            while prompt and len(rows) < pool.max_rows:   # prompt rows in arrival order, within the budget
+                job = prompt[0]
+                s, k = job.session, min(pool.max_rows - len(rows), job.prefill_to - job.prefilled)
+                rows += [(s.slot, job.prefilled + i, job.prompt_ids[job.prefilled + i]) for i in range(k)]
+                owner += [(job, False)] * k
+                if job.prefilled + k < job.prefill_to:
+                    break                  # the budget is spent: the rest of its prompt next turn
+                prompt.pop(0)
+                if len(rows) < pool.max_rows:   # its last prompt token runs in the same forward, after the others
+                    rows.append((s.slot, job.prefill_to, job.prompt_ids[-1]))
+                    owner.append((job, True))
+            if not rows:
+                break
+            want = [i for i, (job, pending) in enumerate(owner) if pending and job.needs_logits]
+            try:
+                ids, logits = pool.forward_rows(rows, logits_of=want)
+            except Exception as e:  # noqa: BLE001 — the jobs of this forward fail, the worker goes on
+                for job in dict.fromkeys(j for j, _ in owner):
+                    self._fail(job, e)
+                return
+            for i, ((job, pending), (_, pos, tok)) in enumerate(zip(owner, rows)):
+                if pending:                # the generator's next forward([pending]) takes this row
+                    job.tap.ready = (pos, tok, ids[i], logits.get(i))
+                    ran.append(job)
+                    continue
+                s = job.session            # a prompt row: its K/V is in the slot now
+                s.pos += 1
+                s.held.append(tok)
+                job.prefilled += 1
+                if job.prefilled == job.prefill_to and (i + 1 == len(rows) or owner[i + 1] != (job, True)):
+                    job.pending = job.prompt_ids[-1]   # its last prompt token runs next turn
+            if not decode:
+                break
+        for job in ran + ended:
+            self._resume(job)
+
+    def _resume(self, job: Job):
+        """Run a batched job's generator to its next token (it takes the row the worker ran) or to its end."""
+        if job not in self._active:
+            return
+        try:
+            while True:
+                ev = next(job.gen)
+                if self._event(job, ev):
+                    return
+                if ev.id >= 0:
+                    job.pending, job.emitted = ev.id, job.emitted + 1
+                    return
+        except StopIteration:
+            self._finish(job)
+        except Exception as e:  # noqa: BLE001
+            self._fail(job, e)
