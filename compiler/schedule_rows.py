@@ -19,11 +19,11 @@ window), so a row's logits do not depend on which other rows share its step: bat
 from __future__ import annotations
 
 from .config import ModelConfig
-from .ir import Program, split_ref
-from .kernels import RopeKV
-from .kernels_rows import ROW_INFO_WORDS, ArgmaxRows, AttentionRows, AttentionRowsSoftcap, RopeKVRows
-from .schedule import PREFILL_TILE, SCORE_BYTES, Builder
 from .errors import UnsupportedModelError
+from .ir import Program, split_ref
+from .kernels import MatmulCPU, RopeKV
+from .kernels_rows import ROW_INFO_WORDS, ArgmaxRows, AttentionRows, AttentionRowsSoftcap, RopeKVRows
+from .schedule import PREFILL_TILE, SCORE_BYTES, Builder, cpu_window
 
 ROWS_MAX = 32   # most rows per `rows` forward (and the logits_rows buffer's rows), at most the prefill chunk
 ROW_PROGRAMS = ("rows", "rows@cpu")   # the plain program and its CPU-adapter variant (schedule.py ADAPTER_VARIANTS)
@@ -53,6 +53,25 @@ class RowsBuilder(Builder):
     def __init__(self, cfg: ModelConfig, weights, rows: int, adapter: str = "gpu"):
         super().__init__(cfg, weights, PREFILL_TILE, adapter=adapter, chunk=rows)
         self.p = _RowsProgram()
+
+    def matmul_cpu_windows(self, x: str, wr, ur, part: int, y: str, *, n_offset, n_stride, rows, residual, gate,
+                           last_only):
+        """Builder's CPU-adapter matmul (one step per x window) with a kernel per window size: the window that holds
+        the last row runs the smallest matmul_cpu covering its rows (8, 4, 2 or 1 of them: "T>a" / "T<=b" pick one),
+        so a step of 1-3 rows does not pay for 8 (a row's arithmetic is the same in every size: tests/gpu/test_rows.py
+        compares a row alone, in 4 and across windows bit for bit)."""
+        assert not last_only, "the rows program's LM head runs on every row"
+        tokens = cpu_window(wr.k)
+        sizes = [tokens >> i for i in range(tokens.bit_length()) if tokens >> i]   # e.g. 8, 4, 2, 1
+        for t0 in range(0, self.chunk, tokens):
+            xw = f"{x}+{t0 * wr.k * 4}" if t0 else x
+            bind = [xw, wr.ref(part)] + ([ur.ref(part)] if ur else []) + [y]
+            params = dict(k=wr.k, rows=rows, n_offset=n_offset, n_stride=n_stride, last_only=0, t0=t0)
+            for size in sizes:   # this window has more than size / 2 rows and at most size (the largest: > half)
+                k = MatmulCPU(quant=wr.quant, xk=wr.k, tokens=size, gate=gate, residual=residual)
+                lo = f"T>{t0 + size // 2}" if size > 1 else f"T>{t0}"
+                hi = 1 if size == tokens else f"T<={t0 + size}"
+                self.p.add(k, bind, params, [-(-rows // k.rows_per_wg), lo, hi])
 
     def attention(self, L: int, window: int, rope=None):
         """Each row over its own slot's keys (attention_rows: one workgroup per (KV head, row), one split)."""
