@@ -9,9 +9,11 @@ mat-mat kernels, on CPU adapters one step per 8-row x window: `Builder.matmul`) 
 (`rope_kv_rows`) and attention (`attention_rows`) take each row's slot and position from the row-info buffer `rows`
 ((T, 4) u32: [kv_row0, pos, -, -]). The K/V buffers are then the KV *pool*: (slots * ctx) rows per layer, slot s
 owning rows [s * ctx, (s + 1) * ctx); a runtime binds the same buffers at slot s's offset for the one-sequence
-programs (prefill, decode, sample), so a sequence can be prefilled alone and decoded in a batch. The head writes
-every row's logits (`logits_rows`, (rows, vocab)) and `argmax_rows` each row's greedy token into tokens[t]; a sampled
-row's logits are read back and sampled on the CPU.
+programs (prefill, decode, sample), so a sequence can be prefilled alone and decoded in a batch. The head is a
+program of its own, `rows_head`, replayed in the same pass over the first D rows only (the rows that want a next
+token: a prompt's rows before its last only write K/V, and pay no LM head): it writes those rows' logits
+(`logits_rows`, (rows, vocab)) and `argmax_rows` each one's greedy token into tokens[t]; a sampled row's logits are
+read back and sampled on the CPU.
 
 Every kernel computes a row from that row alone (no reduction across rows, the same code path for every row of a
 window), so a row's logits do not depend on which other rows share its step: batching changes no id.
@@ -26,7 +28,8 @@ from .kernels_rows import ROW_INFO_WORDS, ArgmaxRows, AttentionRows, AttentionRo
 from .schedule import PREFILL_TILE, SCORE_BYTES, Builder, cpu_window
 
 ROWS_MAX = 32   # most rows per `rows` forward (and the logits_rows buffer's rows), at most the prefill chunk
-ROW_PROGRAMS = ("rows", "rows@cpu")   # the plain program and its CPU-adapter variant (schedule.py ADAPTER_VARIANTS)
+# the body and the head, each with its CPU-adapter variant (schedule.py ADAPTER_VARIANTS)
+ROW_PROGRAMS = ("rows", "rows_head", "rows@cpu", "rows_head@cpu")
 
 
 def rows_limit(vocab: int, prefill_chunk: int) -> int:
@@ -47,8 +50,8 @@ class _RowsProgram(Program):
 
 
 class RowsBuilder(Builder):
-    """The `rows` program: Builder's prefill (tile PREFILL_TILE, `rows` rows at most), with row-indexed attention and
-    a head over every row."""
+    """The `rows` program: Builder's prefill (tile PREFILL_TILE, `rows` rows at most) with row-indexed attention, and
+    `rows_head`: a head over every row it is run on."""
 
     def __init__(self, cfg: ModelConfig, weights, rows: int, adapter: str = "gpu"):
         super().__init__(cfg, weights, PREFILL_TILE, adapter=adapter, chunk=rows)
@@ -60,7 +63,7 @@ class RowsBuilder(Builder):
         the last row runs the smallest matmul_cpu covering its rows (8, 4, 2 or 1 of them: "T>a" / "T<=b" pick one),
         so a step of 1-3 rows does not pay for 8 (a row's arithmetic is the same in every size: tests/gpu/test_rows.py
         compares a row alone, in 4 and across windows bit for bit)."""
-        assert not last_only, "the rows program's LM head runs on every row"
+        assert not last_only, "the rows head runs on every row it is given"
         tokens = cpu_window(wr.k)
         sizes = [tokens >> i for i in range(tokens.bit_length()) if tokens >> i]   # e.g. 8, 4, 2, 1
         for t0 in range(0, self.chunk, tokens):
@@ -97,21 +100,42 @@ class RowsBuilder(Builder):
         self.p.add(ArgmaxRows(), ["logits_rows", "tokens"], dict(n=c.vocab), ["T", 1, 1])
 
 
+    def build(self) -> Program:
+        """The body: embedding and every layer (the K/V of every row written); the head is `rows_head`."""
+        self.embed()
+        for L in range(self.cfg.n_layer):
+            self.attention_block(L)
+            self.ffn_block(L)
+        return self.p
+
+    def build_head(self) -> Program:
+        self.head()
+        return self.p
+
+
 def build_rows_programs(cfg: ModelConfig, weights, prefill_chunk: int) -> dict[str, Program]:
-    """{"rows": .., "rows@cpu": ..}: the GPU kernels, and the CPU-adapter matmuls (matmul_cpu windows)."""
+    """{"rows", "rows_head", "rows@cpu", "rows_head@cpu"}: the body over R rows and the head over the first D <= R
+    (the rows that want a next token; prompt rows before a prompt's last only write their K/V), run in one pass with
+    T = R, then T = D; the GPU kernels, and the CPU-adapter matmuls (matmul_cpu windows)."""
     rows = rows_limit(cfg.vocab, prefill_chunk)
-    return {name: RowsBuilder(cfg, weights, rows, adapter=name.partition("@")[2] or "gpu").build()
-            for name in ROW_PROGRAMS}
+    out = {}
+    for name in ROW_PROGRAMS:
+        base, _, adapter = name.partition("@")
+        b = RowsBuilder(cfg, weights, rows, adapter=adapter or "gpu")
+        out[name] = b.build() if base == "rows" else b.build_head()
+    return out
 
 
 def add_rows_buffers(bufs: dict, cfg: ModelConfig, programs: dict[str, Program], rows: int) -> dict:
-    """activation_buffers' dict with the `rows` program added: "rows" in the `programs` of every buffer it binds (the
-    shared activations, sized for the prefill chunk T >= rows; the K/V buffers, which a runtime sizes for the pool),
-    plus its own: the row info (T, 4) and logits_rows (rows, vocab)."""
-    bufs["rows"] = {"shape": ["T", ROW_INFO_WORDS], "dtype": "u32", "programs": ["rows"]}          # [kv_row0, pos]
-    bufs["logits_rows"] = {"shape": [rows, cfg.vocab], "dtype": "f32", "programs": ["rows"]}      # (rows, vocab)
-    bound = {split_ref(r)[0] for name in ROW_PROGRAMS for s in programs[name].steps for r in s.bind if "#" not in r}
-    for name in bound:   # a new list: activation_buffers shares one list between buffers
-        if "rows" not in bufs[name]["programs"]:
-            bufs[name]["programs"] = [*bufs[name]["programs"], "rows"]
+    """activation_buffers' dict with the rows programs added: "rows" / "rows_head" in the `programs` of every buffer
+    they bind (the shared activations, sized for the prefill chunk T >= rows; the K/V buffers, which a runtime sizes
+    for the pool), plus their own: the row info (T, 4) and logits_rows (rows, vocab)."""
+    bufs["rows"] = {"shape": ["T", ROW_INFO_WORDS], "dtype": "u32", "programs": []}          # [kv_row0, pos]
+    bufs["logits_rows"] = {"shape": [rows, cfg.vocab], "dtype": "f32", "programs": []}      # (rows, vocab)
+    for prog in ("rows", "rows_head"):
+        bound = dict.fromkeys(split_ref(r)[0] for name in (prog, prog + "@cpu") for s in programs[name].steps
+                              for r in s.bind if "#" not in r)
+        for name in bound:   # a new list: activation_buffers shares one list between buffers
+            if prog not in bufs[name]["programs"]:
+                bufs[name]["programs"] = [*bufs[name]["programs"], prog]
     return bufs

@@ -179,6 +179,7 @@ class _GPUModel:
         self.clock = 0                    # slot use counter: session.last_used, for LRU
         # continuous batching: every slot's KV in one pool (the `rows` program); None: one sequence per forward
         self.pool = KVPool(model, slots, ctx) if "rows" in model.manifest["programs"] else None
+        self.forwards = self.rows = 0     # rows forwards run, and the rows they carried (/health)
 
     def new_session(self, ctx: int | None):
         return self.pool.session(len(self.sessions)) if self.pool else self.model.session(ctx)
@@ -228,7 +229,8 @@ class Engine:
 
     def stats(self) -> dict:
         """Per model: `running` (= `active`) requests generating, `waiting` (= `queued`) for a slot, and the KV
-        slots: `slots` allowed, `sessions` allocated, `slots_busy`, `cached_tokens` each allocated slot holds."""
+        slots: `slots` allowed, `sessions` allocated, `slots_busy`, `cached_tokens` each allocated slot holds; whether
+        requests are batched (`batching`), and the rows forwards run so far with the rows they carried."""
         with self._cv:
             active = {}
             for j in list(self._active):
@@ -240,6 +242,7 @@ class Engine:
                 run, wait = active.get(m, 0), len(self._waiting[m])
                 out[m] = {"loaded": g is not None, "slots": self.slots, "sessions": len(sessions),
                           "batching": bool(g and g.pool) and self.speculate is None,
+                          "rows_forwards": g.forwards if g else 0, "rows_run": g.rows if g else 0,
                           "slots_busy": len(sessions) - len(g.free) if g else 0,
                           "cached_tokens": [len(s.held) for s in sessions],
                           "running": run, "waiting": wait, "active": run, "queued": wait,
@@ -286,7 +289,7 @@ class Engine:
             else:
                 self._step(job)
         for mid, jobs in batched.items():
-            self._step_rows(self._gpu[mid].pool, jobs)
+            self._step_rows(self._gpu[mid], jobs)
         return False
 
     def _finish(self, job: Job, item=None):
@@ -399,7 +402,7 @@ class Engine:
         return False
 
     # -- continuous batching (the `rows` program) -------------------------------------------------------------
-    def _step_rows(self, pool, jobs: list[Job]):
+    def _step_rows(self, g: _GPUModel, jobs: list[Job]):
         """One turn of the batched jobs of one model: rows forwards over every pending token and, within the row
         budget, prompt rows; then each job whose row ran resumes its generator up to its next token."""
         live = []
@@ -412,43 +415,44 @@ class Engine:
         ended = [j for j in live if j.pending is not None and j.emitted >= j.limit]   # resume without a row
         prompt = [j for j in live if j.pending is None]
         ran: list[Job] = []
+        pool = g.pool
         while True:
-            rows, owner = [], []           # owner[i]: (job, True) for a pending row, (job, False) for a prompt row
+            # pending rows first (the head runs on them only: n_out), then prompt rows; owner[i]: the row's job
+            rows, owner, prow, powner = [], [], [], []
             for job in decode[:pool.max_rows]:
                 rows.append((job.session.slot, job.session.pos, job.pending))
-                owner.append((job, True))
+                owner.append(job)
             decode = decode[pool.max_rows:]
-            while prompt and len(rows) < pool.max_rows:   # prompt rows in arrival order, within the budget
+            while prompt and len(rows) + len(prow) < pool.max_rows:   # prompt rows in arrival order, in the budget
                 job = prompt[0]
-                s, k = job.session, min(pool.max_rows - len(rows), job.prefill_to - job.prefilled)
-                rows += [(s.slot, job.prefilled + i, job.prompt_ids[job.prefilled + i]) for i in range(k)]
-                owner += [(job, False)] * k
+                s, k = job.session, min(pool.max_rows - len(rows) - len(prow), job.prefill_to - job.prefilled)
+                prow += [(s.slot, job.prefilled + i, job.prompt_ids[job.prefilled + i]) for i in range(k)]
+                powner += [job] * k
                 if job.prefilled + k < job.prefill_to:
                     break                  # the budget is spent: the rest of its prompt next turn
                 prompt.pop(0)
-                if len(rows) < pool.max_rows:   # its last prompt token runs in the same forward, after the others
+                if len(rows) + len(prow) < pool.max_rows:   # its last prompt token runs in the same forward
                     rows.append((s.slot, job.prefill_to, job.prompt_ids[-1]))
-                    owner.append((job, True))
-            if not rows:
+                    owner.append(job)
+                else:
+                    job.pending = job.prompt_ids[-1]   # next turn
+            if not rows and not prow:
                 break
-            want = [i for i, (job, pending) in enumerate(owner) if pending and job.needs_logits]
+            want = [i for i, job in enumerate(owner) if job.needs_logits]
             try:
-                ids, logits = pool.forward_rows(rows, logits_of=want)
+                g.forwards, g.rows = g.forwards + 1, g.rows + len(rows) + len(prow)
+                ids, logits = pool.forward_rows(rows + prow, n_out=len(rows), logits_of=want)
             except Exception as e:  # noqa: BLE001 — the jobs of this forward fail, the worker goes on
-                for job in dict.fromkeys(j for j, _ in owner):
+                for job in dict.fromkeys(owner + powner):
                     self._fail(job, e)
                 return
-            for i, ((job, pending), (_, pos, tok)) in enumerate(zip(owner, rows)):
-                if pending:                # the generator's next forward([pending]) takes this row
-                    job.tap.ready = (pos, tok, ids[i], logits.get(i))
-                    ran.append(job)
-                    continue
-                s = job.session            # a prompt row: its K/V is in the slot now
-                s.pos += 1
-                s.held.append(tok)
+            for i, (job, (_, pos, tok)) in enumerate(zip(owner, rows)):   # its generator's next forward takes it
+                job.tap.ready = (pos, tok, ids[i], logits.get(i))
+                ran.append(job)
+            for job, (_, _, tok) in zip(powner, prow):   # a prompt row: its K/V is in the slot now
+                job.session.pos += 1
+                job.session.held.append(tok)
                 job.prefilled += 1
-                if job.prefilled == job.prefill_to and (i + 1 == len(rows) or owner[i + 1] != (job, True)):
-                    job.pending = job.prompt_ids[-1]   # its last prompt token runs next turn
             if not decode:
                 break
         for job in ran + ended:

@@ -56,31 +56,36 @@ def test_decode_rows_equal_sequential_decodes(smollm2_model, pool, prompts):
 
 
 def test_mixed_step_equals_sequential_runs(smollm2_model, pool, prompts):
-    """Rows of a 5-token prompt chunk (slot 4, positions 0..4) beside 3 decode rows, in one forward."""
+    """A 5-token prompt chunk (slot 4, positions 0..4) beside 3 decode rows, in one forward laid out as the server
+    lays it out: the rows that want a next token first (the decodes and the chunk's last token), the chunk's other
+    rows after them, with no head (n_out)."""
     sessions = [pool.session(i) for i in range(3)]
-    rows, decode_refs = [], []
+    out_rows, decode_refs = [], []
     for s, ids in zip(sessions, prompts):
         s.forward(ids)
         t = s.next_token()
-        rows.append((s.slot, s.pos, t))
+        out_rows.append((s.slot, s.pos, t))
         decode_refs.append((ids, t))
     chunk = prompts[2][:5]
-    rows[1:1] = [(4, p, t) for p, t in enumerate(chunk)]   # the chunk between the decodes
-    ids, logits = pool.forward_rows(rows, logits_of=range(len(rows)))
-    # the chunk's rows against a prefill of the same tokens (prefill@cpu's matmuls read the same windows)
+    out_rows.insert(1, (4, 4, chunk[4]))   # the chunk's last row, before its own earlier positions
+    ids, logits = pool.forward_rows(out_rows + [(4, p, t) for p, t in enumerate(chunk[:4])], n_out=4,
+                                    logits_of=range(4))
+    assert len(ids) == 4 and set(logits) == {0, 1, 2, 3}
+    # the chunk's last row against a prefill of the same tokens (prefill@cpu's matmuls read the same windows)
     cref = smollm2_model.session(CTX)
     cref.forward(chunk)
-    assert ids[1 + 4] == cref.next_token()
-    assert np.abs(logits[1 + 4] - cref.logits()).max() <= 1e-4
-    for j, (ids_j, t) in zip([0, 6, 7], decode_refs):
+    assert ids[1] == cref.next_token()
+    assert np.abs(logits[1] - cref.logits()).max() <= 1e-4
+    for j, (ids_j, t) in zip([0, 2, 3], decode_refs):
         ref, _, _ = alone(smollm2_model, ids_j)
         ref.forward([t])
         assert ids[j] == ref.next_token(), f"decode row {j}"
         assert np.abs(logits[j] - ref.logits()).max() <= 1e-4, f"decode row {j}"
-    # the chunk's K/V stayed in slot 4: its next token from a decode on that slot equals a session of its own
-    nxt, _ = pool.forward_rows([(4, len(chunk), ids[5])])
-    cref.forward([ids[5]])
+    # the chunk's K/V stayed in slot 4: its next decode row equals a session of its own
+    nxt, _ = pool.forward_rows([(4, len(chunk), ids[1])])
+    cref.forward([ids[1]])
     assert nxt[0] == cref.next_token()
+    assert pool.forward_rows([(4, 5, 9)], n_out=0) == ([], {})   # K/V only: no head, nothing read back
 
 
 def test_a_row_does_not_depend_on_its_neighbours(pool, prompts):
@@ -103,6 +108,8 @@ def test_a_row_does_not_depend_on_its_neighbours(pool, prompts):
 def test_refusals(pool):
     with pytest.raises(ValueError, match="rows"):
         pool.forward_rows([])
+    with pytest.raises(ValueError, match="n_out"):
+        pool.forward_rows([(0, 0, 1)], n_out=1, logits_of=[1])
     with pytest.raises(ValueError, match="slot"):
         pool.forward_rows([(99, 0, 1)])
     from compiler.errors import ContextOverflowError

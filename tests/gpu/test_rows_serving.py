@@ -69,6 +69,7 @@ async def complete(c: httpx.AsyncClient, url: str, prompt: str, max_tokens: int,
         assert r.status_code == 200, await r.aread()
         lines = [line async for line in r.aiter_lines()]
     events = sse_events(lines)
+    assert all("choices" in e for e in events), events
     return [t for e in events for t in e["choices"][0]["token_ids"]]
 
 
@@ -85,10 +86,12 @@ def test_concurrent_requests_give_the_ids_of_each_alone(server):
         async with httpx.AsyncClient(timeout=600, headers={"Authorization": f"Bearer {API_KEY}"}) as c:
             return [await complete(c, server, *r) for r in REQUESTS]
 
+    before = health(server)   # the model loads on the first request: counters 0 until then
     batched = run_async(together())
     st = health(server)
-    assert st["batching"] is True
-    assert st["running"] == 0 and st["waiting"] == 0
+    assert st["batching"] is True and st["running"] == 0 and st["waiting"] == 0
+    forwards, rows = st["rows_forwards"] - before["rows_forwards"], st["rows_run"] - before["rows_run"]
+    assert rows >= 4 * forwards, f"{rows} rows in {forwards} forwards: the requests were not batched"
     alone = run_async(one_by_one())
     for (prompt, n, extra), got, want in zip(REQUESTS, batched, alone):
         assert got == want, (prompt, n, extra)
