@@ -211,6 +211,10 @@ class Session:
             out.append((pipeline, model.device.create_bind_group(layout=layout, entries=entries), s["dispatch"]))
         return out
 
+    def kv_buffer(self, name: str):
+        """(GPU buffer, byte offset) holding this session's buffer `name`: its own, or a KV-pool slot's view."""
+        return self.kv[name][:2] if name in self.kv else (self.buffers[name], 0)
+
     def reset(self, pos: int = 0):
         """Forget the sequence after `pos` tokens (the cache beyond is simply overwritten later)."""
         if not 0 <= pos <= len(self.held):

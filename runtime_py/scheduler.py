@@ -21,8 +21,10 @@ the row a request's next `forward([token])` asks for before resuming its generat
 hands the result over instead of running a forward of its own.
 
 The one-sequence path (round-robin, one step per request per turn: a prefill chunk or `session.forward([tok])`)
-remains for speculative decoding (`kiln serve --speculate`: a score pass per step over one sequence) and for
-artifacts without a `rows` program (compiled by an older kiln; `/health` says `"batching": false`).
+remains for speculative decoding (`kiln serve --speculate`: a score pass per step over one sequence), for beam
+search (use_beam_search, runtime_py/beam_sessions.py: the slot plus width - 1 spare sessions, kept by the model for
+the next beam request, never slots; one beam step, K forwards, per turn) and for artifacts without a `rows`
+program (compiled by an older kiln; `/health` says `"batching": false`).
 
 Events go back to each request's event loop as tuples: ("token", id, text, logprob | None), ("done", Done),
 ("error", APIError).
@@ -79,6 +81,8 @@ class Job:
     emitted: int = 0               # tokens the generator produced so far
     limit: int = 0                 # the most tokens it will produce (generate()'s max_tokens)
     needs_logits: bool = False     # samples / logprobs / grammar: its row's logits are read back
+    beams: Any = None              # runtime_py/beam.py BeamSpec: a beam search on the slot + width - 1 spare sessions
+    spares: list = field(default_factory=list)
 
     def post(self, item):
         try:
@@ -180,6 +184,8 @@ class _GPUModel:
         # continuous batching: every slot's KV in one pool (the `rows` program); None: one sequence per forward
         self.pool = KVPool(model, slots, ctx) if "rows" in model.manifest["programs"] else None
         self.forwards = self.rows = 0     # rows forwards run, and the rows they carried (/health)
+
+        self.spare: list = []             # beam searches' extra sessions (not slots: they hold no reusable prefix)
 
     def new_session(self, ctx: int | None):
         return self.pool.session(len(self.sessions)) if self.pool else self.model.session(ctx)
@@ -304,6 +310,9 @@ class Engine:
         if job.session is not None:
             self._gpu[job.model_id].free.append(job.session)
             job.session = None
+        if job.spares:
+            self._gpu[job.model_id].spare.extend(job.spares)
+            job.spares = []
         with self._cv:
             if job in self._active:
                 self._active.remove(job)
@@ -339,7 +348,7 @@ class Engine:
             job.session = s
             info = self._info[job.model_id]()
             n, chunk = len(job.prompt_ids), s.chunk
-            job.rows = g.pool is not None and self.speculate is None
+            job.rows = g.pool is not None and self.speculate is None and job.beams is None
             job.tap = _Tap(s, rows=job.rows)
             job.cached = job.prefilled = reuse_prefix(job.tap, job.prompt_ids)
             if job.rows:   # the worker runs every prompt row but the last; the last is the first pending row
@@ -357,6 +366,15 @@ class Engine:
             else:
                 # whole chunks of the uncached rest before its last chunk: the worker runs them, one per turn
                 job.prefill_to = job.cached + ((n - job.cached - 1) // chunk) * chunk
+            if job.beams is not None:     # beam search (runtime_py/beam_sessions.py): one step of K forwards a turn
+                from .beam_sessions import beam_generate
+                while len(g.spare) < job.beams.width - 1:
+                    g.spare.append(g.model.session(self.ctx))
+                job.spares = [g.spare.pop() for _ in range(job.beams.width - 1)]
+                job.gen = beam_generate([s] + job.spares, info.tokenizer, job.prompt_ids, job.beams,
+                                        max_tokens=job.max_tokens, eog_ids=info.tokenizer.eog_ids,
+                                        logprobs=job.logprobs, should_stop=job.cancelled.is_set)
+                return
             job.gen = generate(job.tap, info.tokenizer, job.prompt_ids, job.params, max_tokens=job.max_tokens,
                                logprobs=max(job.logprobs, 1) if job.logprobs >= 0 else 0,
                                eog_ids=info.tokenizer.eog_ids, should_stop=job.cancelled.is_set,
