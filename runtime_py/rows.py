@@ -11,7 +11,8 @@ Session binds the pool at its offset, so the one-sequence programs run unchanged
 of any slots at any positions — the next token of every running sequence, or a prompt chunk's consecutive positions
 beside them — in one forward: each weight is read once for all rows. It writes each row's K/V at its (slot, pos)
 and returns the greedy next token (argmax on the GPU, 4 bytes a row) of the first n_out rows — the head runs on
-those only — plus the logits of the rows asked for (a sampled or logprob-reporting request samples on the CPU). The caller keeps each Session's `pos` / `held`.
+those only — plus the logits of the rows asked for (a sampled or logprob-reporting request samples on the CPU).
+The caller keeps each Session's `pos` / `held`.
 
 Used by `kiln serve` (runtime_py/scheduler.py); not mirrored in web/: the browser runs one sequence per page.
 """
