@@ -22,6 +22,8 @@ a temp file in the same directory, then a rename), read by `read_manifest` only,
   kernels     {name: {file: "shaders/<name>.wgsl", sha256, params: [[name, "u32"|"f32"]], bindings: [[name, access]]}}
   programs    {prefill, decode[, score, sample, rows, <name>@cpu]: [step]}  steps as compiler/ir.py `Step.json`; every step's kernel, buffer refs, params
               (count and type) and dispatch sizes (1..MAX_WORKGROUPS, or "T" / "T/n" / "T>n" / "T<=n") resolve against the above
+  dispatches  {program: steps per forward}: one dispatch per step (a "T>n" step dispatches nothing when T <= n), so
+              for decode what a token costs in dispatches (`kiln inspect`, `kiln bench`); optional (before compiler 5)
   selftest    optional {text, prompt_ids, top5: [[id, logit]], tolerance, device}: written by `kiln compile` after a
               native run, before the artifact is moved into place (runtime_py/artifacts.py)
 Every file of an artifact (shards, shaders, tokenizer.json) carries a sha256 next to its name; the runtimes check it
@@ -59,6 +61,11 @@ def kernel_entry(kernel) -> dict:
 
 def program_json(program) -> list[dict]:
     return program.json()
+
+
+def program_dispatches(programs) -> dict[str, int]:
+    """{program: dispatches per forward}: one per step."""
+    return {n: len(p.steps) for n, p in programs.items()}
 
 
 def kernel_features(kernels) -> list[str]:
@@ -374,6 +381,11 @@ def validate(m: dict, path="manifest.json", hint: str = "recompile the model") -
             _check_step(c, s, f"programs.{prog[:20]}[{i}]", kernels, buffers, weights)
     if score > chunk:
         c.fail("limits.score_chunk", f"= {score} exceeds limits.prefill_chunk = {chunk}")
+    if "dispatches" in m:
+        for prog, n in c.obj(m["dispatches"], "dispatches").items():
+            c.str(prog, "dispatches", choices=tuple(programs))
+            if c.int(n, f"dispatches.{prog[:20]}") != len(programs[prog]):
+                c.fail(f"dispatches.{prog[:20]}", f"= {n}, but the program has {len(programs[prog])} steps")
 
     if "selftest" in m:
         st = c.obj(m["selftest"], "selftest", ("prompt_ids", "top5", "tolerance"))
