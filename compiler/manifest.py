@@ -11,7 +11,7 @@ a temp file in the same directory, then a rename), read by `read_manifest` only,
   tokenizer   {file: "tokenizer.json", sha256, bos_id, eos_id: int | null, add_bos: bool, eog_ids: [int], ...};
   chat_template: str | null
   limits      {prefill_chunk: T (multiple of PREFILL_TILE), score_chunk: tokens per `score` pass,
-               storage_buffers_per_stage, max_part_bytes}                                  all ints >= 1
+               storage_buffers_per_stage, max_part_bytes[, rows: rows per `rows` forward <= T]}  all ints >= 1
   features    [WebGPU feature names] the kernels need (union of Kernel.features; [] = core WebGPU only)
   buffers     {name: {shape: [int >= 1 | "T" | "ctx", ...], dtype: "f32" | "u32", programs: [program names]}}
               activations and KV; has tokens, logits. `programs` = the programs that bind it: a runtime allocates a
@@ -20,7 +20,7 @@ a temp file in the same directory, then a rename), read by `read_manifest` only,
   weight_bytes_by_quant {quant: packed bytes}                                         summary of `weights`
   shards      [{file: "shard-NNN.bin", bytes, sha256}]                                 see compiler/shards.py
   kernels     {name: {file: "shaders/<name>.wgsl", sha256, params: [[name, "u32"|"f32"]], bindings: [[name, access]]}}
-  programs    {prefill, decode[, score]: [step]}  steps as compiler/ir.py `Step.json`; every step's kernel, buffer refs, params
+  programs    {prefill, decode[, score, sample, rows, <name>@cpu]: [step]}  steps as compiler/ir.py `Step.json`; every step's kernel, buffer refs, params
               (count and type) and dispatch sizes (1..MAX_WORKGROUPS, or "T" / "T/n" / "T>n" / "T<=n") resolve against the above
   dispatches  {program: steps per forward}: one dispatch per step (a "T>n" step dispatches nothing when T <= n), so
               for decode what a token costs in dispatches (`kiln inspect`, `kiln bench`); optional (before compiler 5)
@@ -311,6 +311,8 @@ def validate(m: dict, path="manifest.json", hint: str = "recompile the model") -
     if chunk % PREFILL_TILE:
         c.fail("limits.prefill_chunk", f"= {chunk} is not a multiple of {PREFILL_TILE}")
     score = c.int(lim["score_chunk"], "limits.score_chunk", 1)
+    if "rows" in lim:   # the `rows` program's batch (compiler/schedule_rows.py); older artifacts have none
+        c.int(lim["rows"], "limits.rows", 1, chunk)
     c.int(lim["storage_buffers_per_stage"], "limits.storage_buffers_per_stage", 1)
     c.int(lim["max_part_bytes"], "limits.max_part_bytes", 1)
 

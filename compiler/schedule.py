@@ -366,7 +366,8 @@ def buffer_programs(programs: dict[str, Program]) -> dict[str, list[str]]:
         for ref in dict.fromkeys(split_ref(r)[0] for s in prog.steps for r in s.bind if "#" not in r):
             if base not in out.setdefault(ref, []):
                 out[ref].append(base)
-    return {ref: sorted(progs, key=PROGRAMS.index) for ref, progs in out.items()}
+    order = {p: i for i, p in enumerate(PROGRAMS)}   # others (schedule_rows.py's) after them, as they came
+    return {ref: sorted(progs, key=lambda p: order.get(p, len(order))) for ref, progs in out.items()}
 
 
 def build_programs(cfg: ModelConfig, weights, prefill_chunk: int = 128) -> dict[str, Program]:

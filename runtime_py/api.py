@@ -41,8 +41,8 @@ argmax, giving exactly the tokens of `kiln run --temperature 0`; top_p 0 means o
 given different values are refused. max_tokens defaults, for chat and completions alike, to the rest of the context
 (generation ends at EOS or a stop string), as llama.cpp's server, Ollama and OpenAI's chat do.
 
-Threading: runtime_py/scheduler.py `Engine`, one GPU worker thread per router interleaving the admitted requests
-round-robin, each with its own KV-cache slot; requests beyond the slots wait in a bounded queue; a request arriving
+Threading: runtime_py/scheduler.py `Engine`, one GPU worker thread per router running the admitted requests, each
+with its own KV-cache slot, batched into one `rows` forward per step (continuous batching); requests beyond the slots wait in a bounded queue; a request arriving
 when slots + queue are full gets a 503; a client that disconnects frees its slot. Slots and queue come from
 make_router's arguments, else $KILN_SLOTS / $KILN_QUEUE, else DEFAULT_SLOTS / DEFAULT_QUEUE.
 

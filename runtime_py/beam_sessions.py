@@ -86,7 +86,8 @@ class SessionBeams:
             a, b = self.sessions[src], self.sessions[dst]
             for name, row in self.kv:
                 if a.pos:
-                    enc.copy_buffer_to_buffer(a.buffers[name], 0, b.buffers[name], 0, a.pos * row)
+                    (sa, oa), (sb, ob) = a.kv_buffer(name), b.kv_buffer(name)   # a KV-pool slot: at its offset
+                    enc.copy_buffer_to_buffer(sa, oa, sb, ob, a.pos * row)
             b.pos, b.held = a.pos, list(a.held)
         dev.queue.submit([enc.finish()])
         self.copies += len(pairs)

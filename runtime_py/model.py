@@ -148,10 +148,13 @@ class Model:
 
 
 class Session:
-    """One sequence on the GPU: its KV cache and activations. `pos` = tokens already in the cache."""
+    """One sequence on the GPU: its KV cache and activations. `pos` = tokens already in the cache.
+    kv: {buffer name: (buffer, byte offset, bytes)} buffers the session binds instead of allocating its own — a slot
+    of a KV pool (runtime_py/rows.py): the K/V caches at the slot's offset. programs: those bound at creation."""
 
-    def __init__(self, model: Model, ctx: int | None = None):
+    def __init__(self, model: Model, ctx: int | None = None, kv: dict | None = None, programs=GENERATE):
         self.model = model
+        self.kv = kv or {}
         m, dev = model.manifest, model.device
         if ctx is not None and ctx < 1:
             raise ContextOverflowError(f"context length must be at least 1 token (got {ctx})")
@@ -162,7 +165,7 @@ class Session:
         # SAMPLE_RING State records, UNIFORM_ALIGN apart: decode step i of one submit reads record i
         self.state = dev.create_buffer(size=SAMPLE_RING * UNIFORM_ALIGN,
                                        usage=wgpu.BufferUsage.UNIFORM | wgpu.BufferUsage.COPY_DST)
-        for prog in GENERATE:   # bound now; `score` (and its logits_all) on the first score_chunks, `sample` on the
+        for prog in programs:   # bound now; `score` (and its logits_all) on the first score_chunks, `sample` on the
             self._program(prog)  # first begin_sampling
         self.pos = 0
         self.held: list[int] = []   # the token ids whose K/V the cache holds, in order (runtime_py/kvcache.py)
@@ -178,7 +181,7 @@ class Session:
             usage = (wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.UNIFORM | wgpu.BufferUsage.COPY_DST
                      | wgpu.BufferUsage.COPY_SRC)
             for n, size in session_buffer_bytes(m, self.ctx, (prog,)).items():
-                if n not in self.buffers:
+                if n not in self.buffers and n not in self.kv:
                     self.buffers[n] = dev.create_buffer(size=size, usage=usage, label=n)
             variant = self.model.program_for[prog]   # e.g. decode@cpu on a CPU adapter
             self.programs[prog] = self._bind(variant, m["programs"][variant])
@@ -197,11 +200,20 @@ class Session:
                     entries.append({"binding": j + 2, "resource": model.textures[ref].create_view()})
                     continue
                 name, offset = split_ref(ref)   # "xn+9216": a uniform x window at that byte offset
+                if name in self.kv:   # a KV-pool slot: the pool's buffer at the slot's offset
+                    buf, base, size = self.kv[name]
+                    entries.append({"binding": j + 2, "resource": {"buffer": buf, "offset": base + offset,
+                                                                   "size": size - offset}})
+                    continue
                 buf = self.buffers.get(name) or model.weights[name]
                 size = min(buf.size - offset, UNIFORM_BINDING_MAX) if access == "uniform" else buf.size
                 entries.append({"binding": j + 2, "resource": {"buffer": buf, "offset": offset, "size": size}})
             out.append((pipeline, model.device.create_bind_group(layout=layout, entries=entries), s["dispatch"]))
         return out
+
+    def kv_buffer(self, name: str):
+        """(GPU buffer, byte offset) holding this session's buffer `name`: its own, or a KV-pool slot's view."""
+        return self.kv[name][:2] if name in self.kv else (self.buffers[name], 0)
 
     def reset(self, pos: int = 0):
         """Forget the sequence after `pos` tokens (the cache beyond is simply overwritten later)."""

@@ -4,15 +4,27 @@ Each model has up to `slots` Sessions (KV caches, created on demand and reused);
 itself and keeps it to the end, so concurrent requests never share state. A slot keeps the ids it holds after its
 request, and a new request goes to the free slot sharing the longest prefix with its prompt (least recently used
 otherwise; runtime_py/kvcache.py `pick_slot`), whose cached prefix it does not prefill again (`Job.cached`, reported
-as usage.prompt_tokens_details.cached_tokens). The worker interleaves the active requests
-round-robin, one step each per turn: a step is one prefill chunk of the prompt or one decode token
-(`session.forward([tok])`), so every active stream progresses and a long prompt delays the others by at most one
-prefill chunk. Requests beyond the slots wait, FIFO, in a bounded queue (`max_queue` per model); `submit` raises
-Overloaded when slots + queue are full. A client that disconnects (or a stream that is closed) marks its Job
-cancelled: the worker drops it before its next step and returns its slot. A beam search (use_beam_search,
-runtime_py/beam_sessions.py) takes its slot plus width - 1 spare sessions (kept by the model for the next beam
-request, never slots) and advances one beam step, K forwards, per turn. Sequences are not batched into the same
-kernels (the compiled programs take one sequence), so aggregate throughput is that of one stream, shared.
+as usage.prompt_tokens_details.cached_tokens). Requests beyond the slots wait, FIFO, in a bounded queue
+(`max_queue` per model); `submit` raises Overloaded when slots + queue are full. A client that disconnects (or a
+stream that is closed) marks its Job cancelled: the worker drops it before its next step and returns its slot.
+
+Continuous batching (artifacts with the `rows` program, compiler/schedule_rows.py): the slots' KV caches live in one
+pool (runtime_py/rows.py `KVPool`), and each turn is one `rows` forward — usually one, more only when the rows
+exceed `limits.rows` — over every running request's next token (its last sampled token, or its prompt's last token)
+plus the prompt tokens of requests still prefilling, under a budget of `limits.rows` rows per forward (decodes
+first, then prompt chunks in arrival order). Requests join and leave between turns. Each row's greedy token comes
+back from the GPU; a request that samples, reports logprobs or follows a grammar gets its row's logits and samples
+on the CPU, per request, exactly as alone. A row's result does not depend on the other rows of its forward, and a
+request takes this path whether it runs alone or beside others, so batching changes no id
+(tests/gpu/test_rows.py, tests/gpu/test_rows_serving.py). generate() drives each request as before: the worker runs
+the row a request's next `forward([token])` asks for before resuming its generator, and the request's `_Tap`
+hands the result over instead of running a forward of its own.
+
+The one-sequence path (round-robin, one step per request per turn: a prefill chunk or `session.forward([tok])`)
+remains for speculative decoding (`kiln serve --speculate`: a score pass per step over one sequence), for beam
+search (use_beam_search, runtime_py/beam_sessions.py: the slot plus width - 1 spare sessions, kept by the model for
+the next beam request, never slots; one beam step, K forwards, per turn) and for artifacts without a `rows`
+program (compiled by an older kiln; `/health` says `"batching": false`).
 
 Events go back to each request's event loop as tuples: ("token", id, text, logprob | None), ("done", Done),
 ("error", APIError).
@@ -62,6 +74,13 @@ class Job:
     cached: int = 0                # prompt tokens found in the slot's cache (usage.prompt_tokens_details)
     tap: Any = None
     engine: Any = None
+    # batched jobs (the `rows` program): prompt rows run up to prefill_to = len(prompt) - 1, then `pending` is the
+    # token the generator feeds next (the prompt's last, then each sampled one) at position session.pos
+    rows: bool = False
+    pending: int | None = None
+    emitted: int = 0               # tokens the generator produced so far
+    limit: int = 0                 # the most tokens it will produce (generate()'s max_tokens)
+    needs_logits: bool = False     # samples / logprobs / grammar: its row's logits are read back
     beams: Any = None              # runtime_py/beam.py BeamSpec: a beam search on the slot + width - 1 spare sessions
     spares: list = field(default_factory=list)
 
@@ -82,10 +101,18 @@ class _Tap:
     """The Session as generate() sees it: keeps the last logits (for the chosen token's logprob). The worker
     prefills the prompt's whole chunks itself, one per turn, so generate() finds them held and runs only the last
     chunk (the same chunk boundaries as one forward over the uncached rest). No `gpu_sampling`: the worker steps
-    one token per turn, so generate() samples on the CPU here."""
+    one token per turn, so generate() samples on the CPU here.
 
-    def __init__(self, session):
-        self.s, self.last = session, None
+    rows=True (batched jobs): the worker runs the rows forward first and leaves its result in `ready`; the
+    generator's forward([token]) at that position takes it (the session's pos and held advance) instead of running
+    the one-sequence programs, and next_token / logits return the row's. `chunk` is 1 then: in the rows program a
+    one-token rest runs the same kernels as any other, so prefix reuse need not give a token back
+    (runtime_py/kvcache.py reusable)."""
+
+    def __init__(self, session, rows: bool = False):
+        self.s, self.last, self.rows = session, None, rows
+        self.ready = None     # (pos, token, next id, logits | None): the row the worker ran for the next forward
+        self._row = None      # (next id, logits | None) of the row the last forward took
 
     @property
     def ctx(self):
@@ -93,7 +120,7 @@ class _Tap:
 
     @property
     def chunk(self):
-        return self.s.chunk
+        return 1 if self.rows else self.s.chunk
 
     @property
     def held(self):
@@ -103,14 +130,25 @@ class _Tap:
         self.s.reset(pos)
 
     def forward(self, ids):
+        r, self.ready, self._row = self.ready, None, None
+        if r is not None and list(ids) == [r[1]] and self.s.pos == r[0]:
+            self.s.pos += 1
+            self.s.held.append(r[1])
+            self._row = r[2:]
+            return
         self.s.forward(ids)
 
     def logits(self):
-        self.last = self.s.logits()
+        if self._row is not None:
+            if self._row[1] is None:
+                raise RuntimeError("internal: a batched request asked for logits the worker did not read back")
+            self.last = self._row[1]
+        else:
+            self.last = self.s.logits()
         return self.last
 
     def next_token(self):
-        return self.s.next_token()
+        return self._row[0] if self._row is not None else self.s.next_token()
 
     # speculative decoding (runtime_py/speculate.py): the score pass and rewinds, after the prompt
     @property
@@ -137,12 +175,20 @@ class _GPUModel:
     holds after its request (runtime_py/kvcache.py), so a later request with the same prefix prefills only the
     rest."""
 
-    def __init__(self, model):
+    def __init__(self, model, slots: int, ctx: int | None):
+        from .rows import KVPool
         self.model = model
         self.sessions: list = []          # every slot, busy or free
         self.free: list = []
         self.clock = 0                    # slot use counter: session.last_used, for LRU
+        # continuous batching: every slot's KV in one pool (the `rows` program); None: one sequence per forward
+        self.pool = KVPool(model, slots, ctx) if "rows" in model.manifest["programs"] else None
+        self.forwards = self.rows = 0     # rows forwards run, and the rows they carried (/health)
+
         self.spare: list = []             # beam searches' extra sessions (not slots: they hold no reusable prefix)
+
+    def new_session(self, ctx: int | None):
+        return self.pool.session(len(self.sessions)) if self.pool else self.model.session(ctx)
 
     @property
     def n_sessions(self) -> int:
@@ -189,7 +235,8 @@ class Engine:
 
     def stats(self) -> dict:
         """Per model: `running` (= `active`) requests generating, `waiting` (= `queued`) for a slot, and the KV
-        slots: `slots` allowed, `sessions` allocated, `slots_busy`, `cached_tokens` each allocated slot holds."""
+        slots: `slots` allowed, `sessions` allocated, `slots_busy`, `cached_tokens` each allocated slot holds; whether
+        requests are batched (`batching`), and the rows forwards run so far with the rows they carried."""
         with self._cv:
             active = {}
             for j in list(self._active):
@@ -200,6 +247,8 @@ class Engine:
                 sessions = list(g.sessions) if g else []
                 run, wait = active.get(m, 0), len(self._waiting[m])
                 out[m] = {"loaded": g is not None, "slots": self.slots, "sessions": len(sessions),
+                          "batching": bool(g and g.pool) and self.speculate is None,
+                          "rows_forwards": g.forwards if g else 0, "rows_run": g.rows if g else 0,
                           "slots_busy": len(sessions) - len(g.free) if g else 0,
                           "cached_tokens": [len(s.held) for s in sessions],
                           "running": run, "waiting": wait, "active": run, "queued": wait,
@@ -239,8 +288,14 @@ class Engine:
             self._active.extend(starts)
         for job in starts:
             self._start(job)
+        batched: dict[str, list[Job]] = {}
         for job in list(self._active):
-            self._step(job)
+            if job.rows:
+                batched.setdefault(job.model_id, []).append(job)
+            else:
+                self._step(job)
+        for mid, jobs in batched.items():
+            self._step_rows(self._gpu[mid], jobs)
         return False
 
     def _finish(self, job: Job, item=None):
@@ -281,10 +336,10 @@ class Engine:
             g = self._gpu.get(job.model_id)
             if g is None:
                 from .model import Model
-                g = self._gpu[job.model_id] = _GPUModel(Model(self.artifacts[job.model_id]))
+                g = self._gpu[job.model_id] = _GPUModel(Model(self.artifacts[job.model_id]), self.slots, self.ctx)
             s = pick_slot(g.free, job.prompt_ids, can_grow=len(g.sessions) < self.slots)
             if s is None:
-                s = g.model.session(self.ctx)
+                s = g.new_session(self.ctx)
                 g.sessions.append(s)
             else:
                 g.free.remove(s)
@@ -293,10 +348,24 @@ class Engine:
             job.session = s
             info = self._info[job.model_id]()
             n, chunk = len(job.prompt_ids), s.chunk
-            job.cached = job.prefilled = reuse_prefix(s, job.prompt_ids)
-            # whole chunks of the uncached rest before its last chunk: the worker runs them, one per turn
-            job.prefill_to = job.cached + ((n - job.cached - 1) // chunk) * chunk
-            job.tap = _Tap(s)
+            job.rows = g.pool is not None and self.speculate is None and job.beams is None
+            job.tap = _Tap(s, rows=job.rows)
+            job.cached = job.prefilled = reuse_prefix(job.tap, job.prompt_ids)
+            if job.rows:   # the worker runs every prompt row but the last; the last is the first pending row
+                if not 0 < n < s.ctx:   # generate()'s own checks, before any row runs
+                    raise ContextOverflowError(f"prompt is {n} tokens but the context holds {s.ctx} "
+                                               f"(use a shorter prompt or a larger --ctx)" if n else
+                                               "empty prompt: nothing to condition on")
+                job.prefill_to = n - 1
+                p, room = job.params, s.ctx - n
+                want = job.max_tokens if job.max_tokens is not None else p.max_tokens
+                job.limit = room if want is None else min(want, room)
+                job.needs_logits = not (p.greedy and job.logprobs < 0 and p.repeat_penalty == 1
+                                        and not p.presence_penalty and not p.frequency_penalty
+                                        and p.response_format is None and p.grammar is None and p.regex is None)
+            else:
+                # whole chunks of the uncached rest before its last chunk: the worker runs them, one per turn
+                job.prefill_to = job.cached + ((n - job.cached - 1) // chunk) * chunk
             if job.beams is not None:     # beam search (runtime_py/beam_sessions.py): one step of K forwards a turn
                 from .beam_sessions import beam_generate
                 while len(g.spare) < job.beams.width - 1:
@@ -314,7 +383,6 @@ class Engine:
             self._fail(job, e)
 
     def _step(self, job: Job):
-        from .generate import Done
         if job not in self._active:
             return
         if job.cancelled.is_set():
@@ -331,9 +399,15 @@ class Engine:
             return self._finish(job)
         except Exception as e:  # noqa: BLE001
             return self._fail(job, e)
+        self._event(job, ev)
+
+    def _event(self, job: Job, ev) -> bool:
+        """Post one generator event; True when the job is finished."""
+        from .generate import Done
         if isinstance(ev, Done):
             ev.timings["cached_tokens"] = job.cached        # generate() saw the worker's own prefill as cached
-            return self._finish(job, ("done", ev))
+            self._finish(job, ("done", ev))
+            return True
         lp = None
         if job.logprobs >= 0 and ev.id >= 0 and job.tap.last is not None:
             tok = self._info[job.model_id]().tokenizer
@@ -343,3 +417,78 @@ class Engine:
             top = [(tok.decode([i]), lpv) for i, lpv in (ev.top_logprobs or [])[:job.logprobs]]
             lp = (tok.decode([ev.id]), float(x[ev.id] - lse), top)
         job.post(("token", ev.id, ev.text, lp))
+        return False
+
+    # -- continuous batching (the `rows` program) -------------------------------------------------------------
+    def _step_rows(self, g: _GPUModel, jobs: list[Job]):
+        """One turn of the batched jobs of one model: rows forwards over every pending token and, within the row
+        budget, prompt rows; then each job whose row ran resumes its generator up to its next token."""
+        live = []
+        for job in jobs:
+            if job.cancelled.is_set():
+                self._finish(job)
+            else:
+                live.append(job)
+        decode = [j for j in live if j.pending is not None and j.emitted < j.limit]
+        ended = [j for j in live if j.pending is not None and j.emitted >= j.limit]   # resume without a row
+        prompt = [j for j in live if j.pending is None]
+        ran: list[Job] = []
+        pool = g.pool
+        while True:
+            # pending rows first (the head runs on them only: n_out), then prompt rows; owner[i]: the row's job
+            rows, owner, prow, powner = [], [], [], []
+            for job in decode[:pool.max_rows]:
+                rows.append((job.session.slot, job.session.pos, job.pending))
+                owner.append(job)
+            decode = decode[pool.max_rows:]
+            while prompt and len(rows) + len(prow) < pool.max_rows:   # prompt rows in arrival order, in the budget
+                job = prompt[0]
+                s, k = job.session, min(pool.max_rows - len(rows) - len(prow), job.prefill_to - job.prefilled)
+                prow += [(s.slot, job.prefilled + i, job.prompt_ids[job.prefilled + i]) for i in range(k)]
+                powner += [job] * k
+                if job.prefilled + k < job.prefill_to:
+                    break                  # the budget is spent: the rest of its prompt next turn
+                prompt.pop(0)
+                if len(rows) + len(prow) < pool.max_rows:   # its last prompt token runs in the same forward
+                    rows.append((s.slot, job.prefill_to, job.prompt_ids[-1]))
+                    owner.append(job)
+                else:
+                    job.pending = job.prompt_ids[-1]   # next turn
+            if not rows and not prow:
+                break
+            want = [i for i, job in enumerate(owner) if job.needs_logits]
+            try:
+                g.forwards, g.rows = g.forwards + 1, g.rows + len(rows) + len(prow)
+                ids, logits = pool.forward_rows(rows + prow, n_out=len(rows), logits_of=want)
+            except Exception as e:  # noqa: BLE001 — the jobs of this forward fail, the worker goes on
+                for job in dict.fromkeys(owner + powner):
+                    self._fail(job, e)
+                return
+            for i, (job, (_, pos, tok)) in enumerate(zip(owner, rows)):   # its generator's next forward takes it
+                job.tap.ready = (pos, tok, ids[i], logits.get(i))
+                ran.append(job)
+            for job, (_, _, tok) in zip(powner, prow):   # a prompt row: its K/V is in the slot now
+                job.session.pos += 1
+                job.session.held.append(tok)
+                job.prefilled += 1
+            if not decode:
+                break
+        for job in ran + ended:
+            self._resume(job)
+
+    def _resume(self, job: Job):
+        """Run a batched job's generator to its next token (it takes the row the worker ran) or to its end."""
+        if job not in self._active:
+            return
+        try:
+            while True:
+                ev = next(job.gen)
+                if self._event(job, ev):
+                    return
+                if ev.id >= 0:
+                    job.pending, job.emitted = ev.id, job.emitted + 1
+                    return
+        except StopIteration:
+            self._finish(job)
+        except Exception as e:  # noqa: BLE001
+            self._fail(job, e)

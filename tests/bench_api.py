@@ -1,11 +1,11 @@
 """Aggregate throughput of the OpenAI-compatible API at several numbers of concurrent streaming clients.
 
-    python tests/bench_api.py                          # spawns a server (KILN_SLOTS=4), clients 1, 4, 16
-    python tests/bench_api.py --slots 16 --clients 1,4,16 --max-tokens 32
+    python tests/bench_api.py                          # spawns a server (KILN_SLOTS=16), clients 1, 4, 16
+    python tests/bench_api.py --slots 4 --clients 1,4,16 --max-tokens 32
     python tests/bench_api.py --url http://127.0.0.1:8000 --api-key KEY     # an already running `kiln serve`
 
 Each client sends one streaming /v1/completions request (its own short prompt, greedy, include_usage) at the same
-moment; aggregate tok/s = all completion tokens / wall time from the first request to the last [DONE]. TTFT and
+moment (the server batches the running requests into one `rows` forward per step: runtime_py/scheduler.py); aggregate tok/s = all completion tokens / wall time from the first request to the last [DONE]. TTFT and
 per-stream decode speed are averaged over the clients.
 
 Prefix reuse (`--prefix-tokens N`, default 400; 0 skips it): one chat system prompt of about N tokens, then two
@@ -153,7 +153,8 @@ def main():
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--clients", default="1,4,16", help="comma-separated concurrency levels")
     ap.add_argument("--max-tokens", type=int, default=24)
-    ap.add_argument("--slots", type=int, default=4, help="KV slots of the spawned server")
+    ap.add_argument("--slots", type=int, default=16, help="KV slots of the spawned server (16: every client of the "
+                                                         "largest level decodes in the same rows forwards)")
     ap.add_argument("--prefix-tokens", type=int, default=400, help="system prompt size for the prefix-reuse "
                                                                    "figure (0: skip it)")
     a = ap.parse_args()

@@ -46,6 +46,8 @@ export const sessionCtx = (manifest, ctx) => Math.min(ctx || DEFAULT_CTX, manife
 /** What a generating session binds at load (compiler/schedule.py GENERATE); `sample` on the first GPU-sampled
  * request; `score` is not run in the browser. */
 export const GENERATE = ["prefill", "decode"];
+// `kiln serve`'s batched forwards over a KV pool (compiler/schedule_rows.py, runtime_py/rows.py): not replayed here
+export const SERVER_PROGRAMS = ["rows", "rows_head"];
 
 /** The buffers a session allocates to run `programs`, with their sizes, like runtime_py.model.session_buffer_bytes. */
 export function sessionBufferBytes(manifest, ctx, programs = GENERATE) {
@@ -93,8 +95,10 @@ export class Model {
   constructor(baseUrl, manifest, device, adapter, adapterCls = "gpu") {
     Object.assign(this, {baseUrl, manifest, device, adapter, adapterClass: adapterCls, config: manifest.config});
     // program variant per phase for this adapter class: programs["decode@cpu"] replaces "decode" on a CPU adapter
-    this.programFor = Object.fromEntries(Object.keys(manifest.programs).filter((p) => !p.includes("@")).map(
-      (p) => [p, `${p}@${adapterCls}` in manifest.programs ? `${p}@${adapterCls}` : p]));
+    // (not SERVER_PROGRAMS: the browser runs one sequence, so neither their kernels nor their buffers are needed)
+    this.programFor = Object.fromEntries(Object.keys(manifest.programs)
+      .filter((p) => !p.includes("@") && !SERVER_PROGRAMS.includes(p)).map(
+        (p) => [p, `${p}@${adapterCls}` in manifest.programs ? `${p}@${adapterCls}` : p]));
     this.weights = new Map();   // "tensor#part" -> GPUBuffer
     this.textures = new Map();  // "tensor#part" -> GPUTexture, where the programs run here bind it so (weight_texture.js)
     [this._asTexture, this._asBuffer] = this._weightUses();
@@ -121,8 +125,9 @@ export class Model {
     return [tex, buf];
   }
 
-  async _compile() {
-    const entries = Object.entries(this.manifest.kernels);
+  async _compile() {   // the kernels of the programs this runtime runs (programFor)
+    const used = new Set(Object.values(this.programFor).flatMap((p) => this.manifest.programs[p].map((s) => s.kernel)));
+    const entries = Object.entries(this.manifest.kernels).filter(([name]) => used.has(name));
     const pipelines = await Promise.all(entries.map(([name, k]) => this._pipeline(name, k)));
     return new Map(entries.map(([name], i) => [name, pipelines[i]]));
   }

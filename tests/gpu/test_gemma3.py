@@ -151,3 +151,25 @@ def test_greedy(gemma3_model, name, record_property):
     print(f"{name}: greedy agrees on {agree}/{n} tokens (checked up to the first reference near-tie step "
           f"{'none' if n == len(c['greedy_ids']) else n})")
     assert toks == want, f"{name}: first difference at step {agree}: {toks[agree]} != reference {want[agree]}"
+
+
+def test_rows_program_against_the_reference(gemma3_model, ref_logits):
+    """The server's batched path (the `rows` program over a KV pool, runtime_py/rows.py) on Gemma 3: two prompts'
+    rows in one forward (sliding-window layers, QK-norm, post-norms, a 262k-vocabulary head over every row), each
+    last row's logits against transformers, then one decode row per prompt against greedy (tie-aware)."""
+    from runtime_py.rows import KVPool
+    names = sorted(CASES, key=lambda n: len(CASES[n]["prompt_ids"]))[:2]
+    pool = KVPool(gemma3_model, slots=2, ctx=CTX)
+    prompts = [CASES[n]["prompt_ids"] for n in names]
+    rows = [(slot, p, t) for slot, ids in enumerate(prompts) for p, t in enumerate(ids)]
+    assert len(rows) <= pool.max_rows, "pick shorter prompts for one forward"
+    last = [len(prompts[0]) - 1, len(rows) - 1]
+    ids, logits = pool.forward_rows(rows, logits_of=last)
+    for name, i in zip(names, last):
+        err = np.abs(logits[i].astype(np.float64) - ref_logits[name]).max()
+        assert ids[i] == int(ref_logits[name].argmax()) and err <= LOGIT_TOL, (name, ids[i], err)
+    step, _ = pool.forward_rows([(slot, len(prompts[slot]), ids[i]) for slot, i in enumerate(last)])
+    for name, tok in zip(names, step):
+        c = CASES[name]
+        if c["step_top5"][1][0][1] - c["step_top5"][1][1][1] >= TIE_MARGIN:
+            assert tok == c["greedy_ids"][1], name

@@ -212,6 +212,8 @@ def test_score_only_buffers_are_not_in_a_generating_session():
     assert bufs["logits_all"]["programs"] == ["score"] and bufs["logits"]["programs"] == ["prefill", "decode", "sample"]
     gen, score = session_buffer_bytes(manifest, 64), session_buffer_bytes(manifest, 64, ("score",))
     sample = session_buffer_bytes(manifest, 64, ("sample",))   # the GPU sampler's, on the first sampled request
-    assert "logits_all" not in gen and "logits" in gen and set(gen) | set(score) | set(sample) == set(bufs)
+    rows = session_buffer_bytes(manifest, 64, ("rows", "rows_head"))   # the server's KV pool runner (runtime_py/rows.py)
+    assert "logits_all" not in gen and "logits" in gen and set(gen) | set(score) | set(sample) | set(rows) == set(bufs)
+    assert "logits_rows" in rows and "rows" in rows and "logits_rows" not in gen and "rows" not in gen
     assert "ring" in sample and "ring" not in gen
     assert score["logits_all"] == buffer_bytes(manifest, 64)["logits_all"] == 64 * 49152 * 4   # score_chunk 64
