@@ -34,6 +34,7 @@ from .output import check_target, write_artifact
 from .plan import WeightPlan, plan_weights
 from .render import render as render_kernel
 from .schedule import PREFILL_TILE, activation_buffers, buffer_programs, build_programs, score_chunk
+from .schedule_i8 import program_variants, xq_buffer
 from .shards import write_shards
 from .tokenizer import build_tokenizer_json, tokenizer_info
 
@@ -89,7 +90,7 @@ def schedule(c: Compilation):
     assert c.prefill_chunk % PREFILL_TILE == 0
     c.programs = build_programs(c.cfg, c.plan, c.prefill_chunk)
     c.score_tokens = score_chunk(c.cfg.vocab, c.prefill_chunk)
-    c.buffers = activation_buffers(c.cfg, c.score_tokens)
+    c.buffers = activation_buffers(c.cfg, c.score_tokens) | xq_buffer(c.programs)   # xq: the int8 variants'
     bound = buffer_programs(c.programs)
     assert {n: b["programs"] for n, b in c.buffers.items()} == bound, "activation_buffers' programs != the programs'"
     steps = [f"{p}[{i}] {json.dumps(s)}" for p, prog in c.programs.items() for i, s in enumerate(program_json(prog))]
@@ -134,6 +135,7 @@ def manifest(c: Compilation):
         "shards": c.shards,
         "kernels": {n: kernel_entry(k) for n, k in c.kernels.items()},
         "programs": {n: program_json(p) for n, p in c.programs.items()},
+        "program_variants": program_variants(c.programs),
     }
     write_manifest(c.out, c.manifest)
     return {k: v for k, v in c.manifest.items() if k not in ("programs", "weights", "buffers")}
