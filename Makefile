@@ -48,7 +48,7 @@ run:
 
 # every test: unit (no GPU), gpu (wgpu-py on whatever adapter exists, lavapipe here), e2e (Playwright + Chromium)
 test: setup
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q --durations=25
 
 test-unit: venv
 	$(PY) -m pytest tests/unit -q

@@ -3,7 +3,8 @@
     compile_model("model.gguf", "out/")   writes out/{manifest.json, tokenizer.json, shaders/*.wgsl, shard-*.bin}
 
     1 read      gguf_file.py   GGUFModel: the memory-mapped file, every tensor checked to lie inside it
-    2 config    config.py      ModelConfig from the metadata; tokenizer.py: tokenizer.json + token ids
+    2 config    config.py      ModelConfig from the metadata; refuse.py: what kiln does not implement, by name;
+                               tokenizer.py: tokenizer.json + token ids
     3 plan      plan.py        WeightPlan: every tensor's scheme, shape and row parts, sized by formula (nothing packed)
     4 schedule  schedule.py    the programs (prefill, decode, score): kernel steps binding planned parts + activations
     5 render    render.py      one .wgsl per distinct kernel of the programs (kernels.py dataclass -> shaders/*.j2)

@@ -224,7 +224,8 @@ def cmd_chat(a):
 
 
 def cmd_inspect(a):
-    from compiler.config import read_config, unsupported
+    from compiler.config import read_config
+    from compiler.refuse import unsupported
     from compiler.gguf_file import GGUFModel
     from compiler.quant import scheme_for
     from .artifacts import resolve_gguf

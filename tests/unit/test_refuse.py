@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from gguf import GGUFValueType as V
 
-from compiler.config import read_config, unsupported
+from compiler.config import read_config
+from compiler.refuse import unsupported
 from compiler.errors import UnsupportedModelError
 from compiler.gguf_file import GGUFModel
 from compiler.pipeline import Compilation, run_stages

@@ -20,8 +20,8 @@ def statuses() -> tuple[dict, dict]:
     the harmless-value rules, `unsupported` (refused by name) and `expected_shapes` (tensors the schedule reads)."""
     import sys
     sys.path.insert(0, str(REPO))
-    from compiler.config import (ARCH_HARMLESS, ARCH_KEYS, GENERAL_KEYS, IRRELEVANT_PREFIXES, expected_shapes,
-                                 read_config, unsupported)
+    from compiler.config import expected_shapes, read_config
+    from compiler.refuse import ARCH_HARMLESS, ARCH_KEYS, GENERAL_KEYS, IRRELEVANT_PREFIXES, unsupported
     from compiler.gguf_file import GGUFModel
     from compiler.tokenizer import TOKENIZER_HARMLESS, TOKENIZER_IRRELEVANT, TOKENIZER_KEYS
     man = json.loads((FIX / "manifest.json").read_text())
