@@ -15,16 +15,21 @@ Responses are shaped like OpenAI's (ids, object, created, model, choices, usage,
 
 Request fields. Accepted: model, messages / prompt, max_tokens (alias max_completion_tokens), temperature, top_p,
 top_k, min_p, stop (string or up to 4 strings), seed, presence_penalty, frequency_penalty, repetition_penalty
-(alias repeat_penalty), repeat_last_n, n (1 only), stream, stream_options.include_usage, logprobs + top_logprobs
-(chat: bool and 0..20; completions: int 0..5), echo and best_of=1 (completions), user; output constraints
+(alias repeat_penalty), repeat_last_n, n (1 only but with beams), stream, stream_options.include_usage, logprobs +
+top_logprobs (chat: bool and 0..20; completions: int 0..5), echo (completions), user; output constraints
 (runtime_py/grammar.py, llguidance): response_format json_object / json_schema, and the extensions grammar (GBNF, as
 llama.cpp's server) and regex (as vLLM's guided_regex), one at a time, a constraint the engine rejects is a 400 with
 its message, a state no token can continue ends with finish_reason "grammar"; chat: tools + tool_choice (auto, none,
 required, a named function; runtime_py/tools.py: the reply is constrained to a call whose arguments match the
 function's schema, returned as message.tool_calls / delta.tool_calls with finish_reason "tool_calls"; role "tool"
-messages and assistant tool_calls are rendered back). Extension (as in vLLM): return_token_ids=true adds
-`prompt_token_ids` to the response and `token_ids` to each choice / chunk. Fields that would change the output in
-ways kiln does not implement (functions, parallel_tool_calls=true, logit_bias, suffix, best_of > 1, n > 1, non-text
+messages and assistant tool_calls are rendered back). Extensions (as in vLLM): return_token_ids=true adds
+`prompt_token_ids` to the response and `token_ids` to each choice / chunk; use_beam_search=true with n (returned) /
+best_of (beams searched, default n, <= 16) and length_penalty (default 1.0): beam search (runtime_py/beam.py), n
+choices best first, each with `cumulative_logprob` and `beam_score`; not with stream, tools, output constraints,
+stop, sampling settings other than temperature 0 (the search scores the model's own log-probabilities) or a server
+started with --speculate (each refused by name). Fields that would change the output in
+ways kiln does not implement (functions, parallel_tool_calls=true, logit_bias, suffix, best_of > 1 and n > 1 without
+use_beam_search, length_penalty / early_stopping without it, non-text
 content parts) are refused with a 400 naming the field, rather than silently ignored. Any other unknown field is ignored (OpenAI-compatible clients and SDK versions send many
 optional fields; refusing them would break clients for no benefit). Types are checked strictly ("0.5" is not a
 number, "yes" is not a boolean).
@@ -62,6 +67,7 @@ from starlette.concurrency import run_in_threadpool
 
 from compiler.errors import KilnError
 
+from .beam import check_request as beam_request
 from .grammar import constraint_for
 from .scheduler import Engine, Job, Overloaded
 from .schemas import (MAX_BODY_BYTES, APIError, ChatRequest, CommonRequest, CompletionRequest, OpenAIRoute,
@@ -180,8 +186,36 @@ def make_router(artifacts: dict[str, Path], *, api_key: str | None, ctx: int | N
                            param=param, code="context_length_exceeded")
         return max_tokens
 
-    def submit(request_model: str, ids, params, max_tokens, logprobs) -> Job:
-        job = Job(request_model, ids, params, max_tokens, logprobs, asyncio.get_running_loop())
+    def beams(r: CommonRequest):
+        """The request's beam search (runtime_py/beam.py BeamSpec) or None; what kiln does not combine with it is
+        refused by name."""
+        spec = beam_request(r.model_dump())
+        if spec is None:
+            return None
+        if r.stream:
+            raise unsupported("stream", "streaming is not implemented with beam search (as in vLLM): which beams "
+                                        "win is known only at the end")
+        if getattr(r, "tools", None):
+            raise unsupported("tools", "tool calls are not implemented with beam search")
+        if engine.speculate:
+            raise unsupported("use_beam_search", "this server decodes speculatively (kiln serve --speculate) and "
+                                                 "does not combine it with beam search")
+        return spec
+
+    def beam_choices(info: ModelInfo, done, want_lp: int, choice_of) -> tuple[list[dict], int]:
+        """(choices, completion tokens) of a beam search: one choice per hypothesis, best first, with its
+        cumulative_logprob and beam_score (extensions); choice_of(text, lps) -> the route's choice fields."""
+        tok, out = info.tokenizer, []
+        for i, (h, text) in enumerate(zip(done.beams, done.texts)):
+            lps = [(tok.decode([t]), lp, [(tok.decode([a]), b) for a, b in tops]) for t, lp, tops in h.logprobs] \
+                if want_lp >= 0 else None
+            c = {"index": i, **choice_of(text, lps), "finish_reason": h.finish_reason,
+                 "cumulative_logprob": h.cum_logprob, "beam_score": h.score}
+            out.append(c)
+        return out, sum(len(h.ids) for h in done.beams)
+
+    def submit(request_model: str, ids, params, max_tokens, logprobs, beams=None) -> Job:
+        job = Job(request_model, ids, params, max_tokens, logprobs, asyncio.get_running_loop(), beams=beams)
         try:
             engine.submit(job)
         except Overloaded:
@@ -287,6 +321,7 @@ def make_router(artifacts: dict[str, Path], *, api_key: str | None, ctx: int | N
             raise APIError(400, "Invalid value for 'top_logprobs': 'logprobs' must be set to true when "
                                 "'top_logprobs' is used.", param="top_logprobs", code="invalid_value")
         params = sampling(r)
+        spec = beams(r)                                    # None: one sampled / greedy reply
         plan = plan_tools(r.tools, r.tool_choice)          # None: plain text reply
         if plan is not None:
             if params.constrained:
@@ -317,11 +352,21 @@ def make_router(artifacts: dict[str, Path], *, api_key: str | None, ctx: int | N
         ids = await run_in_threadpool(encode)
         max_tokens = budget(info, ids, params.max_tokens, "messages")
         want_lp = (r.top_logprobs or 0) if r.logprobs else -1
-        job = submit(r.model, ids, params, max_tokens, want_lp)
+        job = submit(r.model, ids, params, max_tokens, want_lp, spec)
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": cid, "object": "chat.completion", "created": created, "model": r.model,
                 "system_fingerprint": None}
         extra = {"prompt_token_ids": ids} if r.return_token_ids else {}
+
+        if spec is not None:
+            done, _ = await collect(request, job)
+            choices, n_out = beam_choices(info, done, want_lp, lambda text, lps: {
+                "message": {"role": "assistant", "content": text, "refusal": None},
+                "logprobs": chat_logprobs(lps) if lps is not None else None})
+            if r.return_token_ids:
+                for c, h in zip(choices, done.beams):
+                    c["token_ids"] = h.ids
+            return {**head, "choices": choices, "usage": usage(len(ids), n_out, job.cached, done.timings), **extra}
 
         def reply(done):
             """(message fields, finish_reason) of a finished generation: tool calls parsed out when tools are in play."""
@@ -378,8 +423,6 @@ def make_router(artifacts: dict[str, Path], *, api_key: str | None, ctx: int | N
         check_common(r)
         if r.suffix:
             raise unsupported("suffix", "insertion (suffix) is not implemented")
-        if (r.best_of or 1) != 1:
-            raise unsupported("best_of", "kiln generates one choice per request (best_of must be 1)")
         if r.echo and r.logprobs is not None:
             raise unsupported("echo", "echo together with logprobs is not implemented")
         prompt = r.prompt
@@ -388,6 +431,7 @@ def make_router(artifacts: dict[str, Path], *, api_key: str | None, ctx: int | N
                 raise unsupported("prompt", "one prompt per request (a batch of several is not implemented)")
             prompt = prompt[0]
         params = sampling(r)
+        spec = beams(r)
         info = await run_in_threadpool(get_info, r.model)   # first use: reads manifest + tokenizer
         await run_in_threadpool(constraint_for, params, info.tokenizer)   # engine-rejected: 400 (then cached)
         if isinstance(prompt, str):
@@ -397,10 +441,19 @@ def make_router(artifacts: dict[str, Path], *, api_key: str | None, ctx: int | N
         max_tokens = budget(info, ids, params.max_tokens, "prompt")
         want_lp = r.logprobs if r.logprobs is not None else -1
         echo = (prompt if isinstance(prompt, str) else info.tokenizer.decode(ids)) if r.echo else ""
-        job = submit(r.model, ids, params, max_tokens, want_lp)
+        job = submit(r.model, ids, params, max_tokens, want_lp, spec)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": r.model, "system_fingerprint": None}
         extra = {"prompt_token_ids": ids} if r.return_token_ids else {}
+
+        if spec is not None:
+            done, _ = await collect(request, job)
+            choices, n_out = beam_choices(info, done, want_lp, lambda text, lps: {
+                "text": echo + text, "logprobs": completion_logprobs(lps, len(echo)) if lps is not None else None})
+            if r.return_token_ids:
+                for c, h in zip(choices, done.beams):
+                    c["token_ids"] = h.ids
+            return {**head, "choices": choices, "usage": usage(len(ids), n_out, job.cached, done.timings), **extra}
 
         if not r.stream:
             done, lps = await collect(request, job)

@@ -3,6 +3,7 @@
     kiln compile MODEL.gguf -o DIR          GGUF -> WGSL + shards + manifest  [--quant q8_0|q4g32|q4g64|q4g128]
     kiln compile MODEL [--force] [--verify] (re)build MODEL's entry in the artifact cache (what `run` uses)
     kiln run [MODEL] --prompt TEXT [--chat] [sampling flags] [--json] [--activations f32|int8]
+    kiln run [MODEL] --prompt TEXT --beams K [--length-penalty A]   beam search: the K best continuations
     kiln chat [MODEL] [--system TEXT] [sampling flags]    interactive multi-turn chat (runtime_py/repl.py)
     kiln inspect MODEL.gguf [--ctx N]       architecture, parameters, tensor types, memory
     kiln serve [--host H] [--port P]        web demo + OpenAI-compatible API
@@ -163,6 +164,7 @@ def cmd_run(a):
     params = _sampling(a).validate()   # bad flags fail before the model loads
     if a.speculate and a.draft:
         raise KilnError("--speculate and --draft both choose the drafter; give one")
+    beams = _beams(a)
     from .artifacts import check_model_arg
     check_model_arg(a.model)
     for flag, value in (("--prompt", a.prompt), ("--system", a.system)):
@@ -173,6 +175,8 @@ def cmd_run(a):
     prompt = a.prompt if a.prompt is not None else read_stdin()
     model, session, tok, m = load(a.model, a.ctx, quiet=a.json, verify=a.verify)
     ids = build_prompt(tok, m, prompt, a.chat, a.system, a.chat_template, a.parse_special)
+    if beams is not None:
+        return _run_beams(a, beams, params, model, session, tok, m, ids)
     from .grammar import constraint_for
     constraint_for(params, tok)        # an engine-rejected grammar fails here, before prefill (then cached)
     drafter = _drafter(a, session, model)
@@ -195,6 +199,69 @@ def cmd_run(a):
         t = done.timings
         print(f"[{t['prompt_tokens']} prompt tokens, {t['generated_tokens']} generated; ttft {t['ttft_s']:.2f}s, "
               f"prefill {t['prefill_tok_s']:.1f} tok/s, decode {t['decode_tok_s'] or 0:.1f} tok/s]", file=sys.stderr)
+
+
+# `kiln run` flags as beam.py check_request's request fields (the message names the flag)
+BEAM_FLAGS = {"temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p", "min_p": "--min-p",
+              "repeat_penalty": "--repeat-penalty", "presence_penalty": "--presence-penalty",
+              "frequency_penalty": "--frequency-penalty", "stop": "--stop", "length_penalty": "--length-penalty",
+              "n": "--beams", "best_of": "--beams", "response_format": "--json-schema / --json-object",
+              "grammar": "--grammar", "regex": "--regex"}
+
+
+def _beams(a):
+    """--beams K [--length-penalty A] -> beam.py BeamSpec (K returned of K), or None; the sampling flags given
+    explicitly, output constraints and speculation are refused with it, by flag."""
+    from compiler.errors import InvalidParameterError
+    from .beam import check_request
+    req = {f: getattr(a, f) for f in getattr(a, "given", ())}     # flags given on the command line, as given
+    req.update(use_beam_search=a.beams is not None, n=a.beams, best_of=a.beams, length_penalty=a.length_penalty,
+               stop=a.stop, **_constraint(a))
+    try:
+        spec = check_request(req)
+    except InvalidParameterError as e:
+        raise KilnError(f"{BEAM_FLAGS.get(e.param, e.param)}: {e}") from None
+    if spec is not None and (a.speculate or a.draft):
+        raise KilnError(f"--beams and {'--speculate' if a.speculate else '--draft'}: beam search is not combined "
+                        f"with speculative decoding")
+    return spec
+
+
+def _run_beams(a, spec, params, model, session, tok, m, ids):
+    """kiln run --beams: the K best continuations, best first (text: one block each; --json: `beams`)."""
+    from compiler.errors import ContextOverflowError
+    from .beam_sessions import beam_generate
+    if len(ids) >= session.ctx:
+        raise ContextOverflowError(f"prompt is {len(ids)} tokens but the context holds {session.ctx} "
+                                   f"(use a shorter prompt or a larger --ctx)")
+    room = session.ctx - len(ids)
+    max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+    # the other beams' sessions hold at most this sequence (forks copy rows 0..pos)
+    sessions = [session] + [model.session(len(ids) + max_tokens) for _ in range(spec.width - 1)]
+    done = None
+    for ev in beam_generate(sessions, tok, ids, spec, max_tokens=max_tokens, eog_ids=tok.eog_ids,
+                            logprobs=5 if a.json else -1):
+        done = ev
+    if a.json:
+        def tops(h):
+            return [[{"id": i, "token": tok.decode([i]), "logprob": round(lp, 6)} for i, lp in alts]
+                    for _, _, alts in h.logprobs]
+        best = done.beams[0]
+        print(json.dumps({"model": m["model"]["name"], "prompt_ids": ids, "ids": done.ids, "text": done.text,
+                          "finish_reason": done.finish_reason, "top_logprobs": tops(best),
+                          "beams": [{"ids": h.ids, "text": t, "cumulative_logprob": h.cum_logprob,
+                                     "score": h.score, "finish_reason": h.finish_reason}
+                                    for h, t in zip(done.beams, done.texts)],
+                          "timings": done.timings}, ensure_ascii=False))
+        return
+    for i, (h, text) in enumerate(zip(done.beams, done.texts)):
+        print(f"[beam {i + 1}/{len(done.beams)}: cumulative logprob {h.cum_logprob:.4f}, score {h.score:.4f}, "
+              f"{h.finish_reason}]")
+        print(text)
+    t = done.timings
+    print(f"[{t['prompt_tokens']} prompt tokens, {spec.width} beams, {t['beam_steps']} steps, {t['forwards']} "
+          f"forwards, {t['kv_copies']} KV copies; ttft {t['ttft_s']:.2f}s, {t['ms_per_beam_step'] or 0:.0f} ms per "
+          f"step]", file=sys.stderr)
 
 
 def _drafter(a, session, model):
@@ -303,6 +370,15 @@ def cmd_export(a):
           " (README: Deploy; nginx: web/deploy/nginx.conf)")
 
 
+class _Given(argparse.Action):
+    """Stores the value and records that the flag was given (`namespace.given`): --beams refuses sampling flags
+    given explicitly, even at their default value."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.given = getattr(namespace, "given", frozenset()) | {self.dest}
+
+
 def _sampling_flags(r):
     """Sampling flags of run and chat; defaults are SamplingParams' (runtime_py/sampling.py REQUEST_TABLE), the
     API's and the browser's."""
@@ -310,15 +386,17 @@ def _sampling_flags(r):
     d = SamplingParams()
     r.add_argument("--max-tokens", "-n", type=int, default=d.max_tokens,
                    help="tokens to generate (default: until EOS, a stop string or the end of the context)")
-    r.add_argument("--temperature", type=float, default=d.temperature, help=f"0 = greedy (default {d.temperature})")
-    r.add_argument("--top-k", type=int, default=d.top_k, help=f"<= 0 = off (default {d.top_k})")
-    r.add_argument("--top-p", type=float, default=d.top_p, help=f"1 = off (default {d.top_p})")
-    r.add_argument("--min-p", type=float, default=d.min_p, help=f"0 = off (default {d.min_p})")
-    r.add_argument("--repeat-penalty", type=float, default=d.repeat_penalty, help="1 = off (llama.cpp default)")
+    r.add_argument("--temperature", type=float, default=d.temperature, action=_Given,
+                   help=f"0 = greedy (default {d.temperature})")
+    r.add_argument("--top-k", type=int, default=d.top_k, action=_Given, help=f"<= 0 = off (default {d.top_k})")
+    r.add_argument("--top-p", type=float, default=d.top_p, action=_Given, help=f"1 = off (default {d.top_p})")
+    r.add_argument("--min-p", type=float, default=d.min_p, action=_Given, help=f"0 = off (default {d.min_p})")
+    r.add_argument("--repeat-penalty", type=float, default=d.repeat_penalty, action=_Given,
+                   help="1 = off (llama.cpp default)")
     r.add_argument("--repeat-last-n", type=int, default=d.repeat_last_n,
                    help=f"tokens the penalties look at; 0 = off, -1 = all (default {d.repeat_last_n})")
-    r.add_argument("--presence-penalty", type=float, default=d.presence_penalty)
-    r.add_argument("--frequency-penalty", type=float, default=d.frequency_penalty)
+    r.add_argument("--presence-penalty", type=float, default=d.presence_penalty, action=_Given)
+    r.add_argument("--frequency-penalty", type=float, default=d.frequency_penalty, action=_Given)
     r.add_argument("--seed", type=int, default=d.seed)
     r.add_argument("--stop", action="append", help="stop string (repeatable)")
 
@@ -359,6 +437,11 @@ def parser() -> argparse.ArgumentParser:
                    "acceptance rate")
     r.add_argument("--draft", metavar="MODEL", help="the same as --speculate MODEL")
     r.add_argument("--draft-k", type=int, default=None, help="tokens drafted per pass (default 5)")
+    r.add_argument("--beams", type=int, default=None, metavar="K", help="beam search with K beams (1..16): prints "
+                   "the K best continuations with their cumulative logprobs (runtime_py/beam.py); not with sampling "
+                   "flags other than --temperature 0, --stop, output constraints or --speculate")
+    r.add_argument("--length-penalty", type=float, default=None, metavar="A", help="with --beams: score = "
+                   "cumulative logprob / length ** A (default 1.0; 0 = plain cumulative logprob)")
     r.add_argument("--ctx", type=int, default=None, help="context length (default 2048, at most the model's)")
     r.add_argument("--activations", choices=ACTIVATIONS, default=None, help="f32 (default, exact) or int8: CPU adapters "
                    "quantise mat-vec inputs to 8 bits per 32-block and use integer dot products (faster, approximate; "

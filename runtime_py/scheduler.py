@@ -9,7 +9,9 @@ round-robin, one step each per turn: a step is one prefill chunk of the prompt o
 (`session.forward([tok])`), so every active stream progresses and a long prompt delays the others by at most one
 prefill chunk. Requests beyond the slots wait, FIFO, in a bounded queue (`max_queue` per model); `submit` raises
 Overloaded when slots + queue are full. A client that disconnects (or a stream that is closed) marks its Job
-cancelled: the worker drops it before its next step and returns its slot. Sequences are not batched into the same
+cancelled: the worker drops it before its next step and returns its slot. A beam search (use_beam_search,
+runtime_py/beam_sessions.py) takes its slot plus width - 1 spare sessions (kept by the model for the next beam
+request, never slots) and advances one beam step, K forwards, per turn. Sequences are not batched into the same
 kernels (the compiled programs take one sequence), so aggregate throughput is that of one stream, shared.
 
 Events go back to each request's event loop as tuples: ("token", id, text, logprob | None), ("done", Done),
@@ -60,6 +62,8 @@ class Job:
     cached: int = 0                # prompt tokens found in the slot's cache (usage.prompt_tokens_details)
     tap: Any = None
     engine: Any = None
+    beams: Any = None              # runtime_py/beam.py BeamSpec: a beam search on the slot + width - 1 spare sessions
+    spares: list = field(default_factory=list)
 
     def post(self, item):
         try:
@@ -138,6 +142,7 @@ class _GPUModel:
         self.sessions: list = []          # every slot, busy or free
         self.free: list = []
         self.clock = 0                    # slot use counter: session.last_used, for LRU
+        self.spare: list = []             # beam searches' extra sessions (not slots: they hold no reusable prefix)
 
     @property
     def n_sessions(self) -> int:
@@ -250,6 +255,9 @@ class Engine:
         if job.session is not None:
             self._gpu[job.model_id].free.append(job.session)
             job.session = None
+        if job.spares:
+            self._gpu[job.model_id].spare.extend(job.spares)
+            job.spares = []
         with self._cv:
             if job in self._active:
                 self._active.remove(job)
@@ -289,6 +297,15 @@ class Engine:
             # whole chunks of the uncached rest before its last chunk: the worker runs them, one per turn
             job.prefill_to = job.cached + ((n - job.cached - 1) // chunk) * chunk
             job.tap = _Tap(s)
+            if job.beams is not None:     # beam search (runtime_py/beam_sessions.py): one step of K forwards a turn
+                from .beam_sessions import beam_generate
+                while len(g.spare) < job.beams.width - 1:
+                    g.spare.append(g.model.session(self.ctx))
+                job.spares = [g.spare.pop() for _ in range(job.beams.width - 1)]
+                job.gen = beam_generate([s] + job.spares, info.tokenizer, job.prompt_ids, job.beams,
+                                        max_tokens=job.max_tokens, eog_ids=info.tokenizer.eog_ids,
+                                        logprobs=job.logprobs, should_stop=job.cancelled.is_set)
+                return
             job.gen = generate(job.tap, info.tokenizer, job.prompt_ids, job.params, max_tokens=job.max_tokens,
                                logprobs=max(job.logprobs, 1) if job.logprobs >= 0 else 0,
                                eog_ids=info.tokenizer.eog_ids, should_stop=job.cancelled.is_set,

@@ -171,6 +171,11 @@ class CommonRequest(_Req):
     repeat_penalty: float | None = None
     repeat_last_n: int | None = None
     n: int | None = Field(None, ge=1, le=128)
+    # beam search, vLLM's extension (runtime_py/beam.py check_request): n best of best_of beams
+    use_beam_search: bool = False
+    best_of: int | None = Field(None, ge=1)
+    length_penalty: float | None = None
+    early_stopping: Union[bool, str, None] = None     # refused when given (kiln's stop is exact: beam.py)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -198,7 +203,6 @@ class CompletionRequest(CommonRequest):
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS_COMPLETION)
     echo: bool = False
     suffix: str | None = None
-    best_of: int | None = Field(None, ge=1)
 
 
 async def read_json(request: Request, cls):
@@ -236,8 +240,13 @@ def unsupported(param: str, why: str) -> APIError:
 
 
 def check_common(r: CommonRequest):
-    if (r.n or 1) != 1:
-        raise unsupported("n", "kiln generates one choice per request (n must be 1)")
+    if not r.use_beam_search:     # with beams: n best of best_of (runtime_py/beam.py check_request)
+        if (r.n or 1) != 1:
+            raise unsupported("n", "kiln generates one choice per request (n must be 1) unless use_beam_search is "
+                                   "set")
+        if (r.best_of or 1) != 1:
+            raise unsupported("best_of", "kiln generates one choice per request (best_of must be 1) unless "
+                                         "use_beam_search is set")
     if r.stream_options is not None and not r.stream:
         raise APIError(400, "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
                        param="stream_options", code="invalid_value")

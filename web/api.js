@@ -28,12 +28,31 @@ import {SamplingParams} from "./sampler.js";
 import {parseReply, planTools, renderMessages} from "./tools.js";
 
 /** Fields the browser runtime does not implement are refused by name, never ignored. */
-function refuseUnimplemented(req) {
+function refuseUnimplemented(req, kind) {
+  if (kind === "text" && req.suffix != null && req.suffix !== "") {
+    throw new InvalidParameterError("suffix: insertion (suffix) is not implemented", "suffix");
+  }
+  if (kind === "text" && req.echo === true) {   // the native server implements it (runtime_py/api.py)
+    throw new InvalidParameterError("echo is not implemented in the browser runtime", "echo");
+  }
   if (Array.isArray(req.functions) ? req.functions.length : req.functions != null) {
     throw new InvalidParameterError("the legacy functions field is not implemented (use tools)", "functions");
   }
   if (req.parallel_tool_calls === true) {
     throw new InvalidParameterError("kiln makes at most one tool call per reply (set it false)", "parallel_tool_calls");
+  }
+  // beam search runs natively only (runtime_py/beam.py: kiln run --beams, kiln serve use_beam_search)
+  for (const name of ["use_beam_search", "length_penalty", "early_stopping"]) {
+    if (name === "use_beam_search" ? req[name] === true : req[name] != null) {
+      throw new InvalidParameterError(`${name}: beam search is not implemented in the browser runtime (it runs ` +
+                                      "natively: `kiln run --beams K`, `kiln serve` with use_beam_search)", name);
+    }
+  }
+  for (const name of ["n", "best_of"]) {
+    if (req[name] != null && req[name] !== 1) {
+      throw new InvalidParameterError(`the browser runtime generates one choice per request (${name} must be 1)`,
+                                      name);
+    }
   }
 }
 
@@ -128,7 +147,7 @@ class Engine {
     const model = req.model || this.model;
     const topN = kind === "chat" ? (req.logprobs ? (req.top_logprobs ?? 0) || 1 : 0) : (req.logprobs ?? 0);
     const params = SamplingParams.fromRequest(req);                                  // throws InvalidParameterError
-    refuseUnimplemented(req);
+    refuseUnimplemented(req, kind);
     let plan = null, messages = req.messages;                 // tools (chat): tools.js, as runtime_py/api.py
     if (kind === "chat") {
       plan = planTools(req.tools ?? null, req.tool_choice ?? null);

@@ -275,15 +275,30 @@ def test_a_loaded_engine_reports_request_and_template_errors_by_class(demo):
             return [e.constructor.name, e instanceof api.KilnError, e.param ?? null, e.message];
           }
         };
+        const failText = async (req) => {
+          try {
+            await engine.completions.create(req);
+            return null;
+          } catch (e) {
+            return [e.constructor.name, e instanceof api.KilnError, e.param ?? null, e.message];
+          }
+        };
         return [await fail({messages: [{content: "no role"}], max_tokens: 1}),
                 await fail({messages: [{role: "user", content: "hi"}], repetition_penalty: 1.1, repeat_penalty: 1.2}),
                 // not implemented in the browser yet: refused by name, never ignored
                 await fail({messages: [{role: "user", content: "hi"}], functions: [{name: "f"}]}),
                 await fail({messages: [{role: "user", content: "hi"}], tool_choice: "required"}),
                 await fail({messages: [{role: "user", content: "hi"}], parallel_tool_calls: true,
-                            tools: [{type: "function", function: {name: "f"}}]})];
+                            tools: [{type: "function", function: {name: "f"}}]}),
+                await fail({messages: [{role: "user", content: "hi"}], use_beam_search: true}),
+                await fail({messages: [{role: "user", content: "hi"}], n: 2}),
+                await fail({messages: [{role: "user", content: "hi"}], best_of: 3}),
+                await fail({messages: [{role: "user", content: "hi"}], length_penalty: 0.5}),
+                await failText({prompt: "hi", suffix: " end"}),
+                await failText({prompt: "hi", echo: true})];
     }""")
     assert got[0] is not None and got[0][:3] == ["ChatTemplateError", True, None], got[0]
     assert got[1] is not None and got[1][:3] == ["InvalidParameterError", True, "repeat_penalty"], got[1]
-    for g, field in zip(got[2:], ["functions", "tool_choice", "parallel_tool_calls"]):
+    for g, field in zip(got[2:], ["functions", "tool_choice", "parallel_tool_calls", "use_beam_search", "n",
+                                  "best_of", "length_penalty", "suffix", "echo"], strict=True):
         assert g is not None and g[:3] == ["InvalidParameterError", True, field], g
