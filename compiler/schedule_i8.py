@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from .errors import UnsupportedModelError
 from .ir import split_ref
-from .kernels import UNIFORM_BINDING_BYTES
+from .kernels import UNIFORM_BINDING_BYTES, AttentionReduce
 from .kernels_i8 import I8_QUANTS, MatmulCPUI8, MatvecCPUI8, QuantizeAct, xq_words
-from .schedule import CPU_WINDOW, PREFILL_TILE, Builder
+from .schedule import CPU_WINDOW, DECODE_SPLITS, PREFILL_TILE, Builder
 
 # "<adapter class>_i8": (programs); a variant runs where its adapter class would run "<program>@<class>"
 I8_VARIANTS = {"cpu_i8": ("prefill", "decode", "score")}
@@ -49,19 +49,30 @@ class BuilderI8(Builder):
 
     def __init__(self, cfg, weights, tile: int, score: bool = False, chunk: int = 128):
         super().__init__(cfg, weights, tile, score=score, adapter="cpu", chunk=chunk)
-        self._xq: tuple[str, int, int] | None = None   # (x, K, step index) of the quantize_act that last wrote xq
+        # (x, K, norm weight, step index) of the quantize_act that last wrote xq
+        self._xq: tuple[str, int, str | None, int] | None = None
 
-    def matmul(self, x: str, w: str, y: str, *, n_offset=0, n_stride=None, residual=False, gate=None,
-               up: str | None = None, last_only=False):
+    def matmul(self, x: str | None, w: str, y: str, *, n_offset=0, n_stride=None, residual=False, gate=None,
+               up: str | None = None, last_only=False, pre=None):
+        """pre (decode fusion, schedule.py): ("norm", src, weight) -> the norm is fused into quantize_act;
+        ("reduce",) -> attention_reduce runs, then quantize_act of its output."""
         wr = self.W(w)
         ur = self.W(up) if up else None
         window = i8_window(wr.k) if self.tile > 1 else 1
         if not i8_fits(wr) or not window:
             return super().matmul(x, w, y, n_offset=n_offset, n_stride=n_stride, residual=residual, gate=gate,
-                                  up=up, last_only=last_only)
+                                  up=up, last_only=last_only, **({"pre": pre} if pre else {}))
         if ur and ur.quant != wr.quant:
             raise UnsupportedModelError(f"{w} and {up} have different types ({wr.quant}, {ur.quant})")
-        self.quantize(x, wr.k)
+        if pre and pre[0] == "norm":
+            self.quantize(pre[1], wr.k, norm=pre[2])
+        elif pre:   # "reduce": the split-K partials into attn first
+            c = self.cfg
+            self.p.add(AttentionReduce(), ["attn_part", "attn"],
+                       dict(n_head=c.n_head, head_dim=c.head_dim, splits=DECODE_SPLITS), [c.n_head, "T", 1])
+            self.quantize("attn", wr.k)
+        else:
+            self.quantize(x, wr.k)
         for i, (row0, rows) in enumerate(wr.parts):
             bind = [wr.ref(i)] + ([ur.ref(i)] if ur else []) + [y]
             params = dict(k=wr.k, rows=rows, n_offset=n_offset + row0, n_stride=n_stride or wr.rows,
@@ -79,12 +90,17 @@ class BuilderI8(Builder):
                     k = MatmulCPUI8(quant=wr.quant, xk=wr.k, tokens=window, gate=gate, residual=residual)
                     self.p.add(k, [xw, *bind], dict(params, t0=t0), [-(-rows // k.rows_per_wg), f"T>{t0}", 1])
 
-    def quantize(self, x: str, k: int):
-        """xq = int8(x) (K = k), unless xq already holds x and no step since has written x."""
-        if self._xq and self._xq[:2] == (x, k) and not self.written_since(x, self._xq[2]):
+    def quantize(self, x: str, k: int, norm: str | None = None):
+        """xq = int8(x) (norm: of rmsnorm(x) * that weight, fused) for K = k, unless xq already holds it and no step
+        since has written x."""
+        if self._xq and self._xq[:3] == (x, k, norm) and not self.written_since(x, self._xq[3]):
             return
-        self.p.add(QuantizeAct(), [x, "xq"], dict(k=k), [1, "T", 1])
-        self._xq = (x, k, len(self.p.steps))
+        if norm:
+            self.p.add(QuantizeAct(norm=True), [x, self.W(norm).ref(0), "xq"], dict(k=k, eps=self.cfg.rms_eps),
+                       [1, "T", 1])
+        else:
+            self.p.add(QuantizeAct(), [x, "xq"], dict(k=k), [1, "T", 1])
+        self._xq = (x, k, norm, len(self.p.steps))
 
     def written_since(self, buf: str, i: int) -> bool:
         """Whether a step from index i on binds `buf` read_write."""

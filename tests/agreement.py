@@ -73,12 +73,12 @@ def print_table(r: dict):
     print(f"  {'prompt':14s} {'max|dlogit|':>11s} {'= transformers':>15s} {'checked to':>10s} {'ok':>3s} "
           f"{'= llama.cpp':>12s} {'llama.cpp = tf':>15s}")
     for x in r["rows"]:
-        print(f"  {x['prompt']:14s} {x['dlogit']:11.4f} {x['tf_agree']:>9d}/{x['tf_len']:<5d} {x['tf_upto']:>10d} "
+        print(f"  {x['prompt']:14s} {x['dlogit']:11.5f} {x['tf_agree']:>9d}/{x['tf_len']:<5d} {x['tf_upto']:>10d} "
               f"{'yes' if x['ok'] else 'NO':>3s} {x['lc_agree']:>7d}/{x['lc_len']:<4d} {x['lc_vs_tf']:>10d}/{x['tf_len']}")
     worst = max(x["dlogit"] for x in r["rows"])
     n_ok = sum(x["ok"] for x in r["rows"])
     passes = n_ok == len(r["rows"]) and worst <= MAX_ABS_LOGIT_DIFF
-    print(f"  greedy ok on {n_ok}/{len(r['rows'])} prompts, max |dlogit| {worst:.4f}: "
+    print(f"  greedy ok on {n_ok}/{len(r['rows'])} prompts, max |dlogit| {worst:.5f}: "
           f"{'passes' if passes else 'does NOT pass'} the references' rule for a default path "
           f"(tie-aware greedy, |dlogit| <= {MAX_ABS_LOGIT_DIFF})")
     print(f"  tokens identical to transformers (sum) {sum(x['tf_agree'] for x in r['rows'])}, to llama.cpp "
