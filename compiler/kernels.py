@@ -48,35 +48,61 @@ class Kernel:
         return ctx
 
 
+MATMUL_PARAMS: tuple[Param, ...] = (("k", "u32"), ("rows", "u32"), ("n_offset", "u32"), ("n_stride", "u32"),
+                                    ("last_only", "u32"))
+# the decode mat-vecs' x prologue (shaders/_prologue.wgsl.j2): x is computed in workgroup memory from the buffers of the
+# step it replaces instead of read from a buffer that step wrote. "norm": RMSNorm (x, its weight); "reduce":
+# attention_reduce of attention_split's partials. Its extra uniforms:
+PRE_PARAMS: dict[str | None, tuple[Param, ...]] = {None: (), "norm": (("eps", "f32"),), "reduce": ()}
+
+
+def pre_bindings(pre: str | None) -> list[tuple[str, str]]:
+    """The x bindings of a mat-vec with prologue `pre` (binding 2 onwards)."""
+    return {None: [("x", "read")], "norm": [("src", "read"), ("norm_w", "read")], "reduce": [("part", "read")]}[pre]
+
+
+def matmul_bindings(gate: str | None, pre: str | None = None) -> list[tuple[str, str]]:
+    w = [("w", "read")] + ([("w_up", "read")] if gate else [])
+    return [*pre_bindings(pre), *w, ("y", "read_write")]
+
+
 @dataclass(frozen=True)
 class Matmul(Kernel):
-    """y (+)= act(x @ W^T), one token per workgroup row: decode, and the LM head on the last token (last_only)."""
+    """y (+)= act(x @ W^T), one token per workgroup row: decode, and the LM head on the last token (last_only).
+    pre: None | "norm" | "reduce": x from the prologue (PRE_PARAMS), decode only; xk = K then, heads / splits for
+    "reduce" (the partials are (heads, splits, K / heads + 2))."""
     template: ClassVar[str] = "matmul"
-    params: ClassVar[tuple[Param, ...]] = (("k", "u32"), ("rows", "u32"), ("n_offset", "u32"), ("n_stride", "u32"),
-                                           ("last_only", "u32"))
     quant: str
     rows: int = 8       # output rows per workgroup
     lanes: int = 8      # threads splitting K for one row (power of two)
     gate: str | None = None   # None | "silu" | "gelu_tanh": y = act(x W^T) * (x U^T)
     residual: bool = False    # y += result (fused residual add)
+    pre: str | None = None
+    xk: int | None = None
+    heads: int | None = None
+    splits: int | None = None
+
+    @property
+    def params(self) -> tuple[Param, ...]:
+        return MATMUL_PARAMS + PRE_PARAMS[self.pre]
 
     def bindings(self):
-        w = [("w", "read")] + ([("w_up", "read")] if self.gate else [])
-        return [("x", "read"), *w, ("y", "read_write")]
+        return matmul_bindings(self.gate, self.pre)
 
 
 @dataclass(frozen=True)
 class MatmulTokens(Kernel):
     """Prefill mat-mat with one invocation per (row, token): no reduction, no barrier (see matmul_tt.wgsl.j2)."""
     template: ClassVar[str] = "matmul_tt"
-    params: ClassVar[tuple[Param, ...]] = Matmul.params[:4]   # no last_only: the LM head uses the mat-vec kernel
+    params: ClassVar[tuple[Param, ...]] = MATMUL_PARAMS[:4]   # no last_only: the LM head uses the mat-vec kernel
     quant: str
     tokens: int = 8     # tokens per workgroup (the SIMD lanes on CPU adapters)
     rows: int = 8       # output rows per workgroup
     gate: str | None = None
     residual: bool = False
 
-    bindings = Matmul.bindings   # same buffers as the k-split kernel
+    def bindings(self):   # same buffers as the k-split kernel
+        return matmul_bindings(self.gate)
 
 
 @dataclass(frozen=True)
@@ -155,28 +181,40 @@ class Argmax(Kernel):
 class AttentionSplit(Kernel):
     """Split-K causal attention (flash-decoding), one workgroup per (KV head, key split, token); see the template."""
     template: ClassVar[str] = "attention_split"
-    params: ClassVar[tuple[Param, ...]] = (("n_head", "u32"), ("n_kv", "u32"), ("head_dim", "u32"), ("window", "u32"),
-                                           ("scale", "f32"), ("splits", "u32"))
     softcap: ClassVar[bool] = False   # AttentionSplitSoftcap
     group: int = 1             # query heads per KV head (n_head / n_kv)
     outs_per_thread: int = 1   # ceil(group * head_dim / wg)
     wg: int = 64
+    # decode (T = 1) only: RoPE of q and k (rope_kv.wgsl.j2's, style "norm" | "neox"), after the per-head QK-norm when
+    # qk_norm, and the KV-cache write of position pos, done in this kernel's prologue instead of their own dispatches
+    rope: str | None = None
+    qk_norm: bool = False
+
+    @property
+    def params(self) -> tuple[Param, ...]:
+        base = (("n_head", "u32"), ("n_kv", "u32"), ("head_dim", "u32"), ("window", "u32"), ("scale", "f32"),
+                ("splits", "u32"))
+        return base + ((("cap", "f32"),) if self.softcap else ()) + \
+            ((("rot_dim", "u32"), ("eps", "f32")) if self.rope else ())
 
     @classmethod
-    def for_heads(cls, n_head: int, n_kv: int, head_dim: int) -> "AttentionSplit":
+    def for_heads(cls, n_head: int, n_kv: int, head_dim: int, **kw) -> "AttentionSplit":
         g = n_head // n_kv
-        return cls(group=g, outs_per_thread=-(-g * head_dim // cls.wg))
+        return cls(group=g, outs_per_thread=-(-g * head_dim // cls.wg), **kw)
 
     def bindings(self):
-        return [("qkv", "read"), ("k_cache", "read"), ("v_cache", "read"), ("part", "read_write"),
-                ("out", "read_write")]
+        if not self.rope:
+            return [("qkv", "read"), ("k_cache", "read"), ("v_cache", "read"), ("part", "read_write"),
+                    ("out", "read_write")]
+        norms = [("q_norm_w", "read"), ("k_norm_w", "read")] if self.qk_norm else []
+        return [("qkv", "read"), ("k_cache", "read_write"), ("v_cache", "read_write"), ("part", "read_write"),
+                ("out", "read_write"), ("inv_freq", "read"), *norms]
 
 
 @dataclass(frozen=True)
 class AttentionSplitSoftcap(AttentionSplit):
     """AttentionSplit with gemma2's score soft-capping (scores = cap * tanh(scores / cap) after the scale)."""
-    params: ClassVar[tuple[Param, ...]] = AttentionSplit.params + (("cap", "f32"),)
-    softcap: ClassVar[bool] = True
+    softcap: ClassVar[bool] = True   # adds the `cap` uniform (AttentionSplit.params)
 
     @property
     def name(self) -> str:   # the same template: the name (pipeline cache key, file name) says which
@@ -249,7 +287,6 @@ def _init_tex(k):
 class MatvecCPU(Kernel):
     """Decode mat-vec for CPU adapters: one invocation per row, x from a uniform binding (see matvec_cpu.wgsl.j2)."""
     template: ClassVar[str] = "matvec_cpu"
-    params: ClassVar[tuple[Param, ...]] = Matmul.params
     quant: str
     xk: int             # K, compile-time: the uniform x binding is a fixed-size array (K * 4 <= 64 KiB)
     wg: int = 64        # output rows per workgroup (the SIMD lanes on CPU adapters)
@@ -257,6 +294,9 @@ class MatvecCPU(Kernel):
     residual: bool = False
     tex: bool | None = None   # weights from a texture; None: where the scheme allows (TEXTURE_QUANTS)
     tokens: int = 1     # rows of the x window; > 1: the prefill LM head (last_only: token T-1 = row (T-1) % tokens)
+    # no x prologue (Matmul's `pre`): x would leave the uniform binding for workgroup memory, 4.5x slower decode on
+    # lavapipe (compiler/schedule.py Builder.fuse_prologues)
+    params: ClassVar[tuple[Param, ...]] = MATMUL_PARAMS
 
     def __post_init__(self):
         _init_tex(self)
@@ -279,7 +319,7 @@ class MatmulCPU(Kernel):
     """Prefill / score mat-mat for CPU adapters: rows are the lanes, `rows` per invocation, the `tokens` tokens of one
     uniform x window (t0 ..) per step (see matmul_cpu.wgsl.j2)."""
     template: ClassVar[str] = "matmul_cpu"
-    params: ClassVar[tuple[Param, ...]] = Matmul.params + (("t0", "u32"),)
+    params: ClassVar[tuple[Param, ...]] = MATMUL_PARAMS + (("t0", "u32"),)
     quant: str
     xk: int             # K, compile-time: the uniform x window is a fixed-size array (tokens * K * 4 <= 64 KiB)
     tokens: int = 8     # tokens per x window (per step)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from .ir import TEXTURE_WIDTH
-from .kernels import Kernel, Matmul, MatmulCPU, UNIFORM_BINDING_BYTES, Param
+from .kernels import MATMUL_PARAMS, UNIFORM_BINDING_BYTES, Kernel, MatmulCPU, Param
 
 XQ_WORDS = 12           # u32 words per 32-block of quantised activations (see the module docstring)
 I8_QUANTS = ("q8_0", "q4_1")   # weight schemes with an int8 dot (texture readers: compiler/kernels.py TEXTURE_QUANTS)
@@ -63,7 +63,7 @@ class MatvecCPUI8(Kernel):
     """MatvecCPU over int8 activations: one invocation per row, xq from a uniform binding, dot4I8Packed per block
     (see matvec_cpu_i8.wgsl.j2)."""
     template: ClassVar[str] = "matvec_cpu_i8"
-    params: ClassVar[tuple[Param, ...]] = Matmul.params
+    params: ClassVar[tuple[Param, ...]] = MATMUL_PARAMS
     language_features: ClassVar[tuple[str, ...]] = (DOT4I8,)
     quant: str
     xk: int             # K, compile-time: the uniform xq binding is a fixed-size array

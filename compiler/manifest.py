@@ -22,6 +22,8 @@ a temp file in the same directory, then a rename), read by `read_manifest` only,
   kernels     {name: {file: "shaders/<name>.wgsl", sha256, params: [[name, "u32"|"f32"]], bindings: [[name, access]]}}
   programs    {prefill, decode[, score]: [step]}  steps as compiler/ir.py `Step.json`; every step's kernel, buffer refs, params
               (count and type) and dispatch sizes (1..MAX_WORKGROUPS, or "T" / "T/n" / "T>n" / "T<=n") resolve against the above
+  dispatches  {program: steps per forward}: one dispatch per step (a "T>n" step dispatches nothing when T <= n), so
+              for decode what a token costs in dispatches (`kiln inspect`, `kiln bench`); optional (before compiler 5)
   program_variants optional {"<program>@<variant>": {adapter: class that runs it, activations: "f32" | "int8",
               wgsl_language_features: [names its kernels need]}}  (compiler/schedule_i8.py program_variants); a
               runtime picks an "int8" variant only when asked (--activations int8) and the features are there
@@ -63,6 +65,11 @@ def kernel_entry(kernel) -> dict:
 
 def program_json(program) -> list[dict]:
     return program.json()
+
+
+def program_dispatches(programs) -> dict[str, int]:
+    """{program: dispatches per forward}: one per step."""
+    return {n: len(p.steps) for n, p in programs.items()}
 
 
 def kernel_features(kernels) -> list[str]:
@@ -385,6 +392,11 @@ def validate(m: dict, path="manifest.json", hint: str = "recompile the model") -
             c.str(f, f"{where}.wgsl_language_features[{i}]")
     if score > chunk:
         c.fail("limits.score_chunk", f"= {score} exceeds limits.prefill_chunk = {chunk}")
+    if "dispatches" in m:
+        for prog, n in c.obj(m["dispatches"], "dispatches").items():
+            c.str(prog, "dispatches", choices=tuple(programs))
+            if c.int(n, f"dispatches.{prog[:20]}") != len(programs[prog]):
+                c.fail(f"dispatches.{prog[:20]}", f"= {n}, but the program has {len(programs[prog])} steps")
 
     if "selftest" in m:
         st = c.obj(m["selftest"], "selftest", ("prompt_ids", "top5", "tolerance"))

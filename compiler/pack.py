@@ -21,6 +21,9 @@ def packed_parts(m: GGUFModel, plan: WeightPlan, name: str) -> Iterator[tuple[in
     ref, src, scheme = plan(name), plan.sources[name], plan.scheme(name)
     if src.constant is not None:
         raw, row_bytes = src.constant.view(np.uint8), src.constant.nbytes // ref.rows
+    elif src.concat:   # rows of several GGUF tensors stacked (plan.py concat_qkv): row-major, so bytes concatenate
+        raw = np.concatenate([np.asarray(m.tensor(n).data).reshape(-1).view(np.uint8) for n in src.concat])
+        row_bytes = raw.size // ref.rows
     else:   # rows of the weight's own tensor, or (src.tensor) of the tensor it is sliced from, from src.row0 on
         t = m.tensor(src.tensor or name)
         raw = t.data

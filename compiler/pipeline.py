@@ -30,7 +30,8 @@ from .errors import KilnError
 from .gguf_file import GGUFModel
 from .ir import SHARD_BYTES, Program
 from .kernels import Kernel
-from .manifest import bytes_by_quant, file_sha256, kernel_entry, kernel_features, program_json, write_manifest
+from .manifest import (bytes_by_quant, file_sha256, kernel_entry, kernel_features, program_dispatches, program_json,
+                       write_manifest)
 from .output import check_target, write_artifact
 from .plan import WeightPlan, plan_weights
 from .render import render as render_kernel
@@ -39,10 +40,12 @@ from .schedule_i8 import program_variants, xq_buffer
 from .shards import write_shards
 from .tokenizer import build_tokenizer_json, tokenizer_info
 
-COMPILER_VERSION = "4"   # 2: the `score` program; 3: manifest v2 (manifest_sha256, shader + tokenizer sha256),
+COMPILER_VERSION = "5"   # 2: the `score` program; 3: manifest v2 (manifest_sha256, shader + tokenizer sha256),
                          #    `features`, buffers[].programs, matmul_tt without last_only
                          # 4: "texture" weight bindings, x-window bind refs "buf+OFF", "T>n" / "T<=n"
                          #    dispatches (the CPU-adapter kernels)
+                         # 5: fused decode (norm / reduce prologues, RoPE + QK-norm + KV write in attention), Q/K/V
+                         #    concatenated by the plan, `dispatches` per program
 DEFAULT_PREFILL_CHUNK = 128
 
 
@@ -137,6 +140,7 @@ def manifest(c: Compilation):
         "kernels": {n: kernel_entry(k) for n, k in c.kernels.items()},
         "programs": {n: program_json(p) for n, p in c.programs.items()},
         "program_variants": program_variants(c.programs),
+        "dispatches": program_dispatches(c.programs),
     }
     write_manifest(c.out, c.manifest)
     return {k: v for k, v in c.manifest.items() if k not in ("programs", "weights", "buffers")}

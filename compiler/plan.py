@@ -9,6 +9,10 @@ runs a kernel once per part with the part's row offset.
 
 With `requant` (a scheme name, `kiln compile --quant`), every F32 / F16 / Q8_0 matrix (2-D; never norms or other 1-D
 tensors) is planned in that scheme; pack.py re-quantizes it.
+
+A layer's Q, K and V projections of one type and row length are also planned as one matrix, their rows stacked
+(`blk.N.attn_qkv_concat.weight`; Q and K alone, `attn_qk_concat`, where V's type differs, as in Gemma 3's Q4_K_M):
+the schedule runs one mat-vec for them instead of three (issue 14, fusion). Only what the programs bind is written.
 """
 from __future__ import annotations
 
@@ -65,6 +69,7 @@ class Source:
     constant: np.ndarray | None = None
     tensor: str | None = None     # the GGUF tensor to slice (None: the weight's own name)
     row0: int = 0
+    concat: tuple[str, ...] = ()   # GGUF tensors whose rows, stacked in this order, are this weight (concat_qkv)
 
 
 class WeightPlan:
@@ -128,7 +133,30 @@ def plan_weights(m: GGUFModel, cfg: ModelConfig, shard_bytes: int = SHARD_BYTES,
         scheme, k = QuantScheme.registry[refs[tensor].quant], refs[tensor].k
         refs[name] = WeightRef(name, scheme.name, rows, k, _parts(scheme, rows, k, shard_bytes))
         sources[name] = Source(sources[tensor].scheme, tensor=tensor, row0=row0)
+    concat_qkv(m, cfg, refs, sources, shard_bytes)
     return WeightPlan(refs, sources, refused)
+
+
+def concat_qkv(m: GGUFModel, cfg: ModelConfig, refs: dict, sources: dict, shard_bytes: int):
+    """Adds blk.N.attn_qkv_concat.weight (Q, K, V rows stacked) where the three are planned alike and stored in one
+    GGUF type, else blk.N.attn_qk_concat.weight for Q and K alone when those two are."""
+    for L in range(cfg.n_layer):
+        names = [f"blk.{L}.attn_{x}.weight" for x in "qkv"]
+        if not all(n in refs for n in names):
+            continue
+
+        def alike(ns):
+            a = refs[ns[0]]
+            return all(refs[n].quant == a.quant and refs[n].k == a.k and sources[n] == sources[ns[0]]
+                       and m.tensors[n].ggml_type == m.tensors[ns[0]].ggml_type for n in ns)
+        for group, tag in ((names, "qkv"), (names[:2], "qk")):
+            if alike(group):
+                a, rows = refs[group[0]], sum(refs[n].rows for n in group)
+                scheme = QuantScheme.registry[a.quant]
+                name = f"blk.{L}.attn_{tag}_concat.weight"
+                refs[name] = WeightRef(name, a.quant, rows, a.k, _parts(scheme, rows, a.k, shard_bytes))
+                sources[name] = Source(sources[group[0]].scheme, concat=tuple(group))
+                break
 
 
 def tensor_types(m: GGUFModel, requant: str | None = None) -> dict[str, tuple[str, int]]:

@@ -39,6 +39,16 @@ SCORE_BYTES = 16 << 20   # the score program's (score_chunk, vocab) f32 logits b
 # the most logit_bias entries `sampler_cfg` holds
 SAMPLE_RING = 32
 SAMPLE_MAX_BIAS = 1024
+# decode fusion (issue 14): a mat-vec whose x is an RMSNorm of a buffer, or attention_reduce of the split-K partials,
+# computes that x in its prologue (workgroup memory, K f32 <= FUSE_MAX_K * 4 bytes) instead of a dispatch of its own;
+# decode attention does RoPE, QK-norm and the KV-cache write in its prologue. Prefill keeps the separate steps (one
+# dispatch serves T tokens there). See ARCHITECTURE.md, "fusion".
+FUSE_MAX_K = 2048
+
+
+def prologue_fits(k: int) -> bool:
+    """Whether a decode mat-vec over K inputs can compute its x in a prologue (workgroup memory, whole groups)."""
+    return k <= FUSE_MAX_K and k % 32 == 0
 
 
 def cpu_window(k: int) -> int:
@@ -69,8 +79,28 @@ class Builder:
         self.p = Program()
 
     # -- helpers: one per kernel family ------------------------------------------------------------------------
+    @property
+    def fuse(self) -> bool:
+        """Decode (T = 1): the fused steps apply."""
+        return self.tile == 1
+
+    @property
+    def fuse_prologues(self) -> bool:
+        """Decode mat-vec prologues (norm / reduce): not on CPU adapters. There x would sit in workgroup memory instead
+        of matvec_cpu's uniform binding, a per-lane loop per load on lavapipe: SmolLM2 decode@cpu measured 4.5x slower
+        (ARCHITECTURE.md, "fusion"), against ~21 us saved per dispatch."""
+        return self.fuse and self.adapter != "cpu"
+
+    def pre_norm(self, x: str, weight: str, k: int):
+        """The `pre` argument of matmul that fuses `rmsnorm(x, weight)` into it, or None (then the norm runs here)."""
+        if self.fuse_prologues and prologue_fits(k):
+            return ("norm", x, weight)
+        self.rmsnorm(x, weight, "xn", width=k)
+        return None
+
     def matmul(self, x: str, w: str, y: str, *, n_offset=0, n_stride=None, residual=False, gate=None,
-               up: str | None = None, last_only=False):
+               up: str | None = None, last_only=False, pre=None):
+        """pre: ("norm", x, weight) or ("reduce",): x computed in the mat-vec's prologue (decode only, FUSE_MAX_K)."""
         wr = self.W(w)
         ur = self.W(up) if up else None
         tile = 1 if last_only else self.tile
@@ -87,15 +117,33 @@ class Builder:
             if tile > 1:   # prefill: one invocation per (row, token); 2x the k-split tile kernel on lavapipe
                 k = MatmulTokens(quant=wr.quant, tokens=tile, gate=gate, residual=residual)
             elif self.adapter == "cpu" and self.tile == 1 and wr.k <= UNIFORM_X_MAX_K:   # decode (x row 0 = token 0):
-                # 3-5x Matmul on lavapipe (ARCHITECTURE.md)
+                # 3-5x Matmul on lavapipe (ARCHITECTURE.md); never with a prologue (Builder.fuse_prologues)
+                assert not pre, "matvec_cpu reads x from a uniform binding: no prologue"
                 k = MatvecCPU(quant=wr.quant, xk=wr.k, gate=gate, residual=residual)
             else:
-                k = Matmul(quant=wr.quant, gate=gate, residual=residual, **MATMUL_SHAPE)
-            bind = [x, wr.ref(i)] + ([ur.ref(i)] if ur else []) + [y]
+                k = Matmul(quant=wr.quant, gate=gate, residual=residual, **MATMUL_SHAPE, **self.pre_fields(pre),
+                           **(dict(xk=wr.k) if pre else {}))
+            if not pre:
+                xs = [x]
+            elif pre[0] == "norm":   # the norm's input and weight
+                xs = [pre[1], self.W(pre[2]).ref(0)]
+            else:                    # attention_split's partials
+                xs = ["attn_part"]
+            bind = xs + [wr.ref(i)] + ([ur.ref(i)] if ur else []) + [y]
             params = dict(k=wr.k, rows=rows, n_offset=n_offset + row0, n_stride=n_stride or wr.rows)
+            if pre and pre[0] == "norm":
+                params["eps"] = self.cfg.rms_eps
             if "last_only" in dict(k.params):   # Matmul and the CPU-adapter kernels; MatmulTokens has none
                 params["last_only"] = int(last_only)
             self.p.add(k, bind, params, [-(-rows // k.rows), 1 if last_only else f"T/{tile}", 1])
+
+    def pre_fields(self, pre) -> dict:
+        """The kernel fields of prologue `pre`."""
+        if not pre:
+            return {}
+        if pre[0] == "reduce":
+            return dict(pre="reduce", heads=self.cfg.n_head, splits=DECODE_SPLITS)
+        return dict(pre="norm")
 
     def matmul_cpu_windows(self, x: str, wr, ur, part: int, y: str, *, n_offset, n_stride, rows, residual, gate,
                            last_only):
@@ -133,58 +181,82 @@ class Builder:
         q_dim, kv_dim = c.n_head * c.head_dim, c.n_kv_head * c.head_dim
         qkv_dim = q_dim + 2 * kv_dim
         blk = f"blk.{L}."
-        self.rmsnorm("x", blk + "attn_norm.weight", "xn", width=c.n_embd)
-        if c.fused_qkv:   # phi3: attn_qkv's rows are [q | k | v], the qkv buffer's layout
-            self.matmul("xn", blk + "attn_qkv.weight", "qkv", n_offset=0, n_stride=qkv_dim)
-        else:
-            self.matmul("xn", blk + "attn_q.weight", "qkv", n_offset=0, n_stride=qkv_dim)
-            self.matmul("xn", blk + "attn_k.weight", "qkv", n_offset=q_dim, n_stride=qkv_dim)
-            self.matmul("xn", blk + "attn_v.weight", "qkv", n_offset=q_dim + kv_dim, n_stride=qkv_dim)
-        if c.qkv_bias:    # qwen2
+        pre = self.pre_norm("x", blk + "attn_norm.weight", c.n_embd)
+        src = "xn" if pre is None else None
+        for w, off in self.qkv_weights(L, q_dim, kv_dim):   # Q, K, V: one mat-vec where the plan concatenated them
+            self.matmul(src, w, "qkv", n_offset=off, n_stride=qkv_dim, pre=pre)
+        if c.qkv_bias:    # qwen2 (before QK-norm and RoPE, which decode does in attention's prologue)
             for name, off, n in (("attn_q", 0, q_dim), ("attn_k", q_dim, kv_dim), ("attn_v", q_dim + kv_dim, kv_dim)):
                 self.add_bias(blk + name + ".bias", "qkv", n=n, offset=off, stride=qkv_dim)
-        if c.qk_norm:
-            self.rmsnorm("qkv", blk + "attn_q_norm.weight", None, width=c.head_dim, heads=c.n_head, stride=qkv_dim)
-            self.rmsnorm("qkv", blk + "attn_k_norm.weight", None, width=c.head_dim, heads=c.n_kv_head,
-                         stride=qkv_dim, offset=q_dim)
         swa = bool(c.swa_layers) and c.swa_layers[L]
-        self.p.add(RopeKV(style=c.rope_style),
-                   ["qkv", self.W("rope_inv_freq_local" if swa and c.rope_base_local else "rope_inv_freq").ref(0),
-                    f"k_cache.{L}", f"v_cache.{L}"],
-                   dict(n_head=c.n_head, n_kv=c.n_kv_head, head_dim=c.head_dim, rot_dim=c.rope_dim), ["T", 1, 1])
-        self.attention(L, window=c.sliding_window if swa else 0)
+        inv_freq = self.W("rope_inv_freq_local" if swa and c.rope_base_local else "rope_inv_freq").ref(0)
+        fused = self.fuse and DECODE_SPLITS > 1
+        if not fused:
+            if c.qk_norm:
+                self.rmsnorm("qkv", blk + "attn_q_norm.weight", None, width=c.head_dim, heads=c.n_head,
+                             stride=qkv_dim)
+                self.rmsnorm("qkv", blk + "attn_k_norm.weight", None, width=c.head_dim, heads=c.n_kv_head,
+                             stride=qkv_dim, offset=q_dim)
+            self.p.add(RopeKV(style=c.rope_style), ["qkv", inv_freq, f"k_cache.{L}", f"v_cache.{L}"],
+                       dict(n_head=c.n_head, n_kv=c.n_kv_head, head_dim=c.head_dim, rot_dim=c.rope_dim), ["T", 1, 1])
+        self.attention(L, window=c.sliding_window if swa else 0, rope=inv_freq if fused else None)
+        # decode: the o-projection reduces the split-K partials in its prologue (when K fits)
+        o_pre = ("reduce",) if fused and self.fuse_prologues and prologue_fits(q_dim) else None
+        if fused and not o_pre:
+            self.p.add(AttentionReduce(), ["attn_part", "attn"],
+                       dict(n_head=c.n_head, head_dim=c.head_dim, splits=DECODE_SPLITS), [c.n_head, "T", 1])
         if c.post_norms:
-            self.matmul("attn", blk + "attn_output.weight", "xn")
+            self.matmul("attn", blk + "attn_output.weight", "xn", pre=o_pre)
             self.rmsnorm_add("xn", blk + "post_attention_norm.weight", "x")
         else:
-            self.matmul("attn", blk + "attn_output.weight", "x", residual=True)
+            self.matmul("attn", blk + "attn_output.weight", "x", residual=True, pre=o_pre)
 
-    def attention(self, L: int, window: int):
-        """Split-K attention: DECODE_SPLITS workgroups per KV head in decode (then a reduce), one per token in prefill."""
+    def qkv_weights(self, L: int, q_dim: int, kv_dim: int) -> list[tuple[str, int]]:
+        """[(weight, output offset in qkv)]: the plan's concatenation of Q, K and V (or Q and K) where it made one
+        (compiler/plan.py concat_qkv), else each of them."""
+        blk, refs = f"blk.{L}.", getattr(self.W, "refs", {})
+        if self.cfg.fused_qkv:   # phi3: attn_qkv's rows are [q | k | v], the qkv buffer's layout
+            return [(blk + "attn_qkv.weight", 0)]
+        if blk + "attn_qkv_concat.weight" in refs:
+            return [(blk + "attn_qkv_concat.weight", 0)]
+        if blk + "attn_qk_concat.weight" in refs:
+            return [(blk + "attn_qk_concat.weight", 0), (blk + "attn_v.weight", q_dim + kv_dim)]
+        return [(blk + "attn_q.weight", 0), (blk + "attn_k.weight", q_dim), (blk + "attn_v.weight", q_dim + kv_dim)]
+
+    def attention(self, L: int, window: int, rope: str | None = None):
+        """Split-K attention: DECODE_SPLITS workgroups per KV head in decode (the reduce follows, on its own or in the
+        o-projection's prologue), one per token in prefill. rope: the inv_freq ref when RoPE, QK-norm and the
+        KV-cache write are fused into it (decode)."""
         c = self.cfg
         if c.head_dim % 4 or c.n_head % c.n_kv_head:
             raise UnsupportedModelError(f"attention needs head_dim % 4 == 0 and n_head % n_kv_head == 0 "
                                         f"(head_dim {c.head_dim}, {c.n_head} heads, {c.n_kv_head} KV heads)")
         splits = DECODE_SPLITS if self.tile == 1 else 1
+        bind = ["qkv", f"k_cache.{L}", f"v_cache.{L}", "attn_part", "attn"]
         params = dict(n_head=c.n_head, n_kv=c.n_kv_head, head_dim=c.head_dim, window=window, scale=c.softmax_scale,
                       splits=splits)
-        kind = AttentionSplit
+        kind, kw = AttentionSplit, {}
         if c.attn_softcap:   # gemma2
             kind, params["cap"] = AttentionSplitSoftcap, c.attn_softcap
-        self.p.add(kind.for_heads(c.n_head, c.n_kv_head, c.head_dim),
-                   ["qkv", f"k_cache.{L}", f"v_cache.{L}", "attn_part", "attn"], params, [c.n_kv_head, splits, "T"])
-        if splits > 1:
+        if rope:
+            kw = dict(rope=c.rope_style, qk_norm=c.qk_norm)
+            bind.append(rope)
+            if c.qk_norm:
+                bind += [self.W(f"blk.{L}.attn_q_norm.weight").ref(0), self.W(f"blk.{L}.attn_k_norm.weight").ref(0)]
+            params.update(rot_dim=c.rope_dim, eps=c.rms_eps)
+        self.p.add(kind.for_heads(c.n_head, c.n_kv_head, c.head_dim, **kw), bind, params, [c.n_kv_head, splits, "T"])
+        if splits > 1 and not rope:
             self.p.add(AttentionReduce(), ["attn_part", "attn"],
                        dict(n_head=c.n_head, head_dim=c.head_dim, splits=splits), [c.n_head, "T", 1])
 
     def ffn_block(self, L: int):
         c = self.cfg
         blk = f"blk.{L}."
-        self.rmsnorm("x", blk + "ffn_norm.weight", "xn", width=c.n_embd)
+        pre = self.pre_norm("x", blk + "ffn_norm.weight", c.n_embd)
         if c.fused_gate_up:   # phi3: ffn_up = [gate | up], sliced by the plan (compiler/plan.py split_weights)
-            self.matmul("xn", blk + "ffn_up.weight:gate", "ff", gate=c.act, up=blk + "ffn_up.weight:up")
+            self.matmul("xn", blk + "ffn_up.weight:gate", "ff", gate=c.act, up=blk + "ffn_up.weight:up", pre=pre)
         else:
-            self.matmul("xn", blk + "ffn_gate.weight", "ff", gate=c.act, up=blk + "ffn_up.weight")
+            self.matmul("xn", blk + "ffn_gate.weight", "ff", gate=c.act, up=blk + "ffn_up.weight", pre=pre)
         if c.post_norms:
             self.matmul("ff", blk + "ffn_down.weight", "xn")
             self.rmsnorm_add("xn", blk + "post_ffw_norm.weight", "x")
@@ -209,14 +281,15 @@ class Builder:
 
     def head(self):
         c = self.cfg
-        self.rmsnorm("x", "output_norm.weight", "xn", width=c.n_embd)
         out = "token_embd.weight" if c.tied_output else "output.weight"
         if self.score:   # every token's logits, no sampling
+            self.rmsnorm("x", "output_norm.weight", "xn", width=c.n_embd)
             self.matmul("xn", out, "logits_all", n_stride=c.vocab)
             if c.final_softcap:
                 self.softcap("logits_all", c.vocab, per_token=True)
             return
-        self.matmul("xn", out, "logits", last_only=True, n_stride=c.vocab)
+        pre = self.pre_norm("x", "output_norm.weight", c.n_embd)   # decode: the final norm in the LM head's prologue
+        self.matmul("xn", out, "logits", last_only=True, n_stride=c.vocab, pre=pre)
         if c.final_softcap:
             self.softcap("logits", c.vocab, per_token=False)
         self.p.add(Argmax(), ["logits", "tokens"], dict(n=c.vocab), [1, 1, 1])
@@ -284,15 +357,16 @@ def activation_buffers(cfg: ModelConfig, score_tokens: int | None = None) -> dic
 
 
 def buffer_programs(programs: dict[str, Program]) -> dict[str, list[str]]:
-    """{activation buffer: [programs that bind it]}, in program order. An adapter variant (`decode@cpu`) counts as its
-    program (`decode`): it binds the same buffers, and a session runs one or the other."""
+    """{activation buffer: [programs that bind it]}, in PROGRAMS order. An adapter variant (`decode@cpu`) counts as its
+    program (`decode`): it binds the same buffers, and a session runs one or the other (xn: only `decode@cpu` binds
+    it among the decode variants, its norms not being fused)."""
     out: dict[str, list[str]] = {}
     for name, prog in programs.items():
         base = name.split("@")[0]
         for ref in dict.fromkeys(split_ref(r)[0] for s in prog.steps for r in s.bind if "#" not in r):
             if base not in out.setdefault(ref, []):
                 out[ref].append(base)
-    return out
+    return {ref: sorted(progs, key=PROGRAMS.index) for ref, progs in out.items()}
 
 
 def build_programs(cfg: ModelConfig, weights, prefill_chunk: int = 128) -> dict[str, Program]:

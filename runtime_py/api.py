@@ -197,6 +197,11 @@ def make_router(artifacts: dict[str, Path], *, api_key: str | None, ctx: int | N
                                         "win is known only at the end")
         if getattr(r, "tools", None):
             raise unsupported("tools", "tool calls are not implemented with beam search")
+        if r.max_tokens is None and r.max_completion_tokens is None and spec.length_penalty > 0:
+            # the search cannot end before max_tokens then, and the default (the rest of the context) would run
+            # thousands of steps of every beam: a request that looks hung
+            raise APIError(400, "max_tokens is required with beam search and length_penalty > 0 (the search runs "
+                                "to max_tokens).", param="max_tokens", code="missing_required_parameter")
         if engine.speculate:
             raise unsupported("use_beam_search", "this server decodes speculatively (kiln serve --speculate) and "
                                                  "does not combine it with beam search")

@@ -40,14 +40,17 @@ def prompt_ids(tok, n: int) -> list[int]:
 
 # -- counting at the wgpu-py API ------------------------------------------------------------------------------------
 class Counter:
-    """Dispatches, submits and bytes read back while active (patches wgpu-py's wgpu_native classes)."""
+    """Dispatches, submits and bytes read back while active (patches wgpu-py's wgpu_native classes). Bytes read back
+    count queue.read_buffer and buffer map_async (the GPU sampler's ring is read by mapping a staging buffer), a
+    read_buffer's own staging map once, as tests/gpu/test_decode_loop.py Traffic counts them."""
 
     def __enter__(self):
         from wgpu.backends.wgpu_native import _api
         self._api, self.n = _api, {"dispatches": 0, "submits": 0, "read_bytes": 0}
-        self._orig = (_api.GPUComputePassEncoder.dispatch_workgroups, _api.GPUQueue.submit, _api.GPUQueue.read_buffer)
-        d, s, r = self._orig
-        n = self.n
+        self._orig = (_api.GPUComputePassEncoder.dispatch_workgroups, _api.GPUQueue.submit, _api.GPUQueue.read_buffer,
+                      _api.GPUBuffer.map_async)
+        d, s, r, mp = self._orig
+        n, in_read = self.n, [False]
 
         def dispatch(cp, *a, **k):
             n["dispatches"] += 1
@@ -59,15 +62,25 @@ class Counter:
 
         def read(q, buf, offset=0, size=None, *a, **k):
             n["read_bytes"] += size if size is not None else buf.size - offset
-            return r(q, buf, offset, size, *a, **k)
+            in_read[0] = True
+            try:
+                return r(q, buf, offset, size, *a, **k)
+            finally:
+                in_read[0] = False
 
-        _api.GPUComputePassEncoder.dispatch_workgroups, _api.GPUQueue.submit, _api.GPUQueue.read_buffer = \
-            dispatch, submit, read
+        def map_async(b, mode, offset=0, size=None, *a, **k):
+            if not in_read[0]:   # read_buffer maps a staging buffer: counted once above
+                n["read_bytes"] += size if size is not None else b.size - offset
+            return mp(b, mode, offset, size, *a, **k)
+
+        (_api.GPUComputePassEncoder.dispatch_workgroups, _api.GPUQueue.submit, _api.GPUQueue.read_buffer,
+         _api.GPUBuffer.map_async) = dispatch, submit, read, map_async
         return self
 
     def __exit__(self, *exc):
         a = self._api
-        a.GPUComputePassEncoder.dispatch_workgroups, a.GPUQueue.submit, a.GPUQueue.read_buffer = self._orig
+        (a.GPUComputePassEncoder.dispatch_workgroups, a.GPUQueue.submit, a.GPUQueue.read_buffer,
+         a.GPUBuffer.map_async) = self._orig
 
 
 # -- probes ---------------------------------------------------------------------------------------------------------

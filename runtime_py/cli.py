@@ -326,7 +326,8 @@ def cmd_inspect(a):
             "head_dim": cfg.head_dim, "n_ff": cfg.n_ff, "vocab": cfg.vocab, "context_length": cfg.context_length,
             "tensor_bytes_by_type": dict(types), "weights_bytes": weights, "ctx": ctx, "kv_cache_bytes_f32": kv,
             "activation_bytes": act, "total_gpu_bytes": weights + kv + act,
-            "unsupported_tensor_types": sorted(cannot_run), "not_implemented": refused}
+            "unsupported_tensor_types": sorted(cannot_run), "not_implemented": refused,
+            "dispatches": _dispatches(g, cfg, a.quant) if not refused else None}
     if a.json:
         print(json.dumps(info, indent=1))
         return
@@ -340,8 +341,22 @@ def cmd_inspect(a):
           f"{cfg.head_dim} x {ctx} x 4 B)")
     print(f"  activations         {act / 2**20:9.2f} MiB (prefill chunk {DEFAULT_PREFILL_CHUNK}, logits)")
     print(f"  total               {(weights + kv + act) / 2**20:9.2f} MiB")
+    if info["dispatches"]:
+        print("  dispatches per forward: " + ", ".join(f"{p} {n}" for p, n in info["dispatches"].items()))
     for item in refused:
         print(f"  not implemented: {item} (kiln compile refuses this file)")
+
+
+def _dispatches(g, cfg, quant) -> dict[str, int] | None:
+    """{program: dispatches} as `kiln compile` would schedule them (the manifest's `dispatches`), None where the
+    schedule refuses the model (the reason is listed under not_implemented, or compile names it)."""
+    from compiler.manifest import program_dispatches
+    from compiler.plan import plan_weights
+    from compiler.schedule import build_programs
+    try:
+        return program_dispatches(build_programs(cfg, plan_weights(g, cfg, requant=quant)))
+    except KilnError:
+        return None
 
 
 def cmd_serve(a):

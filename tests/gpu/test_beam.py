@@ -214,6 +214,8 @@ REFUSED = [
     ("/v1/completions", {**COMP, "length_penalty": 0.5}, "length_penalty"),
     ("/v1/chat/completions", {**CHAT, "best_of": 2}, "best_of"),
     ("/v1/completions", {**COMP, **BEAM, "length_penalty": "long"}, "length_penalty"),
+    # with length_penalty > 0 the search runs to max_tokens: the default (the rest of the context) is refused
+    ("/v1/completions", {**COMP, "use_beam_search": True, "n": 2}, "max_tokens"),
 ]
 
 

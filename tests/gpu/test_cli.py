@@ -150,6 +150,7 @@ def test_inspect_text():
     # the context `kiln run` gives a session by default (2048, not the trained 8192)
     assert "KV cache @ ctx 2048" in out and "(2 x 30 layers x 3 kv heads x 64 x 2048 x 4 B)" in out
     assert f"{2 * 30 * 3 * 64 * 2048 * 4 / 2**20:9.2f} MiB" in out
+    assert "dispatches per forward: prefill 244, decode 153," in out   # the fused decode (issue 14)
 
 
 @pytest.mark.parametrize("ctx", [512, 2048])
@@ -168,6 +169,7 @@ def test_inspect_json(ctx):
     # (64 x vocab f32), allocated only where scoring runs
     assert info["activation_bytes"] == 4 * (128 * (1 + 576 + 576 + 960 + 576 + 1536) + 49152 + 9 * DECODE_SPLITS * 66)
     assert info["total_gpu_bytes"] == info["weights_bytes"] + info["kv_cache_bytes_f32"] + info["activation_bytes"]
+    assert (info["dispatches"]["decode"], info["dispatches"]["decode@cpu"]) == (153, 244)   # as the manifest's
 
 
 def test_compile_then_run_from_the_directory(tmp_path, capital):

@@ -11,9 +11,9 @@ from runtime_py.generate import generate
 from runtime_py.sampling import GREEDY, SamplingParams
 
 try:
-    from .test_smollm2 import TRANSFORMERS, first_tie_step
+    from .test_smollm2 import LAST_LOGITS, MAX_ABS_LOGIT_DIFF, TRANSFORMERS, first_tie_step
 except ImportError:   # tests/gpu is not a package: pytest put it on sys.path
-    from test_smollm2 import TRANSFORMERS, first_tie_step
+    from test_smollm2 import LAST_LOGITS, MAX_ABS_LOGIT_DIFF, TRANSFORMERS, first_tie_step
 
 
 class CPUPath:
@@ -29,13 +29,19 @@ class CPUPath:
 
 
 class Traffic:
-    """Counts queue submits and bytes read back (queue.read_buffer, buffer map_async) while active."""
+    """Counts dispatches, queue submits and bytes read back (queue.read_buffer, buffer map_async) while active."""
 
     def __enter__(self):
-        self.submits = self.read_bytes = 0
+        self.submits = self.read_bytes = self.dispatches = 0
         self._orig = (_api.GPUQueue.submit, _api.GPUQueue.read_buffer, _api.GPUBuffer.map_async)
+        self._orig_dispatch = _api.GPUComputePassEncoder.dispatch_workgroups
         sub, rb, mp = self._orig
         me = self
+
+        def dispatch(cp, *a, **k):
+            me.dispatches += 1
+            return me._orig_dispatch(cp, *a, **k)
+        _api.GPUComputePassEncoder.dispatch_workgroups = dispatch
 
         def submit(q, *a, **k):
             me.submits += 1
@@ -59,6 +65,7 @@ class Traffic:
 
     def __exit__(self, *exc):
         _api.GPUQueue.submit, _api.GPUQueue.read_buffer, _api.GPUBuffer.map_async = self._orig
+        _api.GPUComputePassEncoder.dispatch_workgroups = self._orig_dispatch
 
 
 def run(session, tok, ids, params, n, logprobs=0, eog=()):
@@ -129,3 +136,34 @@ def test_eos_and_stop_strings_inside_a_submit(session, smollm2_tokenizer):
         cpu, _ = run(CPUPath(session), tok, ids, params, 12, eog=kw.get("eog", ()))
         assert (gpu.ids, gpu.text, gpu.finish_reason) == (cpu.ids, cpu.text, cpu.finish_reason)
         assert gpu.finish_reason == "stop" and len(gpu.ids) < 12
+
+
+@pytest.mark.parametrize("variant", ["decode", "decode@cpu"])
+def test_decode_dispatches(smollm2_model, smollm2_artifact, variant, monkeypatch):
+    """A SmolLM2 decode token is <= 160 dispatches with the plain program (issue 14; 334 before the fusion) and 244 with
+    the CPU-adapter variant (334 before; it fuses Q/K/V and RoPE + KV write into attention, but no mat-vec prologue:
+    compiler/schedule.py Builder.fuse_prologues), counted at wgpu-py's API while the program replays, each on a model
+    loaded for the adapter class that runs it (KILN_ADAPTER_CLASS); the manifest's `dispatches` says the same; and
+    the logits of a prompt whose last token is decoded by that variant match float32 transformers (each variant is
+    correct on any adapter)."""
+    from runtime_py.model import Model
+    cls = "cpu" if variant.endswith("@cpu") else "gpu"
+    if smollm2_model.adapter_class == cls:
+        model = smollm2_model
+    else:
+        monkeypatch.setenv("KILN_ADAPTER_CLASS", cls)
+        model = Model(smollm2_artifact)
+    assert model.program_for["decode"] == variant
+    m = model.manifest
+    name = next(iter(TRANSFORMERS))
+    ids = TRANSFORMERS[name]["prompt_ids"]
+    s = model.session(ctx=256)
+    s.forward(ids[:-1])
+    with Traffic() as t:
+        s.forward(ids[-1:])
+    assert t.dispatches == m["dispatches"][variant] == len(m["programs"][variant])
+    print(f"{variant}: {m['dispatches'][variant]} dispatches per decode token")
+    assert m["dispatches"][variant] <= (160 if variant == "decode" else 244)
+    logits, ref = s.logits(), LAST_LOGITS[name]
+    assert int(logits.argmax()) == int(ref.argmax())
+    assert float(np.abs(logits - ref).max()) <= MAX_ABS_LOGIT_DIFF

@@ -92,12 +92,14 @@ def test_schedule(manifest):
         kinds = [s["kernel"].split("_")[0] for s in steps]
         # per layer: 2 post-norms added to the residual stream (out += norm(x) * w)
         assert sum(s["kernel"].startswith("rmsnorm") and "residual" in s["kernel"] for s in steps) == 2 * c["n_layer"]
-        ropes = [s for s, k in zip(steps, kinds) if k == "rope"]
-        atts = [s for s in steps if s["kernel"].startswith("attention_split")]   # (then attention_reduce in decode)
+        atts = [s for s in steps if s["kernel"].startswith("attention_split")]
+        # prefill: rope_kv steps; decode: RoPE, QK-norm and the KV write fused into attention (inv_freq is binding 7)
+        ropes = [s["bind"][1] for s, k in zip(steps, kinds) if k == "rope"] if prog == "prefill" else \
+            [s["bind"][5] for s in atts]
         assert len(ropes) == len(atts) == c["n_layer"]
         for L in range(c["n_layer"]):
             glob = L in (5, 11, 17)
-            assert ropes[L]["bind"][1] == ("rope_inv_freq#0" if glob else "rope_inv_freq_local#0")
+            assert ropes[L] == ("rope_inv_freq#0" if glob else "rope_inv_freq_local#0")
             assert atts[L]["params"][3] == (0 if glob else 512)   # window
             assert atts[L]["params"][4] == pytest.approx(256 ** -0.5)   # softmax scale
         # the 178 MB Q8_0 embedding is split by rows below the binding limit; embed and LM head run once per part
@@ -105,7 +107,7 @@ def test_schedule(manifest):
         assert len(parts) > 1 and sum(p["rows"] for p in parts) == c["vocab"]
         assert [s["bind"][1] for s, k in zip(steps, kinds) if k == "embed"] == \
                [f"token_embd.weight#{i}" for i in range(len(parts))]
-        head = [s for s, k in zip(steps, kinds) if k == "matmul" and s["bind"][1].startswith("token_embd")]
+        head = [s for s, k in zip(steps, kinds) if k == "matmul" and s["bind"][-2].startswith("token_embd")]
         assert [s["params"][2] for s in head] == [p["row0"] for p in parts]   # n_offset = row0
 
 

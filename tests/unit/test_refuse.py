@@ -224,7 +224,10 @@ def test_real_models_compile_as_before(path):
     c = run_stages(Compilation(path(), None), until="plan")   # every key consumed or listed irrelevant
     assert unsupported(c.model, c.cfg) == []
     assert c.cfg == read_config(c.model, refuse_unsupported=False)
-    assert len(c.plan.refs) == len(c.model.tensors) + (2 if c.cfg.rope_base_local else 1) and not c.plan.refused
+    concat = [n for n in c.plan.refs if n.endswith("_concat.weight")]   # one Q/K/V (or Q/K) stack per layer
+    assert len(concat) == c.cfg.n_layer
+    assert len(c.plan.refs) == len(c.model.tensors) + (2 if c.cfg.rope_base_local else 1) + len(concat) \
+        and not c.plan.refused
 
 
 def test_inspect_marks_what_kiln_cannot_run(tmp_path):
