@@ -51,6 +51,7 @@ class BuilderI8(Builder):
         super().__init__(cfg, weights, tile, score=score, adapter="cpu", chunk=chunk)
         # (x, K, norm weight, step index) of the quantize_act that last wrote xq
         self._xq: tuple[str, int, str | None, int] | None = None
+        self._xn, self._xn_step = None, 0   # (x, weight) whose norm the deferred-norm fallback last wrote to xn
 
     def matmul(self, x: str | None, w: str, y: str, *, n_offset=0, n_stride=None, residual=False, gate=None,
                up: str | None = None, last_only=False, pre=None):
@@ -60,6 +61,11 @@ class BuilderI8(Builder):
         ur = self.W(up) if up else None
         window = i8_window(wr.k) if self.tile > 1 else 1
         if not i8_fits(wr) or not window:
+            if pre and pre[0] == "norm" and not self.fuse_prologues:   # our pre_norm's deferred norm: run it here
+                if self._xn != pre[1:] or self.written_since(pre[1], self._xn_step):
+                    self.rmsnorm(pre[1], pre[2], "xn", width=wr.k)
+                    self._xn, self._xn_step = pre[1:], len(self.p.steps)
+                x, pre = "xn", None
             return super().matmul(x, w, y, n_offset=n_offset, n_stride=n_stride, residual=residual, gate=gate,
                                   up=up, last_only=last_only, **({"pre": pre} if pre else {}))
         if ur and ur.quant != wr.quant:
@@ -89,6 +95,13 @@ class BuilderI8(Builder):
                 else:
                     k = MatmulCPUI8(quant=wr.quant, xk=wr.k, tokens=window, gate=gate, residual=residual)
                     self.p.add(k, [xw, *bind], dict(params, t0=t0), [-(-rows // k.rows_per_wg), f"T>{t0}", 1])
+
+    def pre_norm(self, x: str, weight: str, k: int):
+        """Decode: the norm is deferred to the consuming mat-vec, which fuses it into its quantize_act (or, for a
+        weight without an int8 kernel, runs it then); prefill / score: as Builder."""
+        if self.fuse and k % 32 == 0:
+            return ("norm", x, weight)
+        return super().pre_norm(x, weight, k)
 
     def quantize(self, x: str, k: int, norm: str | None = None):
         """xq = int8(x) (norm: of rmsnorm(x) * that weight, fused) for K = k, unless xq already holds it and no step

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from compiler.ir import split_ref
-from compiler.kernels import MatmulCPU, MatvecCPU
+from compiler.kernels import MatmulCPU, MatvecCPU, RMSNorm
 from compiler.kernels_i8 import DOT4I8, MatmulCPUI8, MatvecCPUI8, QuantizeAct, xq_words
 from compiler.schedule_i8 import i8_window, program_variants, xq_buffer
 from runtime_py.model import choose_programs, requested_activations
@@ -38,7 +38,9 @@ def test_i8_variants_replace_the_matmuls_after_one_quantize_per_input(programs):
         f32, i8 = programs[f"{name}@cpu"].steps, programs[f"{name}@cpu_i8"].steps
         # SmolLM2's linear layers are all q4_1 / q8_0: every CPU matmul has its int8 twin, the other steps are equal
         assert not [s for s in i8 if isinstance(s.kernel, F32)]
-        assert [s for s in f32 if not isinstance(s.kernel, F32)] == \
+        # decode: each RMSNorm feeding a mat-vec is fused into its quantize_act (norm=True)
+        norm = (RMSNorm,) if name == "decode" else ()
+        assert [s for s in f32 if not isinstance(s.kernel, (*F32, *norm))] == \
             [s for s in i8 if not isinstance(s.kernel, (*I8, QuantizeAct))]
         twins = [s for s in i8 if isinstance(s.kernel, I8)]
         assert len(twins) == len([s for s in f32 if isinstance(s.kernel, F32)])
@@ -48,7 +50,9 @@ def test_i8_variants_replace_the_matmuls_after_one_quantize_per_input(programs):
                 (b.kernel.quant, b.kernel.xk, b.kernel.gate, b.kernel.residual)
         # one quantize_act per distinct x: Q, K, V share the normed x; then o (attn), gate·up (xn), down (ff), head
         q = [s for s in i8 if isinstance(s.kernel, QuantizeAct)]
-        assert [s.bind[0] for s in q] == ["xn", "attn", "xn", "ff"] * 30 + ["xn"]
+        xs = "x" if name == "decode" else "xn"
+        assert [s.bind[0] for s in q] == [xs, "attn", xs, "ff"] * 30 + [xs]
+        assert [s.kernel.norm for s in q] == [name == "decode", False] * 60 + [name == "decode"]
         # each int8 step reads the xq its last quantize_act wrote, for its own K
         last = None
         for s in i8:
