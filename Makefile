@@ -72,10 +72,12 @@ bench: setup
 bench-serve: setup
 	$(PY) tests/bench_api.py
 
-# perplexity of the model and its `kiln compile --quant` variants on a fixed text, next to llama.cpp (MODELS=smollm2,gemma3)
+# perplexity of the model and its `kiln compile --quant` variants on a fixed text, next to llama.cpp (MODELS=smollm2,gemma3),
+# with f32 and int8 activations; then per reference prompt |dlogit| and greedy agreement with transformers / llama.cpp
 quality: venv
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) tests/quality.py --models $${MODELS:-smollm2}
+	$(PY) tests/agreement.py --activations f32,int8
 
 # web demo + OpenAI-compatible API on http://127.0.0.1:8000
 serve: setup

@@ -24,8 +24,12 @@ a temp file in the same directory, then a rename), read by `read_manifest` only,
               (count and type) and dispatch sizes (1..MAX_WORKGROUPS, or "T" / "T/n" / "T>n" / "T<=n") resolve against the above
   dispatches  {program: steps per forward}: one dispatch per step (a "T>n" step dispatches nothing when T <= n), so
               for decode what a token costs in dispatches (`kiln inspect`, `kiln bench`); optional (before compiler 5)
-  selftest    optional {text, prompt_ids, top5: [[id, logit]], tolerance, device}: written by `kiln compile` after a
-              native run, before the artifact is moved into place (runtime_py/artifacts.py)
+  program_variants optional {"<program>@<variant>": {adapter: class that runs it, activations: "f32" | "int8",
+              wgsl_language_features: [names its kernels need]}}  (compiler/schedule_i8.py program_variants); a
+              runtime picks an "int8" variant only when asked (--activations int8) and the features are there
+  selftest    optional {text, prompt_ids, top5: [[id, logit]], tolerance, device[, int8_top5]}: written by `kiln
+              compile` after a native run, before the artifact is moved into place (runtime_py/artifacts.py);
+              int8_top5: the same prompt through the int8-activation variants, where this machine runs them
 Every file of an artifact (shards, shaders, tokenizer.json) carries a sha256 next to its name; the runtimes check it
 when they read the file (`check_file` here; web/loader.js `fetchVerified`). Numbers are finite (no NaN / Infinity: JSON
 has none and the browser's parser refuses them). File names are relative paths inside the artifact directory.
@@ -379,6 +383,15 @@ def validate(m: dict, path="manifest.json", hint: str = "recompile the model") -
     for prog, steps in programs.items():
         for i, s in enumerate(c.list(steps, f"programs.{prog[:20]}", min_len=1)):
             _check_step(c, s, f"programs.{prog[:20]}[{i}]", kernels, buffers, weights)
+    for name, v in c.obj(m.get("program_variants", {}), "program_variants").items():
+        where = f"program_variants[{name[:40]!r}]"
+        if name not in programs:
+            c.fail(where, "is not in programs")
+        c.obj(v, where, ("adapter", "activations", "wgsl_language_features"))
+        c.str(v["adapter"], f"{where}.adapter")
+        c.str(v["activations"], f"{where}.activations", choices=("f32", "int8"))
+        for i, f in enumerate(c.list(v["wgsl_language_features"], f"{where}.wgsl_language_features")):
+            c.str(f, f"{where}.wgsl_language_features[{i}]")
     if score > chunk:
         c.fail("limits.score_chunk", f"= {score} exceeds limits.prefill_chunk = {chunk}")
     if "dispatches" in m:
@@ -396,6 +409,10 @@ def validate(m: dict, path="manifest.json", hint: str = "recompile the model") -
             c.int(e[0], f"selftest.top5[{i}][0]", 0, vocab - 1)
             c.num(e[1], f"selftest.top5[{i}][1]")
         c.num(st["tolerance"], "selftest.tolerance", 0)
+        for i, e in enumerate(c.list(st.get("int8_top5", []), "selftest.int8_top5")):   # the int8 variants' own
+            c.list(e, f"selftest.int8_top5[{i}]", n=2)
+            c.int(e[0], f"selftest.int8_top5[{i}][0]", 0, vocab - 1)
+            c.num(e[1], f"selftest.int8_top5[{i}][1]")
 
 
 def _check_step(c: _Check, s, where: str, kernels: dict, buffers: dict, weights: dict):

@@ -36,17 +36,19 @@ from .output import check_target, write_artifact
 from .plan import WeightPlan, plan_weights
 from .render import render as render_kernel
 from .schedule import PREFILL_TILE, activation_buffers, buffer_programs, build_programs, score_chunk
+from .schedule_i8 import program_variants, xq_buffer
 from .schedule_rows import add_rows_buffers, build_rows_programs, rows_limit
 from .shards import write_shards
 from .tokenizer import build_tokenizer_json, tokenizer_info
 
-COMPILER_VERSION = "6"   # 2: the `score` program; 3: manifest v2 (manifest_sha256, shader + tokenizer sha256),
+COMPILER_VERSION = "7"   # 2: the `score` program; 3: manifest v2 (manifest_sha256, shader + tokenizer sha256),
                          #    `features`, buffers[].programs, matmul_tt without last_only
                          # 4: "texture" weight bindings, x-window bind refs "buf+OFF", "T>n" / "T<=n"
                          #    dispatches (the CPU-adapter kernels)
                          # 5: fused decode (norm / reduce prologues, RoPE + QK-norm + KV write in attention), Q/K/V
                          #    concatenated by the plan, `dispatches` per program
                          # 6: the `rows` + `rows_head` programs (batched rows over a KV pool), limits.rows
+                         # 7: the int8-activation variants (<program>@cpu_i8, program_variants, xq)
 DEFAULT_PREFILL_CHUNK = 128
 
 
@@ -96,8 +98,8 @@ def schedule(c: Compilation):
     c.programs = build_programs(c.cfg, c.plan, c.prefill_chunk)
     c.programs.update(build_rows_programs(c.cfg, c.plan, c.prefill_chunk))   # batched rows (schedule_rows.py)
     c.score_tokens = score_chunk(c.cfg.vocab, c.prefill_chunk)
-    c.buffers = add_rows_buffers(activation_buffers(c.cfg, c.score_tokens), c.cfg, c.programs,
-                                 rows_limit(c.cfg.vocab, c.prefill_chunk))
+    c.buffers = add_rows_buffers(activation_buffers(c.cfg, c.score_tokens) | xq_buffer(c.programs),  # xq: int8's
+                                 c.cfg, c.programs, rows_limit(c.cfg.vocab, c.prefill_chunk))
     bound = buffer_programs(c.programs)
     assert {n: b["programs"] for n, b in c.buffers.items()} == bound, "activation_buffers' programs != the programs'"
     steps = [f"{p}[{i}] {json.dumps(s)}" for p, prog in c.programs.items() for i, s in enumerate(program_json(prog))]
@@ -143,6 +145,7 @@ def manifest(c: Compilation):
         "shards": c.shards,
         "kernels": {n: kernel_entry(k) for n, k in c.kernels.items()},
         "programs": {n: program_json(p) for n, p in c.programs.items()},
+        "program_variants": program_variants(c.programs),
         "dispatches": program_dispatches(c.programs),
     }
     write_manifest(c.out, c.manifest)

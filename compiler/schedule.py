@@ -371,7 +371,8 @@ def buffer_programs(programs: dict[str, Program]) -> dict[str, list[str]]:
 
 
 def build_programs(cfg: ModelConfig, weights, prefill_chunk: int = 128) -> dict[str, Program]:
-    """weights: the plan, callable name -> WeightRef. Keys: PROGRAMS, then each `<name>@<adapter class>` variant.
+    """weights: the plan, callable name -> WeightRef. Keys: PROGRAMS, then each `<name>@<adapter class>` variant,
+    then the int8-activation variants (`decode@cpu_i8`, compiler/schedule_i8.py).
     `sample` has no adapter variant: it runs after whichever decode (or prefill) program the adapter chose."""
     chunks = {"prefill": prefill_chunk, "decode": 1, "score": score_chunk(cfg.vocab, prefill_chunk)}
     progs = {"prefill": Builder(cfg, weights, PREFILL_TILE).build(),
@@ -382,4 +383,6 @@ def build_programs(cfg: ModelConfig, weights, prefill_chunk: int = 128) -> dict[
         for name in names:
             progs[f"{name}@{cls}"] = Builder(cfg, weights, 1 if name == "decode" else PREFILL_TILE,
                                              score=name == "score", adapter=cls, chunk=chunks[name]).build()
+    from .schedule_i8 import build_i8_programs   # the int8-activation variants (decode@cpu_i8), beside this module
+    progs.update(build_i8_programs(cfg, weights, chunks))
     return progs

@@ -144,21 +144,22 @@ def decode_bytes(manifest: dict, pos: int) -> tuple[int, int]:
     return w, kv
 
 
-def bench_kiln(model_name: str, gen: int) -> dict:
+def bench_kiln(model_name: str, gen: int, activations: str = "f32") -> dict:
     from .artifacts import ensure_artifact
     from .generate import generate
     from .model import Model
     from .sampling import GREEDY, SamplingParams
     from .tokenizer import Tokenizer
     art = ensure_artifact(model_name, log=lambda *a: print(*a, file=sys.stderr))
-    model = Model(art)
+    model = Model(art, activations=activations)
     m = model.manifest
     tok = Tokenizer(art / m["tokenizer"]["file"], m["tokenizer"])
     ctx = max(POSITIONS) + m["limits"]["prefill_chunk"] + gen + 8
     s = model.session(ctx=ctx)
     info = model.device.adapter.info
     out = {"model": m["model"]["name"], "adapter": f"{info.get('device', '')} ({info.get('backend_type', '')})",
-           "decode_program_dispatches": len(m["programs"]["decode"]) + len(m["programs"].get("sample", []))}
+           "decode_program_dispatches": len(m["programs"]["decode"]) + len(m["programs"].get("sample", [])),
+           "activations": model.activations, "activations_note": model.activations_note}
     ids = prompt_ids(tok, 100)
     list(generate(s, tok, ids[:8], GREEDY, max_tokens=2))   # warm-up: pipelines, driver caches
     with Counter() as c:
@@ -168,6 +169,9 @@ def bench_kiln(model_name: str, gen: int) -> dict:
     out["per_token"] = {k: round(v / n, 3) for k, v in c.n.items()}
     out["per_token"]["generated"] = n
     for pos in POSITIONS:
+        # timing only: positions past what the session computed read whatever the cache holds there (the work is the
+        # same); Session.reset(pos) refuses to go past the tokens it holds, so pad its record of them
+        s.held.extend([0] * (pos - len(s.held)))
         w, kv = decode_bytes(m, pos)
         r = {"weight_bytes": w, "kv_bytes": kv}
         if s.gpu_sampling():   # several steps per submit, greedy on the GPU
@@ -268,6 +272,14 @@ def table(res: dict) -> str:
             line += (f"  {p['decode_tok_s']:.1f} ({r.get('decode_tok_s', 0) / p['decode_tok_s']:.3f}x) / "
                      f"{p['prefill_tok_s']:.1f} ({r['prefill_tok_s'] / p['prefill_tok_s']:.3f}x)")
         lines.append(line)
+    for key in [x for x in res if x.startswith("kiln_")]:   # --activations: the other paths, ratios to the first
+        o = res[key]
+        lines.append(f"  activations {o['activations']}" + (f" ({o['activations_note']})" if o["activations_note"] else "")
+                     + ": " + ", ".join(f"pos {pos} decode {o[f'pos{pos}'].get('decode_tok_s', 0):.2f} tok/s "
+                                        f"({o[f'pos{pos}'].get('decode_tok_s', 0) / max(1e-9, k[f'pos{pos}'].get('decode_tok_s', 0)):.2f}x"
+                                        f" {k['activations']}), prefill {o[f'pos{pos}']['prefill_tok_s']:.2f} "
+                                        f"({o[f'pos{pos}']['prefill_tok_s'] / k[f'pos{pos}']['prefill_tok_s']:.2f}x)"
+                                        for pos in POSITIONS))
     return "\n".join(lines)
 
 
@@ -277,6 +289,8 @@ def main(argv=None):
     ap.add_argument("--gen", type=int, default=32, help="tokens sampled for the per-token counts (default 32)")
     ap.add_argument("--no-peer", action="store_true", help="skip llama.cpp")
     ap.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    ap.add_argument("--activations", default="f32", help="comma-separated f32,int8: run kiln with each (the first is "
+                    "the one compared with llama.cpp; the others as ratios to it, same run)")
     ap.add_argument("--peer-worker", nargs=3, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.peer_worker:
@@ -285,8 +299,11 @@ def main(argv=None):
         return
     from .artifacts import resolve_gguf
     results = []
+    acts = a.activations.split(",")
     for name in a.models:
-        res = {"kiln": bench_kiln(name, a.gen)}
+        res = {"kiln": bench_kiln(name, a.gen, acts[0])}
+        for act in acts[1:]:
+            res[f"kiln_{act}"] = bench_kiln(name, a.gen, act)
         if not a.no_peer:
             from .artifacts import ensure_artifact
             chunk = json.loads((ensure_artifact(name, log=lambda *x: None) / "manifest.json").read_text())["limits"]["prefill_chunk"]

@@ -2,7 +2,7 @@
 
     kiln compile MODEL.gguf -o DIR          GGUF -> WGSL + shards + manifest  [--quant q8_0|q4g32|q4g64|q4g128]
     kiln compile MODEL [--force] [--verify] (re)build MODEL's entry in the artifact cache (what `run` uses)
-    kiln run [MODEL] --prompt TEXT [--chat] [sampling flags] [--json]
+    kiln run [MODEL] --prompt TEXT [--chat] [sampling flags] [--json] [--activations f32|int8]
     kiln run [MODEL] --prompt TEXT --beams K [--length-penalty A]   beam search: the K best continuations
     kiln chat [MODEL] [--system TEXT] [sampling flags]    interactive multi-turn chat (runtime_py/repl.py)
     kiln inspect MODEL.gguf [--ctx N]       architecture, parameters, tensor types, memory
@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import Counter
 from pathlib import Path
 
 from compiler.errors import KilnError
 from compiler.quant import REQUANT_TARGETS
+from compiler.schedule_i8 import ACTIVATIONS
 
 
 def _bar(desc: str, unit_scale=True):
@@ -108,6 +110,8 @@ def load(model: str | None, ctx: int | None = None, quiet=False, verify=False):
         log(f"{e}; rebuilding the cache entry")
         art = ensure_artifact(model, progress=_bar("compiling", unit_scale=False), log=log, force=True)
         model_obj = Model(art, progress=_bar("loading"))
+    if model_obj.activations_note:   # --activations int8 where it cannot run: float32 runs, and the user is told
+        log(f"kiln: {model_obj.activations_note}")
     m = model_obj.manifest
     tok = Tokenizer(art / m["tokenizer"]["file"], m["tokenizer"])
     return model_obj, model_obj.session(ctx), tok, m
@@ -454,6 +458,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--length-penalty", type=float, default=None, metavar="A", help="with --beams: score = "
                    "cumulative logprob / length ** A (default 1.0; 0 = plain cumulative logprob)")
     r.add_argument("--ctx", type=int, default=None, help="context length (default 2048, at most the model's)")
+    r.add_argument("--activations", choices=ACTIVATIONS, default=None, help="f32 (default, exact) or int8: CPU adapters "
+                   "quantise mat-vec inputs to 8 bits per 32-block and use integer dot products (faster, approximate; "
+                   "env KILN_ACTIVATIONS)")
     r.add_argument("--json", action="store_true", help="print one JSON object: model, prompt_ids, ids, text, "
                                                        "finish_reason, top_logprobs, timings (schema: "
                                                        "tests/gpu/test_cli.py)")
@@ -468,6 +475,9 @@ def parser() -> argparse.ArgumentParser:
                    "tokens, as in llama.cpp (default: plain text)")
     _sampling_flags(t)
     t.add_argument("--ctx", type=int, default=None, help="context length (default 2048, at most the model's)")
+    t.add_argument("--activations", choices=ACTIVATIONS, default=None, help="f32 (default, exact) or int8: CPU adapters "
+                   "quantise mat-vec inputs to 8 bits per 32-block and use integer dot products (faster, approximate; "
+                   "env KILN_ACTIVATIONS)")
     t.add_argument("--verify", action="store_true", help="hash the GGUF and every artifact file again first")
     t.set_defaults(fn=cmd_chat, json_schema=None, json_object=False, grammar=None, regex=None)   # unconstrained
 
@@ -484,6 +494,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--model", action="append", help="model to serve (repeatable; default smollm2)")
     s.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 routes")
     s.add_argument("--ctx", type=int, default=None)
+    s.add_argument("--activations", choices=ACTIVATIONS, default=None, help="f32 (default, exact) or int8: CPU adapters "
+                   "quantise mat-vec inputs to 8 bits per 32-block and use integer dot products (faster, approximate; "
+                   "env KILN_ACTIVATIONS)")
     s.add_argument("--verify", action="store_true", help="hash each GGUF and artifact file again at startup")
     s.add_argument("--speculate", choices=["ngram"], default=None, help="speculative decoding (exact) with prompt "
                    "lookup for every request; usage.speculative reports the acceptance")
@@ -505,6 +518,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None):
     a = parser().parse_args(argv)
+    if getattr(a, "activations", None):   # read by every Model this process loads (runtime_py/model.py)
+        os.environ["KILN_ACTIVATIONS"] = a.activations
     try:
         a.fn(a)
     except KilnError as e:

@@ -65,6 +65,24 @@ def adapter_class(info) -> str:
     return "gpu"
 
 
+# a compute shader using WGSL's packed_4x8_integer_dot_product (the int8-activation kernels, compiler/kernels_i8.py)
+_DOT4I8_PROBE = """@group(0) @binding(0) var<storage, read_write> o: array<i32>;
+@compute @workgroup_size(1) fn main() { o[0] = dot4I8Packed(pack4xI8(vec4<i32>(o[1])), 0x01010101u); }"""
+
+
+def supports_dot4i8(device) -> bool:
+    """Whether the device compiles dot4I8Packed / pack4xI8 (WGSL language feature packed_4x8_integer_dot_product).
+    wgpu-py does not report WGSL language features (wgpu.gpu.wgsl_language_features is empty), so a tiny pipeline
+    is built instead. Mirrors web/device.js supportsDot4I8 (navigator.gpu.wgslLanguageFeatures there)."""
+    import wgpu
+    try:
+        module = device.create_shader_module(code=_DOT4I8_PROBE, label="dot4i8-probe")
+        device.create_compute_pipeline(layout="auto", compute={"module": module, "entry_point": "main"})
+    except (wgpu.GPUError, RuntimeError, ValueError):
+        return False
+    return True
+
+
 def get_device():
     """One device per process, with the adapter's full storage limits (the artifact is checked against them)."""
     global _device

@@ -8,16 +8,18 @@ Nothing here knows the architecture: the manifest's programs say which kernel ru
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
 import wgpu
 
-from compiler.errors import ArtifactError, ContextOverflowError
+from compiler.errors import ArtifactError, ContextOverflowError, KilnError
+from compiler.kernels_i8 import DOT4I8
 from compiler.manifest import check_file, read_manifest
 from compiler.schedule import GENERATE, SAMPLE_RING, dispatch_size, split_ref
 
-from .device import adapter_class, check_fits, get_device
+from .device import adapter_class, check_fits, get_device, supports_dot4i8
 from .weight_texture import BINDING_TYPES, layout_entry, upload_texture  # noqa: F401  (BINDING_TYPES: re-exported)
 
 UNIFORM_ALIGN = 256          # minUniformBufferOffsetAlignment's default (and maximum)
@@ -53,19 +55,55 @@ def pack_params(kernel: dict, values: list) -> bytes:
     return np.array(words, dtype=np.uint32).tobytes()
 
 
+def requested_activations(activations: str | None = None) -> str:
+    """"f32" | "int8": the argument, else KILN_ACTIVATIONS, else "f32" (the exact path). Mirrors web/engine.js."""
+    from compiler.schedule_i8 import ACTIVATIONS
+    a = activations or os.environ.get("KILN_ACTIVATIONS") or "f32"
+    if a not in ACTIVATIONS:
+        raise KilnError(f"activations must be one of {', '.join(ACTIVATIONS)} (got {a!r}; --activations / "
+                        "KILN_ACTIVATIONS)")
+    return a
+
+
+def choose_programs(manifest: dict, cls: str, activations: str = "f32", language_features=frozenset()):
+    """({program: the variant to run}, activations they use, note): programs["decode@cpu"] replaces "decode" on a CPU
+    adapter; with activations "int8", "decode@cpu_i8" replaces that where the artifact has it and the adapter has the
+    WGSL language features it needs (manifest program_variants), else f32 runs and `note` says why. Mirrors
+    web/engine.js choosePrograms."""
+    progs, pv = manifest["programs"], manifest.get("program_variants", {})
+    out = {p: f"{p}@{cls}" if f"{p}@{cls}" in progs else p for p in progs if "@" not in p}
+    note = None
+    if activations == "int8":
+        i8 = {p: f"{p}@{cls}_i8" for p in out if f"{p}@{cls}_i8" in progs}
+        missing = sorted({f for v in i8.values() for f in pv.get(v, {}).get("wgsl_language_features", [])}
+                         - set(language_features))
+        if not i8:
+            note = (f"this artifact has no int8-activation programs for {cls} adapters (only CPU adapters have "
+                    "them; an older artifact: recompile); running float32 activations")
+        elif missing:
+            note = f"the adapter lacks WGSL {', '.join(missing)}; running float32 activations"
+        else:
+            out.update(i8)
+    used = "int8" if any(v.endswith("_i8") for v in out.values()) else "f32"
+    return out, used, note
+
+
 class Model:
-    def __init__(self, art_dir, *, device=None, progress=None):
+    def __init__(self, art_dir, *, device=None, progress=None, activations: str | None = None):
+        """activations: "f32" (default) | "int8" (the CPU adapters' int8-activation variants, approximate; None:
+        KILN_ACTIVATIONS). What runs is `self.activations`; `self.activations_note` says why int8 did not."""
         self.dir = Path(art_dir)
         self.manifest = m = read_manifest(self.dir)
         self.config = m["config"]
         tok = m["tokenizer"]      # loaded by runtime_py/tokenizer.py; checked here, with every other file
         check_file(self.dir, tok["file"], tok["sha256"], "tokenizer")
+        want = requested_activations(activations)
         self.device = device or get_device()
         check_fits(self.device, m, buffer_bytes(m, 16))
         self.adapter_class = adapter_class(self.device.adapter.info)
         # program variant per phase for this adapter class: programs["decode@cpu"] replaces "decode" on a CPU adapter
-        self.program_for = {p: f"{p}@{self.adapter_class}" if f"{p}@{self.adapter_class}" in m["programs"] else p
-                            for p in m["programs"] if "@" not in p}
+        feats = {DOT4I8} if want == "int8" and supports_dot4i8(self.device) else set()
+        self.program_for, self.activations, self.activations_note = choose_programs(m, self.adapter_class, want, feats)
         self.pipelines = {name: self._pipeline(name, k) for name, k in m["kernels"].items()}
         self.weights = self._upload_weights(progress)
         self.params_buf, self.param_offsets = self._params()

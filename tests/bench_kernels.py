@@ -136,6 +136,46 @@ def variants(quant, T, gate, k):
                 out.append((f"matmul_cpu {tokens}tok {rows}r wg{wg}{' tex' if tex else ''}",
                             K.MatmulCPU(quant=quant, xk=k, tokens=tokens, rows=rows, wg=wg, gate=gate, tex=tex),
                             lambda r, kk: [-(-r // kk.rows_per_wg), 1, 1]))
+    from compiler import kernels_i8 as I   # the int8-activation variants (x quantised per 32-block: xq)
+    if quant in I.I8_QUANTS and T == 1:
+        for wg in (32, 64):
+            out.append((f"matvec_cpu_i8 wg{wg}", I.MatvecCPUI8(quant=quant, xk=k, wg=wg, gate=gate),
+                        lambda r, kk: [-(-r // kk.wg), 1, 1]))
+    elif quant in I.I8_QUANTS:
+        for tokens, rows, wg in ((8, 4, 32), (8, 2, 32), (8, 1, 64)):
+            out.append((f"matmul_cpu_i8 {tokens}tok {rows}r wg{wg}",
+                        I.MatmulCPUI8(quant=quant, xk=k, tokens=tokens, rows=rows, wg=wg, gate=gate),
+                        lambda r, kk: [-(-r // kk.rows_per_wg), 1, 1]))
+    return out
+
+
+def quantize_x(x: np.ndarray) -> np.ndarray:
+    """(T, K) f32 -> the int8 kernels' xq words (what quantize_act writes; compiler/kernels_i8.py layout)."""
+    from compiler.kernels_i8 import XQ_WORDS
+    T, K = x.shape
+    b = x.reshape(T, K // 32, 32)
+    d = (np.abs(b).max(-1) / 127).astype(np.float32)
+    q = np.clip(np.rint(b / np.maximum(d, 1e-30)[..., None]), -127, 127).astype(np.int8)
+    out = np.zeros((T, K // 32, XQ_WORDS), np.uint32)
+    out[..., :8] = q.view(np.uint8).reshape(T, K // 32, 32).copy().view(np.uint32)
+    out[..., 8] = d.view(np.uint32)
+    out[..., 9] = (d * q.sum(-1, dtype=np.int32)).astype(np.float32).view(np.uint32)
+    return out.reshape(T, -1)
+
+
+def quantize_cases(dev, rng) -> list[tuple[str, Case]]:
+    """quantize_act on SmolLM2's K (576 with the norm fused, 1536), T = 1 and 64: what the int8 path adds per mat-vec
+    input."""
+    from compiler.kernels_i8 import QuantizeAct, xq_words
+    out = []
+    for k, norm in ((576, True), (576, False), (1536, False)):
+        for T in (1, 64):
+            kern = QuantizeAct(norm=norm)
+            bufs = [rng.standard_normal((T, k)).astype(np.float32)] + ([np.ones(k, np.float32)] if norm else []) \
+                + [np.zeros((T, xq_words(k)), np.uint32)]
+            params = dict(k=k, eps=1e-5) if norm else dict(k=k)
+            out.append((f"quantize_act K={k}{' norm' if norm else ''} T={T}",
+                        Case(dev, kern, params, bufs, [1, "T", 1], T, 0)))
     return out
 
 
@@ -148,6 +188,10 @@ def main():
     ad, dev = make_device()
     print(f"adapter: {ad.info.get('device', '?')} ({ad.info.get('adapter_type', '?')})")
     rng = np.random.default_rng(0)
+    if re.search(a.only, "quantize_act"):
+        qc = quantize_cases(dev, rng)
+        for (lab, _), r in zip(qc, time_cases(dev, [c for _, c in qc], a.batch, a.reps)):
+            print(f"  {lab:32s} {statistics.median(r) / 1e3:9.1f} us   (min {min(r) / 1e3:.1f})")
     for name, quant, rows, k, T, gate in SHAPES:
         if not re.search(a.only, name):
             continue
@@ -155,17 +199,19 @@ def main():
         wb = w.nbytes * (2 if gate else 1)
         x = rng.standard_normal((T, k)).astype(np.float32)
         bufs = [x, w] + ([random_packed(quant, rows, k, rng)] if gate else []) + [np.zeros((T, rows), np.float32)]
+        xq = quantize_x(x)
         cases, labels = [], []
         for lab, kern, disp in variants(quant, T, gate, k):
             params = {n: v for n, v in dict(k=k, rows=rows, n_offset=0, n_stride=rows, last_only=0, t0=0).items()
                       if n in dict(kern.params)}
-            cases.append(Case(dev, kern, params, bufs, disp(rows, kern), T, wb))
+            b = [xq] + bufs[1:] if kern.template.endswith("_i8") else bufs
+            cases.append(Case(dev, kern, params, b, disp(rows, kern), T, wb))
             labels.append(lab)
         res = time_cases(dev, cases, a.batch, a.reps)
         print(f"{name}: {quant} ({rows}x{k}) T={T}{' gate' if gate else ''}, {wb / 1e6:.2f} MB of weights")
         for (lab, kern, _), r in zip(variants(quant, T, gate, k), res):
             med = statistics.median(r)
-            toks = getattr(kern, "tokens", 1) if kern.template == "matmul_cpu" else T   # tokens one dispatch does
+            toks = getattr(kern, "tokens", 1) if kern.template.startswith("matmul_cpu") else T   # tokens one dispatch does
             per_tok = f"  {med / 1e3 / toks:8.1f} us/token" if T > 1 else ""
             print(f"  {lab:32s} {med / 1e3:9.1f} us  {wb / med:6.2f} GB/s{per_tok}   (min {min(r) / 1e3:.1f})")
 

@@ -1,7 +1,10 @@
 """Quality of `kiln compile --quant`: weight bytes and perplexity per scheme, next to llama.cpp on the same token ids.
 
     .venv/bin/python tests/quality.py [--models smollm2,gemma3] [--schemes original,q8_0,q4g32,q4g128]
-                                      [--tokens N] [--json FILE]
+                                      [--tokens N] [--json FILE] [--activations f32,int8]
+
+Each scheme with float32 activations and with int8 ones (`--activations int8`: the CPU adapters' int8-activation
+programs; f32 again where the adapter cannot run them, the table's `acts` column says which ran).
 
 Text: tests/fixtures/quality_text.txt (original prose, ~520 words), tokenized once per model by kiln's tokenizer; the
 same ids go to every scheme and to llama.cpp. Perplexity = exp(mean over i of -log p(ids[i+1] | ids[:i+1])); kiln
@@ -36,17 +39,18 @@ TEXT = ROOT / "tests" / "fixtures" / "quality_text.txt"
 TOLERANCE = 0.02
 
 
-def kiln_nll(art: Path, ids: list[int]) -> tuple[float, int, float]:
-    """(nll sum, predictions, seconds) of the artifact on ids."""
+def kiln_nll(art: Path, ids: list[int], activations: str = "f32") -> tuple[float, int, float, str]:
+    """(nll sum, predictions, seconds, activations that ran) of the artifact on ids."""
     from runtime_py.model import Model
-    model = Model(art)
+    model = Model(art, activations=activations)
     session = model.session(ctx=len(ids) + 8)
     t0 = time.perf_counter()
     total, n = nll(session, ids)
     dt = time.perf_counter() - t0
+    used = model.activations
     del session, model
     gc.collect()
-    return total, n, dt
+    return total, n, dt, used
 
 
 def llamacpp_nll(gguf: Path, ids: list[int]) -> float:
@@ -67,7 +71,8 @@ def tokens_for(art: Path, limit: int | None) -> list[int]:
     return ids[:limit] if limit else ids
 
 
-def run_model(name: str, schemes: list[str], limit: int | None, work: Path, log) -> dict:
+def run_model(name: str, schemes: list[str], limit: int | None, work: Path, log,
+              activations=("f32",)) -> dict:
     gguf = KNOWN_MODELS[name]()
     rows, ids = [], None
     for scheme in schemes:
@@ -76,16 +81,17 @@ def run_model(name: str, schemes: list[str], limit: int | None, work: Path, log)
         compile_model(gguf, art, requant=None if scheme == "original" else scheme)
         m = json.loads((art / "manifest.json").read_text())
         ids = ids or tokens_for(art, limit)
-        total, n, dt = kiln_nll(art, ids)
-        rows.append({"scheme": scheme, "weight_bytes": sum(s["bytes"] for s in m["shards"]),
-                     "by_quant": m["weight_bytes_by_quant"], "nll": total / n, "ppl": math.exp(total / n),
-                     "score_s": round(dt, 1)})
-        log(f"  {name} {scheme}: ppl {rows[-1]['ppl']:.4f} ({n} predictions, compile+score "
-            f"{time.perf_counter() - t0:.0f}s)")
+        for act in activations:   # the same artifact; int8: its score@cpu_i8 variant where the adapter runs it
+            total, n, dt, used = kiln_nll(art, ids, act)
+            rows.append({"scheme": scheme, "activations": used, "weight_bytes": sum(s["bytes"] for s in m["shards"]),
+                         "by_quant": m["weight_bytes_by_quant"], "nll": total / n, "ppl": math.exp(total / n),
+                         "score_s": round(dt, 1)})
+            log(f"  {name} {scheme} {used}: ppl {rows[-1]['ppl']:.4f} ({n} predictions, compile+score "
+                f"{time.perf_counter() - t0:.0f}s)")
     ref = llamacpp_nll(gguf, ids) / (len(ids) - 1)
     out = {"model": name, "gguf": gguf.name, "gguf_bytes": gguf.stat().st_size, "tokens": len(ids), "rows": rows,
            "llamacpp": {"nll": ref, "ppl": math.exp(ref)}}
-    orig = next((r for r in rows if r["scheme"] == "original"), None)
+    orig = next((r for r in rows if r["scheme"] == "original" and r["activations"] == "f32"), None)
     if orig:
         out["ratio_original_over_llamacpp"] = orig["ppl"] / math.exp(ref)
     return out
@@ -94,11 +100,13 @@ def run_model(name: str, schemes: list[str], limit: int | None, work: Path, log)
 def print_table(res: dict):
     ref = res["llamacpp"]["ppl"]
     print(f"\n{res['model']} ({res['gguf']}, {res['tokens']} tokens of {TEXT.name})")
-    print(f"  {'scheme':10s} {'weight MiB':>10s} {'perplexity':>11s} {'vs llama.cpp':>13s}   types")
+    print(f"  {'scheme':10s} {'acts':>5s} {'weight MiB':>10s} {'perplexity':>11s} {'vs llama.cpp':>13s}   types")
     for r in res["rows"]:
         types = ", ".join(f"{q} {b / 2**20:.1f}" for q, b in r["by_quant"].items())
-        print(f"  {r['scheme']:10s} {r['weight_bytes'] / 2**20:10.2f} {r['ppl']:11.4f} {r['ppl'] / ref:13.4f}  {types}")
-    print(f"  {'llama.cpp':10s} {res['gguf_bytes'] / 2**20:10.2f} {ref:11.4f} {1.0:13.4f}   original GGUF, same ids")
+        print(f"  {r['scheme']:10s} {r['activations']:>5s} {r['weight_bytes'] / 2**20:10.2f} {r['ppl']:11.4f} "
+              f"{r['ppl'] / ref:13.4f}  {types}")
+    print(f"  {'llama.cpp':10s} {'q8':>5s} {res['gguf_bytes'] / 2**20:10.2f} {ref:11.4f} {1.0:13.4f}   original GGUF, "
+          f"same ids")
 
 
 def main(argv=None) -> int:
@@ -107,12 +115,15 @@ def main(argv=None) -> int:
     ap.add_argument("--schemes", default="original,q8_0,q4g32,q4g128")
     ap.add_argument("--tokens", type=int, default=None, help="use only the first N tokens of the text")
     ap.add_argument("--json", default=None, help="also write the results to this file")
+    ap.add_argument("--activations", default="f32,int8", help="comma-separated: each scheme's perplexity with f32 "
+                    "and with int8 activations (the CPU adapters' int8 variants; f32 where they cannot run)")
     a = ap.parse_args(argv)
     log = lambda s: print(s, file=sys.stderr, flush=True)   # noqa: E731
     results, ok = [], True
     with tempfile.TemporaryDirectory(prefix="kiln-quality-") as work:
         for name in a.models.split(","):
-            res = run_model(name.strip(), a.schemes.split(","), a.tokens, Path(work), log)
+            res = run_model(name.strip(), a.schemes.split(","), a.tokens, Path(work), log,
+                            tuple(a.activations.split(",")))
             print_table(res)
             results.append(res)
             ratio = res.get("ratio_original_over_llamacpp")

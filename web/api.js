@@ -278,14 +278,21 @@ function startWorker(workerUrl) {
  * point: types in types.js, README "Use the runtime from your page".
  * options: onProgress({phase: "manifest"|"download"|"compile"|"selftest", loaded, total, fromCache, note}),
  *          onDeviceLost(message), ctx (context tokens, default 2048), selftest: "report" (default) | "strict"
- *          (reject with SelfTestError on mismatch) | "off".
+ *          (reject with SelfTestError on mismatch) | "off"; activations: "f32" (default, exact) | "int8" (CPU
+ *          adapters with WGSL packed_4x8_integer_dot_product: 8-bit mat-vec inputs, faster, approximate; otherwise
+ *          f32 runs and engine.info.activations_note says why).
  * `modelUrl` is resolved against the page's URL and may be on another origin (which must send CORS headers).
  * @param {string | URL} modelUrl
  * @param {import("./types.js").EngineOptions} [options]
  * @returns {Promise<import("./types.js").Engine>}
  */
 export async function createEngine(modelUrl, {onProgress = () => {}, onDeviceLost = null, ctx = null,
-                                              selftest = "report", model = null, speculate = null} = {}) {
+                                              selftest = "report", model = null, speculate = null,
+                                              activations = "f32"} = {}) {
+  if (!["f32", "int8"].includes(activations)) {
+    throw new InvalidParameterError(`activations must be "f32" or "int8" (got ${JSON.stringify(activations)})`,
+                                    "activations");
+  }
   if (speculate !== null) {     // native only (runtime_py/speculate.py: kiln run/serve --speculate)
     throw new InvalidParameterError("speculate is not implemented in the browser runtime yet (speculative decoding " +
                                     "runs natively: `kiln run --speculate ngram`, `kiln serve --speculate ngram`)",
@@ -308,7 +315,7 @@ export async function createEngine(modelUrl, {onProgress = () => {}, onDeviceLos
       reject(new (problem ? ERRORS.ServerConfigError : KilnError)(
         `the engine worker failed to start: ${problem || e.message || "script error"}`));
     };
-    worker.postMessage({type: "load", modelUrl: url, libs: libUrls(), options: {ctx, selftest}});
+    worker.postMessage({type: "load", modelUrl: url, libs: libUrls(), options: {ctx, selftest, activations}});
   }).catch((e) => { worker.terminate(); throw e; });
   engine = new Engine(worker, info, model || info.name);
   engine.onDeviceLost = onDeviceLost;

@@ -95,7 +95,9 @@ async function load() {
   try {
     // ?selftest=off skips the self-test (tests that only exercise loading; ~8 s of SwiftShader time)
     const selftest = new URLSearchParams(location.search).get("selftest") === "off" ? "off" : "report";
-    engine = await createEngine(m.url, {onProgress, onDeviceLost, model: m.id, selftest});
+    // ?activations=int8: the CPU adapters' int8-activation kernels (approximate; engine.info.activations says which ran)
+    const activations = new URLSearchParams(location.search).get("activations") === "int8" ? "int8" : "f32";
+    engine = await createEngine(m.url, {onProgress, onDeviceLost, model: m.id, selftest, activations});
   } catch (e) {
     show("load-error", `${e.name}: ${e.message}`);
     $("load-error").dataset.error = e.name;

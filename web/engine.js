@@ -63,14 +63,15 @@ export class Model {
    * shaders compiling while the shards download, verify and upload -> uniforms.
    * onProgress({phase, ...}); onLost(message) when the device goes away later.
    */
-  static async load(baseUrl, {ctx = null, onProgress = () => {}, onLost = () => {}, signal} = {}) {
+  static async load(baseUrl, {ctx = null, activations = "f32", onProgress = () => {}, onLost = () => {}, signal} = {}) {
     baseUrl = new URL(baseUrl, globalThis.location?.href).href;
     if (!baseUrl.endsWith("/")) baseUrl += "/";
     onProgress({phase: "manifest"});
     const manifest = await fetchManifest(baseUrl);
     const adapter = await getAdapter();
     const device = await getDevice(adapter, manifest, bufferBytes(manifest, sessionCtx(manifest, ctx)));
-    const model = new Model(baseUrl, manifest, device, adapterName(adapter), adapterClass(adapter));
+    const model = new Model(baseUrl, manifest, device, adapterName(adapter), adapterClass(adapter),
+                            {activations, languageFeatures: wgslLanguageFeatures()});
     device.lost.then((info) => {
       if (model.disposed) return;
       model.lost = `the GPU device was lost (${info.reason || "unknown"}${info.message ? `: ${info.message}` : ""}). ` +
@@ -92,13 +93,15 @@ export class Model {
     return model;
   }
 
-  constructor(baseUrl, manifest, device, adapter, adapterCls = "gpu") {
+  constructor(baseUrl, manifest, device, adapter, adapterCls = "gpu", {activations = "f32", languageFeatures = new Set()} = {}) {
     Object.assign(this, {baseUrl, manifest, device, adapter, adapterClass: adapterCls, config: manifest.config});
-    // program variant per phase for this adapter class: programs["decode@cpu"] replaces "decode" on a CPU adapter
-    // (not SERVER_PROGRAMS: the browser runs one sequence, so neither their kernels nor their buffers are needed)
-    this.programFor = Object.fromEntries(Object.keys(manifest.programs)
-      .filter((p) => !p.includes("@") && !SERVER_PROGRAMS.includes(p)).map(
-        (p) => [p, `${p}@${adapterCls}` in manifest.programs ? `${p}@${adapterCls}` : p]));
+    // program variant per phase for this adapter class: programs["decode@cpu"] replaces "decode" on a CPU adapter,
+    // "decode@cpu_i8" replaces that with activations "int8" where the adapter can (choosePrograms); not
+    // SERVER_PROGRAMS: the browser runs one sequence, so neither their kernels nor their buffers are needed
+    [this.programFor, this.activations, this.activationsNote] =
+      choosePrograms(manifest, adapterCls, activations, languageFeatures);
+    for (const p of SERVER_PROGRAMS) delete this.programFor[p];
+    if (this.activationsNote) console.warn(`kiln: ${this.activationsNote}`);
     this.weights = new Map();   // "tensor#part" -> GPUBuffer
     this.textures = new Map();  // "tensor#part" -> GPUTexture, where the programs run here bind it so (weight_texture.js)
     [this._asTexture, this._asBuffer] = this._weightUses();
@@ -431,25 +434,65 @@ export class Session {
 // -- load-time self-test ---------------------------------------------------------------------------------------
 
 /**
+ * [{program: the variant to run}, activations they use, note]: programs["decode@cpu"] replaces "decode" on a CPU
+ * adapter; with activations "int8", "decode@cpu_i8" replaces that where the artifact has it and the adapter has the
+ * WGSL language features it needs (manifest program_variants), else f32 runs and the note says why. Mirrors
+ * runtime_py/model.py choose_programs.
+ */
+export function choosePrograms(manifest, cls, activations = "f32", languageFeatures = new Set()) {
+  if (!["f32", "int8"].includes(activations)) {
+    throw new Error(`activations must be one of f32, int8 (got ${JSON.stringify(activations)})`);
+  }
+  const progs = manifest.programs, pv = manifest.program_variants || {};
+  const out = Object.fromEntries(Object.keys(progs).filter((p) => !p.includes("@")).map(
+    (p) => [p, `${p}@${cls}` in progs ? `${p}@${cls}` : p]));
+  let note = null;
+  if (activations === "int8") {
+    const i8 = Object.fromEntries(Object.keys(out).filter((p) => `${p}@${cls}_i8` in progs)
+      .map((p) => [p, `${p}@${cls}_i8`]));
+    const missing = [...new Set(Object.values(i8).flatMap((v) => pv[v]?.wgsl_language_features || []))]
+      .filter((f) => !languageFeatures.has(f)).sort();
+    if (!Object.keys(i8).length) {
+      note = `this artifact has no int8-activation programs for ${cls} adapters (only CPU adapters have them; an ` +
+        "older artifact: recompile); running float32 activations";
+    } else if (missing.length) {
+      note = `the adapter lacks WGSL ${missing.join(", ")}; running float32 activations`;
+    } else {
+      Object.assign(out, i8);
+    }
+  }
+  const used = Object.values(out).some((v) => v.endsWith("_i8")) ? "int8" : "f32";
+  return [out, used, note];
+}
+
+/** The WGSL language features of this browser (navigator.gpu.wgslLanguageFeatures; none where it is missing). */
+function wgslLanguageFeatures() {
+  return new Set(globalThis.navigator?.gpu?.wgslLanguageFeatures || []);
+}
+
+/**
  * Recompute manifest.selftest's top-5 logits on this GPU/browser (runtime_py/artifacts.py `add_selftest` recorded
  * them natively). {ok, max_diff, tolerance, rows: [[id, expected, got]], argmax, expected_argmax} or {skipped}.
  */
 export async function selftest(model) {
   const st = model.manifest.selftest;
   if (!st) return {ok: true, skipped: "the manifest has no selftest (compiled with --no-selftest)"};
+  // the int8-activation programs have their own reference (runtime_py/artifacts.py add_selftest)
+  const top5 = model.activations === "int8" ? st.int8_top5 : st.top5;
+  if (!top5) return {ok: true, skipped: "the manifest has no int8-activation self-test reference (recompile)"};
   const s = model.session(Math.max(64, st.prompt_ids.length + 1));
   try {
     s.forward(st.prompt_ids);
     const logits = await s.logits();
     const argmax = await s.nextToken();
-    const rows = st.top5.map(([id, want]) => [id, want, logits[id]]);
+    const rows = top5.map(([id, want]) => [id, want, logits[id]]);
     const maxDiff = Math.max(...rows.map(([, want, got]) => Math.abs(got - want)));
     // the argmax may differ from the reference only between two logits the tolerance can't tell apart
-    const want = st.top5[0][0];
+    const want = top5[0][0];
     const argmaxOk = argmax === want || Math.abs(logits[argmax] - logits[want]) <= st.tolerance;
     const ok = maxDiff <= st.tolerance && argmaxOk;   // false for NaN too
-    return {ok, max_diff: maxDiff, tolerance: st.tolerance, rows, argmax, expected_argmax: st.top5[0][0],
-            reference_device: st.device || "", text: st.text};
+    return {ok, max_diff: maxDiff, tolerance: st.tolerance, rows, argmax, expected_argmax: top5[0][0],
+            reference_device: st.device || "", text: st.text, activations: model.activations};
   } finally {
     s.destroy();
   }

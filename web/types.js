@@ -135,13 +135,15 @@
  * @property {number} [ctx]                               context tokens (default 2048, at most the model's)
  * @property {"report" | "strict" | "off"} [selftest]     strict: reject with SelfTestError on a mismatch
  * @property {string} [model]                             the name responses carry in `model`
+ * @property {"f32" | "int8"} [activations]               int8: CPU adapters' 8-bit mat-vec inputs (approximate)
  */
 
 /**
  * What createEngine resolves to.
  * @typedef {Object} Engine
  * @property {{name: string, arch: string, url: string, adapter: string, ctx: number, weights_bytes: number,
- *             kernels: number, dispatches_per_token: number, selftest: SelfTest, load_s: number}} info
+ *             kernels: number, dispatches_per_token: number, selftest: SelfTest, load_s: number,
+ *             activations: "f32" | "int8", activations_note: string | null}} info
  * @property {SelfTest} selftest
  * @property {string | null} lost     the device-lost message once the GPU went away
  * @property {{completions: {create: (req: ChatCompletionRequest) =>

@@ -40,7 +40,7 @@ async function load({modelUrl, libs, options = {}}) {
   jinja = jinjaLib;
   useGrammarEngine(libs.xgrammar);   // imported on the first constrained request (1 MB of wasm)
   const onProgress = (progress) => post({type: "progress", progress});
-  model = await Model.load(modelUrl, {ctx: options.ctx, onProgress,
+  model = await Model.load(modelUrl, {ctx: options.ctx, activations: options.activations || "f32", onProgress,
                                       onLost: (message) => post({type: "lost", message})});
   const m = model.manifest;
   const tokJson = await fetchVerified(model.baseUrl, m.tokenizer.file, m.tokenizer.sha256, "tokenizer");
@@ -55,6 +55,7 @@ async function load({modelUrl, libs, options = {}}) {
     name: m.model.name, arch: m.model.arch, url: model.baseUrl, adapter: model.adapter, ctx: session.ctx,
     weights_bytes: m.shards.reduce((s, x) => s + x.bytes, 0), kernels: Object.keys(m.kernels).length,
     dispatches_per_token: m.programs.decode.length, selftest: st,
+    activations: model.activations, activations_note: model.activationsNote,
     load_s: Math.round(performance.now() - t0) / 1000,
   };
 }

@@ -125,6 +125,10 @@ SCHEMA = [
     ("selftest-tol", lambda m: _set(m, "selftest", {"prompt_ids": [1], "top5": [[1, 1.0]], "tolerance": -1}),
      "selftest.tolerance = -1 is below 0"),
     ("selftest-str", lambda m: _set(m, "selftest", "ok"), "selftest must be an object"),
+    ("variant-missing", lambda m: _set(m, "program_variants", {"decode@cpu_i9": {
+        "adapter": "cpu", "activations": "int8", "wgsl_language_features": []}}), "is not in programs"),
+    ("variant-activations", lambda m: m["program_variants"][next(iter(m["program_variants"]))].update(
+        activations="int4"), "activations = 'int4' is not one of f32, int8"),
 ]
 
 

@@ -26,6 +26,7 @@ from typing import ClassVar
 import jinja2
 import pytest
 
+import compiler.kernels_i8  # noqa: F401  (registers the int8-activation kernels as Kernel subclasses)
 from compiler.kernels import Kernel, Matmul
 from compiler.quant import QuantScheme
 from compiler.render import render
@@ -48,7 +49,7 @@ def kernel_classes() -> list[type[Kernel]]:
     while todo:
         c = todo.pop()
         todo += c.__subclasses__()
-        if c.__module__ == "compiler.kernels":
+        if c.__module__ in ("compiler.kernels", "compiler.kernels_i8"):
             out.append(c)
     return sorted(out, key=lambda c: c.__name__)
 
@@ -67,11 +68,11 @@ def variants() -> list[Kernel]:
             else:
                 raise AssertionError(f"{cls.__name__}.{f.name}: add its values to CHOICES")
         for combo in itertools.product(*opts):
-            k = cls(**{f.name: v for f, v in zip(fields(cls), combo)})
             try:
+                k = cls(**{f.name: v for f, v in zip(fields(cls), combo)})
                 k.bindings()
-            except AssertionError:   # a combination the kernel rejects (e.g. in-place + residual)
-                continue
+            except (AssertionError, ValueError):   # a combination the kernel rejects (in-place + residual; a scheme
+                continue                           # without an int8 dot)
             out.append(k)
     return out
 

@@ -29,7 +29,8 @@ def matmul_kinds(prog) -> set[type]:
 
 
 def test_cpu_variants_replace_only_the_matmuls(programs):
-    assert set(programs) == {"prefill", "decode", "score", "sample", "prefill@cpu", "decode@cpu", "score@cpu"}
+    assert set(programs) == {"prefill", "decode", "score", "sample", "prefill@cpu", "decode@cpu", "score@cpu",
+                             "prefill@cpu_i8", "decode@cpu_i8", "score@cpu_i8"}   # the int8: test_variants_i8.py
     assert matmul_kinds(programs["decode"]) == {Matmul}
     assert matmul_kinds(programs["prefill"]) == {MatmulTokens, Matmul}   # the LM head: last token, k-split mat-vec
     assert matmul_kinds(programs["decode@cpu"]) == {MatvecCPU}
