@@ -13,9 +13,9 @@ position (temperature, top-k/p, min-p, penalties and grammar mask applied: Sampl
 p with d removed, renormalised. The output distribution is exactly p's, step by step.
 
 Drafters (both return at most k ids, possibly none: then the step is a plain decode step):
-    NgramDrafter   prompt lookup: the most recent earlier occurrence of the last n tokens (n = 3, 2, 1) in the prompt
-                   + output, and the k tokens that followed it (no second model; strong when the output quotes or edits
-                   the prompt: code rewrites, summaries, extraction)
+    NgramDrafter   prompt lookup: the most recent earlier occurrence of the last n tokens (n = 5 .. 2, longest first)
+                   in the prompt + output, and the k tokens that followed it (no second model; strong when the output
+                   quotes or edits the prompt: code rewrites, summaries, extraction); k adapts (DraftLength)
     ModelDrafter   a second, smaller model with the same vocabulary, greedy; its own session follows the target's
                    history (rewound to the common prefix on a rejection)
 
@@ -34,7 +34,8 @@ from compiler.errors import KilnError
 
 DRAFT_K = 7              # most tokens drafted per pass (the score chunk bounds it too): [pending] + 7 = one x window
                          # of the CPU-adapter score program's matmuls (compiler/schedule.py CPU_WINDOW)
-NGRAM_MAX, NGRAM_MIN = 3, 2      # a one-token match drafts noise more often than not
+NGRAM_MAX, NGRAM_MIN = 5, 2      # longest match first (a longer one picks the right occurrence of a repeated
+                                 # phrase); a one-token match drafts noise more often than not
 # A score pass of [pending] + k drafts costs about c0 + c1 * k decode steps, per adapter class (runtime_py/device.py).
 # Measured on lavapipe (SmolLM2, position 216, tests/bench_speculate.py's prompt): 1.35 / 1.43 / 1.96 / 3.0 / 3.4
 # decode steps for 1 / 2 / 4 / 6 / 8 tokens; the slope is attention, whose cost grows with the tokens scored while

@@ -6,6 +6,9 @@ speed-up as the ratio of medians and per round; whether every run's ids equal pl
 average before and after. Not part of `make test`.
 
     PYTHONPATH=. python tests/bench_speculate.py [--model smollm2] [-n 128] [--rounds 2] [--k 5 7] [--self-draft]
+
+--check-refs: instead, every reference prompt of the model (tests/fixtures/<model>_transformers.json): plain greedy
+and ngram speculation, -n tokens each; prints whether the ids are identical, the acceptance rate, passes, tok/s.
 """
 from __future__ import annotations
 
@@ -44,10 +47,13 @@ def main():
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("-n", type=int, default=128, help="tokens per generation")
     ap.add_argument("--rounds", type=int, default=2, help="ABBA rounds (each runs every variant twice)")
-    ap.add_argument("--k", type=int, nargs="+", default=[5], help="draft lengths to compare (one variant each)")
+    ap.add_argument("--k", type=int, nargs="+", default=[7], help="most tokens per draft (one variant each)")
     ap.add_argument("--fixed", action="store_true", help="fixed k (no adaptation from the acceptance rate)")
     ap.add_argument("--self-draft", action="store_true", help="also the model as its own draft (acceptance 100%%)")
+    ap.add_argument("--check-refs", action="store_true", help="the reference prompts instead (ids + acceptance)")
     a = ap.parse_args()
+    if a.check_refs:
+        return check_refs(a)
     from runtime_py.cli import build_prompt, load
     from runtime_py.generate import Done, generate
     from runtime_py.sampling import GREEDY
@@ -86,6 +92,34 @@ def main():
                                    3)
             row["speedup_per_run"] = [round(x / y.timings["decode_tok_s"], 3) for x, y in zip(tps, runs["plain"])]
         out[name] = row
+    out["load_after"] = load_avg()
+    print(json.dumps(out, indent=1))
+
+
+def check_refs(a):
+    from pathlib import Path
+    from runtime_py.artifacts import ensure_artifact
+    from runtime_py.generate import Done, generate
+    from runtime_py.model import Model
+    from runtime_py.sampling import GREEDY
+    from runtime_py.speculate import NgramDrafter
+    from runtime_py.tokenizer import Tokenizer
+    fixture = Path(__file__).parent / "fixtures" / f"{a.model}_transformers.json"
+    art = ensure_artifact(a.model, log=lambda *x: None)
+    model = Model(art)
+    tok = Tokenizer(art / model.manifest["tokenizer"]["file"], model.manifest["tokenizer"])
+    out = {"model": a.model, "n": a.n, "load_before": load_avg(), "prompts": {}}
+    for case in json.loads(fixture.read_text())["cases"]:
+        ids, s = case["prompt_ids"], model.session(ctx=1024)
+        plain = [e for e in generate(s, tok, ids, GREEDY, max_tokens=a.n) if isinstance(e, Done)][0]
+        spec = [e for e in generate(s, tok, ids, GREEDY, max_tokens=a.n, speculate=NgramDrafter(a.k[0]))
+                if isinstance(e, Done)][0]
+        t = spec.timings
+        out["prompts"][case["name"]] = {
+            "same_ids": spec.ids == plain.ids, "acceptance_rate": t["acceptance_rate"], "passes": t["passes"],
+            "draft_tokens": t["draft_tokens"], "plain_tok_s": plain.timings["decode_tok_s"],
+            "ngram_tok_s": t["decode_tok_s"]}
+    out["all_same_ids"] = all(p["same_ids"] for p in out["prompts"].values())
     out["load_after"] = load_avg()
     print(json.dumps(out, indent=1))
 

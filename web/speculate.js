@@ -18,7 +18,7 @@ import {reusePrefix} from "./kvcache.js";
 import {Sampler, topLogprobs} from "./sampler.js";
 
 export const DRAFT_K = 7;                 // most tokens drafted per pass: [pending] + 7 = one CPU-adapter x window
-export const NGRAM_MAX = 3, NGRAM_MIN = 2;   // a one-token match drafts noise more often than not
+export const NGRAM_MAX = 5, NGRAM_MIN = 2;   // longest match first; a one-token match drafts noise more often than not
 // a score pass of [pending] + k drafts costs about c0 + c1 k decode steps, per adapter class (speculate.py PASS_COST)
 export const PASS_COST = {cpu: [1.0, 0.33], gpu: [1.0, 0.1]};
 
