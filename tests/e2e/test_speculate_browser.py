@@ -65,3 +65,36 @@ def test_draft_model_is_refused_by_name(demo):
         }
     }""")
     assert got[:2] == ["InvalidParameterError", "speculate"] and "natively" in got[2], got
+
+
+def test_drafter_and_draft_length_match_python(demo):
+    """NgramDrafter.draft and DraftLength's k after each outcome, web/speculate.js against runtime_py/speculate.py."""
+    import numpy as np
+    from runtime_py.speculate import PASS_COST, DraftLength, NgramDrafter
+    rng = np.random.default_rng(0)
+    histories = [rng.integers(0, 4, size=int(n)).tolist() for n in rng.integers(1, 40, size=30)]
+    outcomes = [(int(d), int(rng.integers(0, d + 1))) if d else (0, int(rng.integers(0, 2)))
+                for d in rng.integers(0, 8, size=60)]             # (drafted, kept) passes; drafted 0: a probe
+    got = demo.evaluate("""async ([histories, outcomes]) => {
+        const m = await import('/web/speculate.js');
+        const d = new m.NgramDrafter(5);
+        const drafts = histories.map((h) => d.draft(h, 5));
+        const ks = [];
+        for (const cls of ["cpu", "gpu"]) {
+          const L = new m.DraftLength(7, m.PASS_COST[cls]);
+          for (const [drafted, kept] of outcomes) {
+            if (drafted) L.update(drafted, kept); else L.probe(kept === 1);
+            ks.push(L.k());
+          }
+        }
+        return {drafts, ks};
+    }""", [histories, outcomes])
+    d = NgramDrafter(5)
+    assert got["drafts"] == [d.draft(h, 5) for h in histories]
+    ks = []
+    for cls in ("cpu", "gpu"):
+        length = DraftLength(7, PASS_COST[cls])
+        for drafted, kept in outcomes:
+            length.update(drafted, kept) if drafted else length.probe(kept == 1)
+            ks.append(length.k())
+    assert got["ks"] == ks and len(set(ks)) > 2, ks
