@@ -1,7 +1,7 @@
-"""Speculative decoding on SmolLM2 (runtime_py/speculate.py): greedy with prompt lookup gives exactly plain greedy's
-ids on every reference prompt; the model drafting for itself is accepted 100%; `kiln run --speculate ngram --json`
-reports the acceptance. Short generations (a score pass costs several decode steps on lavapipe, see the bench:
-tests/bench_speculate.py).
+"""Speculative decoding (runtime_py/speculate.py): greedy with prompt lookup gives exactly plain greedy's ids on every
+SmolLM2 reference prompt and on two of Gemma 3's; the model drafting for itself is accepted 100%; `kiln run
+--speculate ngram --json` reports the acceptance. Short generations (a score pass costs several decode steps on
+lavapipe, see the bench: tests/bench_speculate.py, whose --check-refs runs every reference prompt of either model).
 """
 from __future__ import annotations
 
