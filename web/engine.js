@@ -10,28 +10,20 @@ import {ArtifactError, bufferBytes, ContextOverflowError, DeviceLostError, getAd
   from "./device.js";
 import {LP_MAX, packConfig, sampleLimits, seedOf} from "./gpu_sampling.js";
 import {fetchManifest, fetchVerified, loadShards} from "./loader.js";
+import {GENERATE, SERVER_PROGRAMS, dispatchSize, splitRef} from "./schedule.js";
+import {choosePrograms, wgslLanguageFeatures} from "./variants.js";
 import {layoutEntry, uploadTexture} from "./weight_texture.js";
+
+// re-exported: importers reach the whole runtime through engine.js (worker.js: Model, selftest)
+export {dispatchSize, GENERATE, SERVER_PROGRAMS, splitRef} from "./schedule.js";
+export {choosePrograms} from "./variants.js";
+export {selftest} from "./selftest.js";
 
 export const UNIFORM_ALIGN = 256;   // minUniformBufferOffsetAlignment's default (and maximum)
 export const STATE_BYTES = 16;      // struct State { n_tokens, pos0, step, pad }; one record per decode step of a
                                     // submit, UNIFORM_ALIGN apart, bound with a dynamic offset
 export const UNIFORM_BINDING_MAX = 65536;   // maxUniformBufferBindingSize's default: an activation bound as "uniform"
 export const DEFAULT_CTX = 2048;
-
-/** Reference evaluation of a dispatch entry: compiler/schedule.py `dispatch_size`. */
-export function dispatchSize(dim, nTokens) {
-  if (typeof dim === "number") return dim;
-  if (dim.startsWith("T>")) return nTokens > parseInt(dim.slice(2), 10) ? 1 : 0;
-  if (dim.startsWith("T<=")) return nTokens <= parseInt(dim.slice(3), 10) ? 1 : 0;
-  const div = dim.includes("/") ? parseInt(dim.slice(2), 10) : 1;
-  return Math.ceil(nTokens / div);
-}
-
-/** "xn+9216" -> ["xn", 9216]; "xn" -> ["xn", 0]: a buffer ref and the byte offset it binds at (compiler/ir.py). */
-export function splitRef(ref) {
-  const i = ref.indexOf("+");
-  return i < 0 ? [ref, 0] : [ref.slice(0, i), parseInt(ref.slice(i + 1), 10)];
-}
 
 /** One step's uniform values as u32 words (f32 params bit-cast), like runtime_py.model.pack_params. */
 export function packParams(kernel, values) {
@@ -42,12 +34,6 @@ export function packParams(kernel, values) {
 }
 
 export const sessionCtx = (manifest, ctx) => Math.min(ctx || DEFAULT_CTX, manifest.config.context_length);
-
-/** What a generating session binds at load (compiler/schedule.py GENERATE); `sample` on the first GPU-sampled
- * request; `score` (and its logits_all) on the first speculative pass (speculate.js). */
-export const GENERATE = ["prefill", "decode"];
-// `kiln serve`'s batched forwards over a KV pool (compiler/schedule_rows.py, runtime_py/rows.py): not replayed here
-export const SERVER_PROGRAMS = ["rows", "rows_head"];
 
 /** The buffers a session allocates to run `programs`, with their sizes, like runtime_py.model.session_buffer_bytes. */
 export function sessionBufferBytes(manifest, ctx, programs = GENERATE) {
@@ -449,72 +435,5 @@ export class Session {
   destroy() {
     for (const b of this.buffers.values()) b.destroy();
     for (const b of [this.state, this.logitsRead, this.tokenRead, this.ringRead, this.scoreRead]) b?.destroy();
-  }
-}
-
-// -- load-time self-test ---------------------------------------------------------------------------------------
-
-/**
- * [{program: the variant to run}, activations they use, note]: programs["decode@cpu"] replaces "decode" on a CPU
- * adapter; with activations "int8", "decode@cpu_i8" replaces that where the artifact has it and the adapter has the
- * WGSL language features it needs (manifest program_variants), else f32 runs and the note says why. Mirrors
- * runtime_py/model.py choose_programs.
- */
-export function choosePrograms(manifest, cls, activations = "f32", languageFeatures = new Set()) {
-  if (!["f32", "int8"].includes(activations)) {
-    throw new Error(`activations must be one of f32, int8 (got ${JSON.stringify(activations)})`);
-  }
-  const progs = manifest.programs, pv = manifest.program_variants || {};
-  const out = Object.fromEntries(Object.keys(progs).filter((p) => !p.includes("@")).map(
-    (p) => [p, `${p}@${cls}` in progs ? `${p}@${cls}` : p]));
-  let note = null;
-  if (activations === "int8") {
-    const i8 = Object.fromEntries(Object.keys(out).filter((p) => `${p}@${cls}_i8` in progs)
-      .map((p) => [p, `${p}@${cls}_i8`]));
-    const missing = [...new Set(Object.values(i8).flatMap((v) => pv[v]?.wgsl_language_features || []))]
-      .filter((f) => !languageFeatures.has(f)).sort();
-    if (!Object.keys(i8).length) {
-      note = `this artifact has no int8-activation programs for ${cls} adapters (only CPU adapters have them; an ` +
-        "older artifact: recompile); running float32 activations";
-    } else if (missing.length) {
-      note = `the adapter lacks WGSL ${missing.join(", ")}; running float32 activations`;
-    } else {
-      Object.assign(out, i8);
-    }
-  }
-  const used = Object.values(out).some((v) => v.endsWith("_i8")) ? "int8" : "f32";
-  return [out, used, note];
-}
-
-/** The WGSL language features of this browser (navigator.gpu.wgslLanguageFeatures; none where it is missing). */
-function wgslLanguageFeatures() {
-  return new Set(globalThis.navigator?.gpu?.wgslLanguageFeatures || []);
-}
-
-/**
- * Recompute manifest.selftest's top-5 logits on this GPU/browser (runtime_py/artifacts.py `add_selftest` recorded
- * them natively). {ok, max_diff, tolerance, rows: [[id, expected, got]], argmax, expected_argmax} or {skipped}.
- */
-export async function selftest(model) {
-  const st = model.manifest.selftest;
-  if (!st) return {ok: true, skipped: "the manifest has no selftest (compiled with --no-selftest)"};
-  // the int8-activation programs have their own reference (runtime_py/artifacts.py add_selftest)
-  const top5 = model.activations === "int8" ? st.int8_top5 : st.top5;
-  if (!top5) return {ok: true, skipped: "the manifest has no int8-activation self-test reference (recompile)"};
-  const s = model.session(Math.max(64, st.prompt_ids.length + 1));
-  try {
-    s.forward(st.prompt_ids);
-    const logits = await s.logits();
-    const argmax = await s.nextToken();
-    const rows = top5.map(([id, want]) => [id, want, logits[id]]);
-    const maxDiff = Math.max(...rows.map(([, want, got]) => Math.abs(got - want)));
-    // the argmax may differ from the reference only between two logits the tolerance can't tell apart
-    const want = top5[0][0];
-    const argmaxOk = argmax === want || Math.abs(logits[argmax] - logits[want]) <= st.tolerance;
-    const ok = maxDiff <= st.tolerance && argmaxOk;   // false for NaN too
-    return {ok, max_diff: maxDiff, tolerance: st.tolerance, rows, argmax, expected_argmax: top5[0][0],
-            reference_device: st.device || "", text: st.text, activations: model.activations};
-  } finally {
-    s.destroy();
   }
 }
