@@ -213,3 +213,46 @@ class PageAllocator:
         if key not in self.by_key:
             self.by_key[key] = p
             self.key_of[p] = key
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# sizing the pool: --kv-memory
+
+DEFAULT_KV_SEQUENCES = 4     # with no --kv-memory: room for this many full-context sequences (kiln serve's slots)
+DEFAULT_KV_MIB = 1024        # ... but at most this much (SmolLM2 135M at ctx 2048: 90 MiB a sequence)
+
+
+def parse_kv_memory(text: str | int | None) -> tuple[str, int] | None:
+    """--kv-memory: "512" or "512MiB" (MiB), "16384tokens" / "16384t" (tokens) -> ("mib" | "tokens", n)."""
+    if text is None:
+        return None
+    s = str(text).strip().lower().replace(" ", "")
+    for suffix, unit in (("tokens", "tokens"), ("token", "tokens"), ("t", "tokens"), ("mib", "mib"), ("m", "mib"),
+                         ("", "mib")):
+        if s.endswith(suffix):
+            num = s[:len(s) - len(suffix)] if suffix else s
+            if num.isdigit() and int(num) > 0:
+                return unit, int(num)
+            break
+    from compiler.errors import KilnError
+    raise KilnError(f"--kv-memory {text!r}: give MiB (e.g. 512 or 512MiB) or tokens (e.g. 16384tokens), above 0")
+
+
+def kv_plan(bytes_per_token: int, page: int, ctx: int, kv_memory=None, sequences: int = DEFAULT_KV_SEQUENCES) -> dict:
+    """The paged pool's size: {page_tokens, pages, tokens, bytes, bytes_per_token, full_context_sequences, ctx}.
+    bytes_per_token: K + V of every layer for one position. Default (no kv_memory): `sequences` full contexts, at
+    most DEFAULT_KV_MIB."""
+    spec = parse_kv_memory(kv_memory)
+    if spec is None:
+        tokens = min(sequences * ctx, DEFAULT_KV_MIB * 2**20 // bytes_per_token)
+    elif spec[0] == "tokens":
+        tokens = spec[1]
+    else:
+        tokens = spec[1] * 2**20 // bytes_per_token
+    pages = tokens // page
+    if pages < 1:
+        from compiler.errors import KilnError
+        raise KilnError(f"--kv-memory {kv_memory}: less than one KV page ({page} tokens, "
+                        f"{page * bytes_per_token / 2**20:.2f} MiB)")
+    return {"page_tokens": page, "pages": pages, "tokens": pages * page, "bytes": pages * page * bytes_per_token,
+            "bytes_per_token": bytes_per_token, "full_context_sequences": pages * page // ctx, "ctx": ctx}
