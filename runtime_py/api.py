@@ -3,14 +3,15 @@
     POST /v1/chat/completions   chat (messages rendered with the model's chat template), streaming or not
     POST /v1/completions        plain text completion (prompt: string, [string], token ids or [token ids])
     GET  /v1/models             the served models;  GET /v1/models/{id}
-    GET  /health                liveness; per model running / waiting requests, KV slots busy and the tokens each
-                                holds (never needs the API key)
+    GET  /health                liveness; per model running / waiting requests, the paged KV pool (pages total /
+                                used / cached / free / reserved) and the one-sequence slots (never needs the API key)
 
 Responses are shaped like OpenAI's (ids, object, created, model, choices, usage, logprobs); streaming is SSE
 (`data: {json}\\n\\n` ... `data: [DONE]\\n\\n`), with a final usage chunk (empty choices) when
 `stream_options.include_usage` is set. Errors are always `{"error": {"message", "type", "param", "code"}}`:
 400 bad parameters / prompt + max_tokens beyond the context, 401 missing or wrong key (every /v1 route, when
 `api_key` is set), 404 unknown model or /v1 route, 405 wrong method, 413 body over MAX_BODY_BYTES, 503 queue full,
+400 `kv_pool_too_small` for prompt + max_tokens beyond the whole KV pool (--kv-memory),
 500 only for failures of the server itself (a model that does not load, a GPU error).
 
 Request fields. Accepted: model, messages / prompt, max_tokens (alias max_completion_tokens), temperature, top_p,
@@ -41,10 +42,12 @@ argmax, giving exactly the tokens of `kiln run --temperature 0`; top_p 0 means o
 given different values are refused. max_tokens defaults, for chat and completions alike, to the rest of the context
 (generation ends at EOS or a stop string), as llama.cpp's server, Ollama and OpenAI's chat do.
 
-Threading: runtime_py/scheduler.py `Engine`, one GPU worker thread per router running the admitted requests, each
-with its own KV-cache slot, batched into one `rows` forward per step (continuous batching); requests beyond the slots wait in a bounded queue; a request arriving
-when slots + queue are full gets a 503; a client that disconnects frees its slot. Slots and queue come from
-make_router's arguments, else $KILN_SLOTS / $KILN_QUEUE, else DEFAULT_SLOTS / DEFAULT_QUEUE.
+Threading: runtime_py/scheduler.py `Engine`, one GPU worker thread per router running the admitted requests,
+batched into one `rows` forward per step (continuous batching) over a paged KV pool; at most `slots` requests run
+at once, the others wait in a bounded queue (also while the pool has too few free pages for them: then they run as
+soon as pages come back); a request arriving when slots + queue are full gets a 503; a client that disconnects
+frees its pages at once. Slots, queue and the pool's size come from make_router's arguments, else $KILN_SLOTS /
+$KILN_QUEUE / $KILN_KV_MEMORY, else DEFAULT_SLOTS / DEFAULT_QUEUE / runtime_py/pages.py's default.
 
 Modules: this file (routes, per-model info), runtime_py/schemas.py (request bodies, errors, response shapes),
 runtime_py/scheduler.py (the GPU worker).
@@ -69,6 +72,7 @@ from compiler.errors import KilnError
 
 from .beam import check_request as beam_request
 from .grammar import constraint_for
+from .pages import KVPoolTooSmallError, parse_kv_memory
 from .scheduler import Engine, Job, Overloaded
 from .schemas import (MAX_BODY_BYTES, APIError, ChatRequest, CommonRequest, CompletionRequest, OpenAIRoute,
                       chat_logprobs, check_common, completion_logprobs, install_error_handlers, read_json, sse,
@@ -116,7 +120,7 @@ def _load_info(model_id: str, art: Path, ctx: int | None) -> ModelInfo:
 
 
 def make_router(artifacts: dict[str, Path], *, api_key: str | None, ctx: int | None, slots: int | None = None,
-                max_queue: int | None = None, speculate: str | None = None) -> APIRouter:
+                max_queue: int | None = None, speculate: str | None = None, kv_memory: str | None = None) -> APIRouter:
     from .sampling import SamplingParams
 
     slots = slots or int(os.environ.get("KILN_SLOTS") or DEFAULT_SLOTS)
@@ -135,7 +139,9 @@ def make_router(artifacts: dict[str, Path], *, api_key: str | None, ctx: int | N
                 infos[model_id] = _load_info(model_id, artifacts[model_id], ctx)
             return infos[model_id]
 
-    engine = Engine({m: (lambda m=m: info_of(m)) for m in artifacts}, artifacts, ctx, slots, max_queue)
+    kv_memory = kv_memory or os.environ.get("KILN_KV_MEMORY") or None
+    parse_kv_memory(kv_memory)
+    engine = Engine({m: (lambda m=m: info_of(m)) for m in artifacts}, artifacts, ctx, slots, max_queue, kv_memory)
     engine.speculate = speculate          # "ngram": every request decodes speculatively (runtime_py/speculate.py)
     router = APIRouter(route_class=OpenAIRoute)
     router.engine = engine      # for tests / diagnostics
@@ -223,6 +229,8 @@ def make_router(artifacts: dict[str, Path], *, api_key: str | None, ctx: int | N
         job = Job(request_model, ids, params, max_tokens, logprobs, asyncio.get_running_loop(), beams=beams)
         try:
             engine.submit(job)
+        except KVPoolTooSmallError as e:
+            raise APIError(400, str(e), param="max_tokens", code="kv_pool_too_small") from None
         except Overloaded:
             raise APIError(503, f"The server is overloaded: {slots} sequences are generating and {max_queue} "
                                 f"requests are waiting for model `{request_model}`. Please retry later.",

@@ -432,6 +432,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--verify", action="store_true", help="hash each GGUF and artifact file again at startup")
     s.add_argument("--speculate", choices=["ngram"], default=None, help="speculative decoding (exact) with prompt "
                    "lookup for every request; usage.speculative reports the acceptance")
+    s.add_argument("--kv-memory", default=None, metavar="MIB|Ntokens", help="the paged KV pool shared by the batched "
+                   "requests of each model: MiB (e.g. 512) or tokens (e.g. 16384tokens); default: room for 4 "
+                   "full-context sequences, at most 1024 MiB (env KILN_KV_MEMORY); a request waits for free pages")
     s.set_defaults(fn=cmd_serve)
 
     e = sub.add_parser("export", help="write the web demo and models as a static site (any web server or CDN)")
