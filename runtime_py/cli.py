@@ -418,6 +418,8 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--ctx", type=int, default=None, help="context length (default 2048, at most the model's, as run)")
     i.add_argument("--quant", choices=REQUANT_TARGETS, default=None, help="show sizes after `compile --quant`")
     i.add_argument("--json", action="store_true")
+    i.add_argument("--kv-memory", default=None, metavar="MIB|Ntokens", help="size the `kiln serve` KV pool it plans "
+                   "(as kiln serve --kv-memory)")
     i.set_defaults(fn=cmd_inspect)
 
     s = sub.add_parser("serve", help="serve the web demo and the OpenAI-compatible API")
