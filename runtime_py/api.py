@@ -111,6 +111,14 @@ def make_router(artifacts: dict[str, Path], *, api_key: str | None, ctx: int | N
 
     kv_memory = kv_memory or os.environ.get("KILN_KV_MEMORY") or None
     parse_kv_memory(kv_memory)
+    if kv_memory is not None and speculate is None:   # a pool of less than one page: refused now, not per request
+        from compiler.manifest import read_manifest
+
+        from .rows import pool_plan
+        for art in artifacts.values():
+            m = read_manifest(art)
+            if "kv_page" in m["limits"]:
+                pool_plan(m, ctx, kv_memory, slots)
     engine = Engine({m: (lambda m=m: info_of(m)) for m in artifacts}, artifacts, ctx, slots, max_queue, kv_memory)
     engine.speculate = speculate          # "ngram": every request decodes speculatively (runtime_py/speculate.py)
     router = APIRouter(route_class=OpenAIRoute)
