@@ -24,7 +24,7 @@ from .config import ModelConfig
 from .errors import UnsupportedModelError
 from .ir import Program, split_ref
 from .kernels import MatmulCPU, RopeKV
-from .kernels_rows import KV_PAGE, ROW_INFO_WORDS, ArgmaxRows, AttentionRows, AttentionRowsSoftcap, RopeKVRows
+from .kernels_rows import ROW_INFO_WORDS, ArgmaxRows, AttentionRows, AttentionRowsSoftcap, RopeKVRows
 from .schedule import PREFILL_TILE, SCORE_BYTES, Builder, cpu_window
 
 ROWS_MAX = 32   # most rows per `rows` forward (and the logits_rows buffer's rows), at most the prefill chunk
@@ -130,10 +130,12 @@ def build_rows_programs(cfg: ModelConfig, weights, prefill_chunk: int) -> dict[s
 def add_rows_buffers(bufs: dict, cfg: ModelConfig, programs: dict[str, Program], rows: int) -> dict:
     """activation_buffers' dict with the rows programs added: "rows" / "rows_head" in the `programs` of every buffer
     they bind (the shared activations, sized for the prefill chunk T >= rows; the K/V buffers, which a runtime sizes
-    for the pool), plus their own: the row info (T, 4) and logits_rows (rows, vocab)."""
+    for the pool), plus their own: the row info (T, 4), the page tables (sized by a runtime too) and logits_rows
+    (rows, vocab)."""
     bufs["rows"] = {"shape": ["T", ROW_INFO_WORDS], "dtype": "u32", "programs": []}          # [table0, pos]
-    # the page tables of a forward's sequences (at most T of them, each at most ctx pages: an upper bound)
-    bufs["page_table"] = {"shape": ["T", "ctx"], "dtype": "u32", "programs": []}
+    # the page tables of a forward's sequences: a runtime sizes it for its pool, as the K/V buffers —
+    # (rows, ceil(ctx / KV_PAGE)) u32 (runtime_py/rows.py); the declared (ctx,) is never the largest buffer
+    bufs["page_table"] = {"shape": ["ctx"], "dtype": "u32", "programs": []}
     bufs["logits_rows"] = {"shape": [rows, cfg.vocab], "dtype": "f32", "programs": []}      # (rows, vocab)
     for prog in ("rows", "rows_head"):
         bound = dict.fromkeys(split_ref(r)[0] for name in (prog, prog + "@cpu") for s in programs[name].steps

@@ -36,8 +36,12 @@ from .pages import PageAllocator, PagedSequence, kv_plan
 
 def kv_bytes_per_token(manifest: dict) -> int:
     """K + V bytes of every layer for one position: the per-position buffers the rows program binds."""
-    return sum(4 * int(np.prod(b["shape"][1:])) for b in manifest["buffers"].values()
-               if "rows" in b.get("programs", ()) and b["shape"][0] == "ctx")
+    return sum(4 * int(np.prod(b["shape"][1:])) for name, b in manifest["buffers"].items() if _is_kv(name, b))
+
+
+def _is_kv(name: str, b: dict) -> bool:
+    """A per-position buffer of the rows program: a layer's K or V cache (the page tables are sized apart)."""
+    return "rows" in b.get("programs", ()) and b["shape"][0] == "ctx" and name != "page_table"
 
 
 def pool_plan(manifest: dict, ctx: int | None = None, kv_memory=None, sequences: int | None = None) -> dict:
@@ -62,7 +66,7 @@ class KVPool:
         usage = wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_DST | wgpu.BufferUsage.COPY_SRC
         self.buffers = {}
         for name, b in m["buffers"].items():
-            if "rows" not in b["programs"] or b["shape"][0] != "ctx":
+            if not _is_kv(name, b):
                 continue
             size = self.plan["tokens"] * 4 * int(np.prod(b["shape"][1:]))
             if size > max_bind:
@@ -70,9 +74,13 @@ class KVPool:
                                          f"per layer but the adapter binds at most {max_bind / 2**20:.1f} MiB; use "
                                          "a smaller --kv-memory")
             self.buffers[name] = model.device.create_buffer(size=size, usage=usage, label=f"pool {name}")
+        # a forward's page tables: each of its sequences' (at most max_rows of them, ceil(ctx / page) pages each)
+        self.page_table = dev.create_buffer(size=4 * self.max_rows * -(-self.ctx // self.page),
+                                            usage=wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_DST,
+                                            label="pool page_table")
         # the rows program's own session: its activations (sized for the prefill chunk >= max_rows), the whole pool
-        self.runner = Session(model, self.ctx, kv={n: (buf, 0, buf.size) for n, buf in self.buffers.items()},
-                              programs=("rows", "rows_head"))
+        kv = {n: (buf, 0, buf.size) for n, buf in [*self.buffers.items(), ("page_table", self.page_table)]}
+        self.runner = Session(model, self.ctx, kv=kv, programs=("rows", "rows_head"))
         self._ids_read = dev.create_buffer(size=4 * self.max_rows,
                                            usage=wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST)
 
@@ -128,7 +136,7 @@ class KVPool:
         r = self.runner
         dev.queue.write_buffer(r.buffers["tokens"], 0, np.array([t for _, _, t in rows], np.uint32).tobytes())
         dev.queue.write_buffer(r.buffers["rows"], 0, info.tobytes())
-        dev.queue.write_buffer(r.buffers["page_table"], 0, np.array(table, np.uint32).tobytes())
+        dev.queue.write_buffer(self.page_table, 0, np.array(table, np.uint32).tobytes())
         # State record 0: the body over R rows; record 1: the head over the first D
         states = np.zeros((2, UNIFORM_ALIGN // 4), np.uint32)
         states[0, 0], states[1, 0] = R, D
