@@ -383,7 +383,8 @@ def parser() -> argparse.ArgumentParser:
                    "(ngram) or a draft model sharing the vocabulary (a model name or path); timings report the "
                    "acceptance rate")
     r.add_argument("--draft", metavar="MODEL", help="the same as --speculate MODEL")
-    r.add_argument("--draft-k", type=int, default=None, help="tokens drafted per pass (default 5)")
+    r.add_argument("--draft-k", type=int, default=None,
+                   help="most tokens drafted per pass (default 7; prompt lookup drafts fewer as its acceptance falls)")
     r.add_argument("--beams", type=int, default=None, metavar="K", help="beam search with K beams (1..16): prints "
                    "the K best continuations with their cumulative logprobs (runtime_py/beam.py); not with sampling "
                    "flags other than --temperature 0, --stop, output constraints or --speculate")
