@@ -37,11 +37,12 @@ from .plan import WeightPlan, plan_weights
 from .render import render as render_kernel
 from .schedule import PREFILL_TILE, activation_buffers, buffer_programs, build_programs, score_chunk
 from .schedule_i8 import program_variants, xq_buffer
+from .kernels_rows import KV_PAGE
 from .schedule_rows import add_rows_buffers, build_rows_programs, rows_limit
 from .shards import write_shards
 from .tokenizer import build_tokenizer_json, tokenizer_info
 
-COMPILER_VERSION = "7"   # 2: the `score` program; 3: manifest v2 (manifest_sha256, shader + tokenizer sha256),
+COMPILER_VERSION = "8"   # 8: paged KV in the rows program (page_table, limits.kv_page); 2: the `score` program; 3: manifest v2 (manifest_sha256, shader + tokenizer sha256),
                          #    `features`, buffers[].programs, matmul_tt without last_only
                          # 4: "texture" weight bindings, x-window bind refs "buf+OFF", "T>n" / "T<=n"
                          #    dispatches (the CPU-adapter kernels)
@@ -135,7 +136,7 @@ def manifest(c: Compilation):
         "tokenizer": {"file": "tokenizer.json", **{k: v for k, v in c.tokenizer_info.items() if k != "chat_template"}},
         "chat_template": c.tokenizer_info.get("chat_template"),
         "limits": {"prefill_chunk": c.prefill_chunk, "score_chunk": c.score_tokens,
-                   "rows": rows_limit(c.cfg.vocab, c.prefill_chunk),
+                   "rows": rows_limit(c.cfg.vocab, c.prefill_chunk), "kv_page": KV_PAGE,
                    "storage_buffers_per_stage": max(len(k.bindings()) for k in kernels),
                    "max_part_bytes": max(p["bytes"] for w in c.weights.values() for p in w["parts"])},
         "features": kernel_features(kernels),
