@@ -1,13 +1,15 @@
 """Speculative decoding in the browser (web/speculate.js, the mirror of runtime_py/speculate.py): an engine created
 with {speculate: "ngram"} gives, greedily, the same ids as the demo's plain engine and as native plain greedy, on a
-repetitive prompt where prompt lookup drafts (so score passes and rewinds really run); usage.speculative reports the
-acceptance. A short generation: a score pass costs several decode steps on SwiftShader."""
+repetitive prompt where prompt lookup drafts (so score passes run, and natively one draft token is rejected: a
+rewind); usage.speculative reports the acceptance. Kept cheap (the suite's ~20 s a test): a 10-token prompt and 8
+tokens (a prefill and a score pass cost several decode steps on SwiftShader), the speculative engine with a small
+context and no self-test, loading while the demo's engine generates the plain reference."""
 from __future__ import annotations
 
 import pytest
 
-N_TOKENS = 10
-PROMPT = "1, 2, 3, 4, 5, 6, 7, 8, 1, 2, 3, 4, 5, 6, 7, 8, 1, 2, 3,"
+N_TOKENS = 8
+PROMPT = "a b c a b c a b c a"   # 10 tokens; greedy " b c b c c c c c" natively
 
 
 @pytest.fixture(scope="module")
@@ -36,13 +38,14 @@ def test_browser_speculation_is_plain_greedy(demo, native_greedy):
     r = demo.evaluate("""async ([prompt, n]) => {
         const api = await import('/web/api.js');
         const req = {prompt, temperature: 0, max_tokens: n};
-        const plain = await window.kiln.engine.completions.create(req);
-        const engine = await api.createEngine("/models/smollm2/", {speculate: "ngram", selftest: "off"});
+        // the speculative engine loads (its own worker) while the demo's engine generates the plain reference
+        const loading = api.createEngine("/models/smollm2/", {speculate: "ngram", selftest: "off", ctx: 64});
         try {
-          const spec = await engine.completions.create(req);
+          const plain = await window.kiln.engine.completions.create(req);
+          const spec = await (await loading).completions.create(req);
           return {plain: plain.kiln, spec: spec.kiln, usage: spec.usage};
         } finally {
-          engine.unload();
+          (await loading.catch(() => null))?.unload();
         }
     }""", [PROMPT, N_TOKENS])
     assert r["plain"]["prompt_ids"] == prompt_ids == r["spec"]["prompt_ids"]
