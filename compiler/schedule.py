@@ -16,8 +16,9 @@ from __future__ import annotations
 from .config import ModelConfig
 from .errors import UnsupportedModelError
 from .ir import Program, dispatch_size, split_ref  # noqa: F401  (dispatch_size: runtimes import it from here)
-from .kernels import (AddBias, Argmax, AttentionReduce, AttentionSplit, AttentionSplitSoftcap, Embed, Matmul,
-                      MatmulCPU, MatmulTokens, MatvecCPU, RMSNorm, RopeKV, SampleDraw, SamplePrep, SampleTopK, Softcap)
+from .kernels import (AddBias, Argmax, AttentionCPU, AttentionReduce, AttentionSplit, AttentionSplitSoftcap, Embed,
+                      Matmul, MatmulCPU, MatmulTokens, MatvecCPU, RMSNorm, RopeKV, SampleDraw, SamplePrep, SampleTopK,
+                      Softcap)
 
 PREFILL_TILE = 8     # tokens per matmul workgroup in prefill
 # mat-vec workgroup shape (output rows x lanes splitting K); measured on lavapipe, where 16x4 beat 8x8 / 32x2 / 64x1
@@ -34,6 +35,10 @@ CPU_WINDOW = 8   # tokens per uniform x window of the CPU-adapter prefill (matmu
 # prefill has a workgroup per token already and uses one split. On lavapipe 16 keeps position 1000 within 1.3x the
 # attention cost of position 100 (see ARCHITECTURE.md, "attention")
 DECODE_SPLITS = 16
+# decode@cpu's attention (attention_cpu: lane = key, q from a uniform binding) splits the keys so that one dispatch has
+# about this many workgroups of 8 lanes (cpu_decode_splits): few, long splits, since each workgroup's lane merge is a
+# fixed cost and a CPU adapter runs a workgroup per core (ARCHITECTURE.md, "CPU adapters")
+CPU_ATTENTION_WORKGROUPS = 4
 SCORE_BYTES = 16 << 20   # the score program's (score_chunk, vocab) f32 logits buffer stays under this
 # the `sample` program (GPU sampling, runtime_py/gpu_sampling.py): decode steps one submit can collect in `ring`, and
 # the most logit_bias entries `sampler_cfg` holds
@@ -44,6 +49,12 @@ SAMPLE_MAX_BIAS = 1024
 # decode attention does RoPE, QK-norm and the KV-cache write in its prologue. Prefill keeps the separate steps (one
 # dispatch serves T tokens there). See ARCHITECTURE.md, "fusion".
 FUSE_MAX_K = 2048
+
+
+def cpu_decode_splits(n_kv: int) -> int:
+    """Key splits per KV head of decode@cpu's attention: CPU_ATTENTION_WORKGROUPS in all (<= DECODE_SPLITS, the
+    attn_part buffer's). SmolLM2 (3 KV heads): 2; Gemma 3 (1): 4."""
+    return max(1, min(DECODE_SPLITS, -(-CPU_ATTENTION_WORKGROUPS // n_kv)))
 
 
 def prologue_fits(k: int) -> bool:
@@ -190,7 +201,8 @@ class Builder:
                 self.add_bias(blk + name + ".bias", "qkv", n=n, offset=off, stride=qkv_dim)
         swa = bool(c.swa_layers) and c.swa_layers[L]
         inv_freq = self.W("rope_inv_freq_local" if swa and c.rope_base_local else "rope_inv_freq").ref(0)
-        fused = self.fuse and DECODE_SPLITS > 1
+        cpu = self.cpu_attention
+        fused = self.fuse and DECODE_SPLITS > 1 and not cpu   # decode@cpu: q must be RoPE'd before attention_cpu
         if not fused:
             if c.qk_norm:
                 self.rmsnorm("qkv", blk + "attn_q_norm.weight", None, width=c.head_dim, heads=c.n_head,
@@ -199,7 +211,11 @@ class Builder:
                              stride=qkv_dim, offset=q_dim)
             self.p.add(RopeKV(style=c.rope_style), ["qkv", inv_freq, f"k_cache.{L}", f"v_cache.{L}"],
                        dict(n_head=c.n_head, n_kv=c.n_kv_head, head_dim=c.head_dim, rot_dim=c.rope_dim), ["T", 1, 1])
-        self.attention(L, window=c.sliding_window if swa else 0, rope=inv_freq if fused else None)
+        window = c.sliding_window if swa else 0
+        if cpu:
+            self.attention_cpu(L, window)
+        else:
+            self.attention(L, window=window, rope=inv_freq if fused else None)
         # decode: the o-projection reduces the split-K partials in its prologue (when K fits)
         o_pre = ("reduce",) if fused and self.fuse_prologues and prologue_fits(q_dim) else None
         if fused and not o_pre:
@@ -222,6 +238,28 @@ class Builder:
         if blk + "attn_qk_concat.weight" in refs:
             return [(blk + "attn_qk_concat.weight", 0), (blk + "attn_v.weight", q_dim + kv_dim)]
         return [(blk + "attn_q.weight", 0), (blk + "attn_k.weight", q_dim), (blk + "attn_v.weight", q_dim + kv_dim)]
+
+    @property
+    def cpu_attention(self) -> bool:
+        """Decode on a CPU adapter: attention_cpu (q from a uniform binding) where q fits one."""
+        c = self.cfg
+        return self.fuse and self.adapter == "cpu" and c.n_head * c.head_dim * 4 <= UNIFORM_X_MAX_K * 4 \
+            and c.head_dim % 4 == 0 and c.n_head % c.n_kv_head == 0
+
+    def attention_cpu(self, L: int, window: int):
+        """Decode attention on a CPU adapter: attention_cpu's partials (cpu_decode_splits per KV head), then the
+        reduce (RoPE, QK-norm and the KV write ran as steps before it)."""
+        c = self.cfg
+        splits = cpu_decode_splits(c.n_kv_head)
+        k = AttentionCPU(n_head=c.n_head, head_dim=c.head_dim, group=c.n_head // c.n_kv_head,
+                         softcap=bool(c.attn_softcap))
+        params = dict(n_head=c.n_head, n_kv=c.n_kv_head, head_dim=c.head_dim, window=window, scale=c.softmax_scale,
+                      splits=splits)
+        if c.attn_softcap:
+            params["cap"] = c.attn_softcap
+        self.p.add(k, ["qkv", f"k_cache.{L}", f"v_cache.{L}", "attn_part"], params, [c.n_kv_head, splits, 1])
+        self.p.add(AttentionReduce(), ["attn_part", "attn"],
+                   dict(n_head=c.n_head, head_dim=c.head_dim, splits=splits), [c.n_head, "T", 1])
 
     def attention(self, L: int, window: int, rope: str | None = None):
         """Split-K attention: DECODE_SPLITS workgroups per KV head in decode (the reduce follows, on its own or in the
