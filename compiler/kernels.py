@@ -231,7 +231,6 @@ class AttentionCPU(Kernel):
     group: int = 1             # query heads per KV head (n_head / n_kv)
     dims_per_block: int = 0    # DB: output dims per pass over the keys; 0 -> the largest under ACC_FLOATS per lane
     softcap: bool = False      # gemma2's score soft-capping (adds the `cap` uniform)
-    keys: int = 1              # R: keys per lane per iteration of the key loop
     wg: int = 8                # lanes (one SIMD group of lavapipe on AVX2: the merge costs WG * G * DB loads)
     # accumulator floats per lane (G * DB): registers, then stack spill on lavapipe. Gemma 3 (4 x 256) in one pass ran
     # 2.6x faster at position 1000 than in 4 passes of 64 dims (each pass re-reads the keys) but took ~97 s to compile

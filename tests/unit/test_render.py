@@ -41,6 +41,8 @@ CHOICES = {
     "style": ["norm", "neox"],
     "dims_per_thread": [1, 2, 4],
     "xk": [256, 1536],   # MatvecCPU's compile-time K (a multiple of every scheme's block)
+    "n_head": [9],       # AttentionCPU's compile-time q size and head dim (one pass, and two merge rounds)
+    "head_dim": [64, 256],
 }
 
 
