@@ -57,6 +57,18 @@ def cpu_decode_splits(n_kv: int) -> int:
     return max(1, min(DECODE_SPLITS, -(-CPU_ATTENTION_WORKGROUPS // n_kv)))
 
 
+def cpu_q_window(qkv_dim: int, chunk: int) -> int:
+    """Query rows per uniform q window of the CPU-adapter prefill attention (attention_cpu, prefill): the largest
+    power of two dividing the chunk whose rows fit 64 KiB; 0 where a row's bytes are no multiple of 256 (uniform
+    offsets) or one row does not fit (then prefill keeps attention_split). SmolLM2: 16, Gemma 3: 8."""
+    if (qkv_dim * 4) % 256 or qkv_dim > UNIFORM_X_MAX_K:
+        return 0
+    w = 1
+    while chunk % (2 * w) == 0 and 2 * w * qkv_dim <= UNIFORM_X_MAX_K:
+        w *= 2
+    return w
+
+
 def prologue_fits(k: int) -> bool:
     """Whether a decode mat-vec over K inputs can compute its x in a prologue (workgroup memory, whole groups)."""
     return k <= FUSE_MAX_K and k % 32 == 0
@@ -243,7 +255,7 @@ class Builder:
     def cpu_attention(self) -> bool:
         """Decode on a CPU adapter: attention_cpu (q from a uniform binding) where q fits one."""
         c = self.cfg
-        return self.fuse and self.adapter == "cpu" and c.n_head * c.head_dim * 4 <= UNIFORM_X_MAX_K * 4 \
+        return self.fuse and self.adapter == "cpu" and (c.n_head + 2 * c.n_kv_head) * c.head_dim <= UNIFORM_X_MAX_K \
             and c.head_dim % 4 == 0 and c.n_head % c.n_kv_head == 0
 
     def attention_cpu(self, L: int, window: int):
@@ -251,8 +263,7 @@ class Builder:
         reduce (RoPE, QK-norm and the KV write ran as steps before it)."""
         c = self.cfg
         splits = cpu_decode_splits(c.n_kv_head)
-        k = AttentionCPU(n_head=c.n_head, head_dim=c.head_dim, group=c.n_head // c.n_kv_head,
-                         softcap=bool(c.attn_softcap))
+        k = AttentionCPU(n_head=c.n_head, n_kv=c.n_kv_head, head_dim=c.head_dim, softcap=bool(c.attn_softcap))
         params = dict(n_head=c.n_head, n_kv=c.n_kv_head, head_dim=c.head_dim, window=window, scale=c.softmax_scale,
                       splits=splits)
         if c.attn_softcap:
@@ -260,6 +271,23 @@ class Builder:
         self.p.add(k, ["qkv", f"k_cache.{L}", f"v_cache.{L}", "attn_part"], params, [c.n_kv_head, splits, 1])
         self.p.add(AttentionReduce(), ["attn_part", "attn"],
                    dict(n_head=c.n_head, head_dim=c.head_dim, splits=splits), [c.n_head, "T", 1])
+
+    def attention_cpu_prefill(self, L: int, window: int):
+        """Prefill / score attention on a CPU adapter: attention_cpu over one split, a step per uniform window of
+        cpu_q_window query rows (qkv bound at the window's byte offset; a window at or past T dispatches nothing)."""
+        c = self.cfg
+        qkv_dim = (c.n_head + 2 * c.n_kv_head) * c.head_dim
+        w = cpu_q_window(qkv_dim, self.chunk)
+        k = AttentionCPU(n_head=c.n_head, n_kv=c.n_kv_head, head_dim=c.head_dim, softcap=bool(c.attn_softcap),
+                         prefill=True, tokens=w)
+        for t0 in range(0, self.chunk, w):
+            params = dict(n_head=c.n_head, n_kv=c.n_kv_head, head_dim=c.head_dim, window=window,
+                          scale=c.softmax_scale, splits=1)
+            if c.attn_softcap:
+                params["cap"] = c.attn_softcap
+            params["t0"] = t0
+            q = f"qkv+{t0 * qkv_dim * 4}" if t0 else "qkv"
+            self.p.add(k, [q, f"k_cache.{L}", f"v_cache.{L}", "attn"], params, [c.n_kv_head, f"T>{t0}", w])
 
     def attention(self, L: int, window: int, rope: str | None = None):
         """Split-K attention: DECODE_SPLITS workgroups per KV head in decode (the reduce follows, on its own or in the
@@ -269,6 +297,9 @@ class Builder:
         if c.head_dim % 4 or c.n_head % c.n_kv_head:
             raise UnsupportedModelError(f"attention needs head_dim % 4 == 0 and n_head % n_kv_head == 0 "
                                         f"(head_dim {c.head_dim}, {c.n_head} heads, {c.n_kv_head} KV heads)")
+        qkv_dim = (c.n_head + 2 * c.n_kv_head) * c.head_dim
+        if self.adapter == "cpu" and self.tile > 1 and not rope and cpu_q_window(qkv_dim, self.chunk):
+            return self.attention_cpu_prefill(L, window)
         splits = DECODE_SPLITS if self.tile == 1 else 1
         bind = ["qkv", f"k_cache.{L}", f"v_cache.{L}", "attn_part", "attn"]
         params = dict(n_head=c.n_head, n_kv=c.n_kv_head, head_dim=c.head_dim, window=window, scale=c.softmax_scale,

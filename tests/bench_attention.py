@@ -2,7 +2,7 @@
 kernel family's GPU time from timestamp queries, for one or more compiled artifacts interleaved round by round (A/B
 in one process: a busy machine slows them alike). Medians over --reps rounds. Not a test: numbers only.
 
-    python tests/bench_attention.py ARTIFACT_DIR [ARTIFACT_DIR ...] [--reps 5] [--positions 100 1000]
+    python tests/bench_attention.py ARTIFACT_DIR [ARTIFACT_DIR ...] [--reps 5] [--positions 100 1000] [--prefill 64]
 
 (compile one with `kiln compile smollm2 -o DIR --no-selftest`). The work per step is the same whatever the cache
 holds, so positions past the prompt read what the cache has there.
@@ -46,22 +46,26 @@ def family(kernel: str) -> str:
     return "_".join(out)
 
 
-def profile(s, pos: int, token: int) -> dict[str, float]:
-    """GPU ms per kernel family of one decode step at `pos` (timestamps around every dispatch)."""
-    dev, steps = s.model.device, s._program("decode")
-    names = [st["kernel"] for st in s.model.manifest["programs"][s.model.program_for["decode"]]]
+def profile(s, pos: int, token: int, prog: str = "decode", T: int = 1) -> dict[str, float]:
+    """GPU ms per kernel family of one step of `prog` (T tokens of id `token`) at `pos` (timestamps around every
+    dispatch; steps past T skipped, as the runtime does)."""
+    dev = s.model.device
+    names = [st["kernel"] for st in s.model.manifest["programs"][s.model.program_for[prog]]]
+    steps = [(st, name) for st, name in zip(s._program(prog), names) if 0 not in [dispatch_size(x, T) for x in st[2]]]
+    names = [name for _, name in steps]
+    steps = [st for st, _ in steps]
     n = len(steps)
     qs = dev.create_query_set(type=wgpu.QueryType.timestamp, count=2 * n)
     qbuf = dev.create_buffer(size=16 * n, usage=wgpu.BufferUsage.QUERY_RESOLVE | wgpu.BufferUsage.COPY_SRC)
-    dev.queue.write_buffer(s.buffers["tokens"], 0, np.array([token], np.uint32).tobytes())
-    dev.queue.write_buffer(s.state, 0, np.array([1, pos, 0, 0], np.uint32).tobytes())
+    dev.queue.write_buffer(s.buffers["tokens"], 0, np.full(T, token, np.uint32).tobytes())
+    dev.queue.write_buffer(s.state, 0, np.array([T, pos, 0, 0], np.uint32).tobytes())
     enc = dev.create_command_encoder()
     cp = enc.begin_compute_pass()
     for i, (pl, bg, d) in enumerate(steps):
         cp.set_pipeline(pl)
         cp.set_bind_group(0, bg, [0])
         write_timestamp(cp, qs, 2 * i)
-        cp.dispatch_workgroups(*(dispatch_size(x, 1) for x in d))
+        cp.dispatch_workgroups(*(dispatch_size(x, T) for x in d))
         write_timestamp(cp, qs, 2 * i + 1)
     cp.end()
     enc.resolve_query_set(qs, 0, 2 * n, qbuf, 0)
@@ -88,12 +92,13 @@ def main(argv=None):
     ap.add_argument("artifacts", nargs="+")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--positions", type=int, nargs="+", default=[100, 1000])
+    ap.add_argument("--prefill", type=int, default=0, help="also profile a prefill of this many tokens at each position")
     a = ap.parse_args(argv)
     dev = make_device()
     sessions = []
     for art in a.artifacts:
         m = Model(art, device=dev)
-        s = m.session(ctx=max(a.positions) + 8)
+        s = m.session(ctx=max(a.positions) + max(8, a.prefill))
         s.forward(list(range(1, 9)))   # warm-up: pipelines; the cache beyond holds zeros
         s.next_token()
         sessions.append(s)
@@ -106,6 +111,8 @@ def main(argv=None):
             for pos in a.positions:
                 walls[i, pos].append(wall(s, pos, 1))
                 profs[i, pos].append(profile(s, pos, 1))
+                if a.prefill:
+                    profs[i, "prefill", pos].append(profile(s, pos, 1, "prefill", a.prefill))
     print(f"load average {os.getloadavg()}")
     for i, art in enumerate(a.artifacts):
         med = {pos: statistics.median(walls[i, pos]) for pos in a.positions}
@@ -117,6 +124,11 @@ def main(argv=None):
         for f in fams:
             cells = [statistics.median(pr.get(f, 0.0) for pr in profs[i, p]) for p in a.positions]
             print(f"  {f:28s} " + "  ".join(f"pos {p}: {c:8.2f} ms" for p, c in zip(a.positions, cells)))
+        if a.prefill:
+            print(f"  prefill of {a.prefill} tokens, GPU ms:")
+            for f in sorted(profs[i, "prefill", p1][0], key=lambda f: -profs[i, "prefill", p1][0][f]):
+                cells = [statistics.median(pr.get(f, 0.0) for pr in profs[i, "prefill", p]) for p in a.positions]
+                print(f"    {f:26s} " + "  ".join(f"pos {p}: {c:8.2f} ms" for p, c in zip(a.positions, cells)))
 
 
 if __name__ == "__main__":
