@@ -16,9 +16,11 @@ from __future__ import annotations
 from .config import ModelConfig
 from .errors import UnsupportedModelError
 from .ir import Program, dispatch_size, split_ref  # noqa: F401  (dispatch_size: runtimes import it from here)
-from .kernels import (AddBias, Argmax, AttentionCPU, AttentionReduce, AttentionSplit, AttentionSplitSoftcap, Embed,
+from .kernels import (AddBias, Argmax, AttentionReduce, AttentionSplit, AttentionSplitSoftcap, Embed,
                       Matmul, MatmulCPU, MatmulTokens, MatvecCPU, RMSNorm, RopeKV, SampleDraw, SamplePrep, SampleTopK,
                       Softcap)
+from .schedule_cpu_attention import (DECODE_SPLITS_MAX, attention_cpu_decode, attention_cpu_prefill,
+                                     cpu_attention_fits, cpu_q_window)
 
 PREFILL_TILE = 8     # tokens per matmul workgroup in prefill
 # mat-vec workgroup shape (output rows x lanes splitting K); measured on lavapipe, where 16x4 beat 8x8 / 32x2 / 64x1
@@ -35,10 +37,7 @@ CPU_WINDOW = 8   # tokens per uniform x window of the CPU-adapter prefill (matmu
 # prefill has a workgroup per token already and uses one split. On lavapipe 16 keeps position 1000 within 1.3x the
 # attention cost of position 100 (see ARCHITECTURE.md, "attention")
 DECODE_SPLITS = 16
-# decode@cpu's attention (attention_cpu: lane = key, q from a uniform binding) splits the keys so that one dispatch has
-# about this many workgroups of 8 lanes (cpu_decode_splits): few, long splits, since each workgroup's lane merge is a
-# fixed cost and a CPU adapter runs a workgroup per core (ARCHITECTURE.md, "CPU adapters")
-CPU_ATTENTION_WORKGROUPS = 4
+assert DECODE_SPLITS == DECODE_SPLITS_MAX   # attention_cpu's splits share the attn_part buffer
 SCORE_BYTES = 16 << 20   # the score program's (score_chunk, vocab) f32 logits buffer stays under this
 # the `sample` program (GPU sampling, runtime_py/gpu_sampling.py): decode steps one submit can collect in `ring`, and
 # the most logit_bias entries `sampler_cfg` holds
@@ -49,24 +48,6 @@ SAMPLE_MAX_BIAS = 1024
 # decode attention does RoPE, QK-norm and the KV-cache write in its prologue. Prefill keeps the separate steps (one
 # dispatch serves T tokens there). See ARCHITECTURE.md, "fusion".
 FUSE_MAX_K = 2048
-
-
-def cpu_decode_splits(n_kv: int) -> int:
-    """Key splits per KV head of decode@cpu's attention: CPU_ATTENTION_WORKGROUPS in all (<= DECODE_SPLITS, the
-    attn_part buffer's). SmolLM2 (3 KV heads): 2; Gemma 3 (1): 4."""
-    return max(1, min(DECODE_SPLITS, -(-CPU_ATTENTION_WORKGROUPS // n_kv)))
-
-
-def cpu_q_window(qkv_dim: int, chunk: int) -> int:
-    """Query rows per uniform q window of the CPU-adapter prefill attention (attention_cpu, prefill): the largest
-    power of two dividing the chunk whose rows fit 64 KiB; 0 where a row's bytes are no multiple of 256 (uniform
-    offsets) or one row does not fit (then prefill keeps attention_split). SmolLM2: 16, Gemma 3: 8."""
-    if (qkv_dim * 4) % 256 or qkv_dim > UNIFORM_X_MAX_K:
-        return 0
-    w = 1
-    while chunk % (2 * w) == 0 and 2 * w * qkv_dim <= UNIFORM_X_MAX_K:
-        w *= 2
-    return w
 
 
 def prologue_fits(k: int) -> bool:
@@ -253,41 +234,12 @@ class Builder:
 
     @property
     def cpu_attention(self) -> bool:
-        """Decode on a CPU adapter: attention_cpu (q from a uniform binding) where q fits one."""
-        c = self.cfg
-        return self.fuse and self.adapter == "cpu" and (c.n_head + 2 * c.n_kv_head) * c.head_dim <= UNIFORM_X_MAX_K \
-            and c.head_dim % 4 == 0 and c.n_head % c.n_kv_head == 0
+        """Decode on a CPU adapter: attention_cpu (q from a uniform binding) where a qkv row fits one."""
+        return self.fuse and self.adapter == "cpu" and cpu_attention_fits(self.cfg)
 
     def attention_cpu(self, L: int, window: int):
-        """Decode attention on a CPU adapter: attention_cpu's partials (cpu_decode_splits per KV head), then the
-        reduce (RoPE, QK-norm and the KV write ran as steps before it)."""
-        c = self.cfg
-        splits = cpu_decode_splits(c.n_kv_head)
-        k = AttentionCPU(n_head=c.n_head, n_kv=c.n_kv_head, head_dim=c.head_dim, softcap=bool(c.attn_softcap))
-        params = dict(n_head=c.n_head, n_kv=c.n_kv_head, head_dim=c.head_dim, window=window, scale=c.softmax_scale,
-                      splits=splits)
-        if c.attn_softcap:
-            params["cap"] = c.attn_softcap
-        self.p.add(k, ["qkv", f"k_cache.{L}", f"v_cache.{L}", "attn_part"], params, [c.n_kv_head, splits, 1])
-        self.p.add(AttentionReduce(), ["attn_part", "attn"],
-                   dict(n_head=c.n_head, head_dim=c.head_dim, splits=splits), [c.n_head, "T", 1])
-
-    def attention_cpu_prefill(self, L: int, window: int):
-        """Prefill / score attention on a CPU adapter: attention_cpu over one split, a step per uniform window of
-        cpu_q_window query rows (qkv bound at the window's byte offset; a window at or past T dispatches nothing)."""
-        c = self.cfg
-        qkv_dim = (c.n_head + 2 * c.n_kv_head) * c.head_dim
-        w = cpu_q_window(qkv_dim, self.chunk)
-        k = AttentionCPU(n_head=c.n_head, n_kv=c.n_kv_head, head_dim=c.head_dim, softcap=bool(c.attn_softcap),
-                         prefill=True, tokens=w)
-        for t0 in range(0, self.chunk, w):
-            params = dict(n_head=c.n_head, n_kv=c.n_kv_head, head_dim=c.head_dim, window=window,
-                          scale=c.softmax_scale, splits=1)
-            if c.attn_softcap:
-                params["cap"] = c.attn_softcap
-            params["t0"] = t0
-            q = f"qkv+{t0 * qkv_dim * 4}" if t0 else "qkv"
-            self.p.add(k, [q, f"k_cache.{L}", f"v_cache.{L}", "attn"], params, [c.n_kv_head, f"T>{t0}", w])
+        """decode@cpu's attention: compiler/schedule_cpu_attention.py (RoPE, QK-norm, KV write ran as steps before)."""
+        attention_cpu_decode(self.p, self.cfg, L, window)
 
     def attention(self, L: int, window: int, rope: str | None = None):
         """Split-K attention: DECODE_SPLITS workgroups per KV head in decode (the reduce follows, on its own or in the
@@ -297,9 +249,8 @@ class Builder:
         if c.head_dim % 4 or c.n_head % c.n_kv_head:
             raise UnsupportedModelError(f"attention needs head_dim % 4 == 0 and n_head % n_kv_head == 0 "
                                         f"(head_dim {c.head_dim}, {c.n_head} heads, {c.n_kv_head} KV heads)")
-        qkv_dim = (c.n_head + 2 * c.n_kv_head) * c.head_dim
-        if self.adapter == "cpu" and self.tile > 1 and not rope and cpu_q_window(qkv_dim, self.chunk):
-            return self.attention_cpu_prefill(L, window)
+        if self.adapter == "cpu" and self.tile > 1 and not rope and cpu_q_window(c, self.chunk):
+            return attention_cpu_prefill(self.p, c, L, window, self.chunk)   # prefill@cpu, score@cpu
         splits = DECODE_SPLITS if self.tile == 1 else 1
         bind = ["qkv", f"k_cache.{L}", f"v_cache.{L}", "attn_part", "attn"]
         params = dict(n_head=c.n_head, n_kv=c.n_kv_head, head_dim=c.head_dim, window=window, scale=c.softmax_scale,
