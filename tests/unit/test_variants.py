@@ -6,11 +6,26 @@ import importlib.resources
 
 import pytest
 
-from compiler.kernels import Matmul, MatmulCPU, MatmulTokens, MatvecCPU
+from compiler.kernels import AttentionCPU, AttentionSplit, Matmul, MatmulCPU, MatmulTokens, MatvecCPU, RopeKV
 from compiler.ir import split_ref
 from runtime_py.device import adapter_class
 
 MATMULS = (Matmul, MatmulTokens, MatvecCPU, MatmulCPU)
+# a layer's attention: RoPE + KV write + attention proper, fused (decode's attention_split prologue) or not; on a CPU
+# adapter attention_cpu (compiler/schedule_cpu_attention.py), elsewhere attention_split
+ATTENTION = (AttentionSplit, AttentionCPU, RopeKV)
+
+
+def attention_key(s):
+    return ("attention", next(b for b in s.bind if b.startswith("k_cache.")))
+
+
+def collapse(keys: list) -> list:
+    return [k for i, k in enumerate(keys) if i == 0 or k != keys[i - 1]]
+
+
+def kinds(prog, types) -> set[type]:
+    return {type(s.kernel) for s in prog.steps if isinstance(s.kernel, types)}
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +43,7 @@ def matmul_kinds(prog) -> set[type]:
     return {type(s.kernel) for s in prog.steps if isinstance(s.kernel, MATMULS)}
 
 
-def test_cpu_variants_replace_only_the_matmuls(programs):
+def test_cpu_variants_replace_only_the_matmuls_and_attention(programs):
     assert set(programs) == {"prefill", "decode", "score", "sample", "prefill@cpu", "decode@cpu", "score@cpu",
                              "prefill@cpu_i8", "decode@cpu_i8", "score@cpu_i8"}   # the int8: test_variants_i8.py
     assert matmul_kinds(programs["decode"]) == {Matmul}
@@ -36,9 +51,14 @@ def test_cpu_variants_replace_only_the_matmuls(programs):
     assert matmul_kinds(programs["decode@cpu"]) == {MatvecCPU}
     assert matmul_kinds(programs["prefill@cpu"]) == {MatmulCPU, MatvecCPU}   # the last-token LM head: a mat-vec
     assert matmul_kinds(programs["score@cpu"]) == {MatmulCPU}
+    for name in ("decode", "prefill", "score"):
+        assert kinds(programs[name], ATTENTION) <= {AttentionSplit, RopeKV}
+        assert kinds(programs[f"{name}@cpu"], ATTENTION) == {AttentionCPU, RopeKV}
     ignore = ("last_only", "t0")   # MatmulTokens has no last_only (always 0 there); t0: the CPU windows' first token
 
     def key(s):   # what a step does, whichever kernel does it: a matmul's x buffer, weights, output and uniforms
+        if isinstance(s.kernel, ATTENTION):
+            return attention_key(s)
         if not isinstance(s.kernel, MATMULS):
             return s
         return ("matmul", split_ref(s.bind[0])[0], s.bind[1:],
@@ -56,17 +76,18 @@ def test_cpu_variants_replace_only_the_matmuls(programs):
                 out += [("AttentionReduce", (s.bind[0], "attn")), ("matmul", "attn", s.bind[1:])]
             elif isinstance(s.kernel, MATMULS):
                 out.append(("matmul", split_ref(s.bind[0])[0], s.bind[1:]))
+            elif isinstance(s.kernel, ATTENTION):
+                out.append(attention_key(s))
             else:
                 out.append((type(s.kernel).__name__, s.bind))
-        return out
+        return collapse(out)
     assert unfused(programs["decode"].steps) == unfused(programs["decode@cpu"].steps)
     assert len(programs["decode"].steps) < len(programs["decode@cpu"].steps)
     for name in ("prefill", "score"):
         gpu, cpu = programs[name].steps, programs[f"{name}@cpu"].steps
         # same steps on the same buffers with the same uniforms; on the CPU, prefill / score run each matmul as a
         # step per x window of the chunk (compiler/schedule.py matmul_cpu_windows): consecutive equal keys collapse
-        collapsed = [k for i, k in enumerate(map(key, cpu)) if i == 0 or k != key(cpu[i - 1])]
-        assert collapsed == [key(s) for s in gpu]
+        assert collapse([key(s) for s in cpu]) == collapse([key(s) for s in gpu])
         for s in cpu:
             if isinstance(s.kernel, MATMULS):
                 t0 = dict(zip((n for n, _ in s.kernel.params), s.params)).get("t0", 0)
