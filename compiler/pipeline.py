@@ -41,7 +41,7 @@ from .schedule_rows import add_rows_buffers, build_rows_programs, rows_limit
 from .shards import write_shards
 from .tokenizer import build_tokenizer_json, tokenizer_info
 
-COMPILER_VERSION = "7"   # 2: the `score` program; 3: manifest v2 (manifest_sha256, shader + tokenizer sha256),
+COMPILER_VERSION = "8"   # 2: the `score` program; 3: manifest v2 (manifest_sha256, shader + tokenizer sha256),
                          #    `features`, buffers[].programs, matmul_tt without last_only
                          # 4: "texture" weight bindings, x-window bind refs "buf+OFF", "T>n" / "T<=n"
                          #    dispatches (the CPU-adapter kernels)
@@ -49,6 +49,8 @@ COMPILER_VERSION = "7"   # 2: the `score` program; 3: manifest v2 (manifest_sha2
                          #    concatenated by the plan, `dispatches` per program
                          # 6: the `rows` + `rows_head` programs (batched rows over a KV pool), limits.rows
                          # 7: the int8-activation variants (<program>@cpu_i8, program_variants, xq)
+                         # 8: weight textures with the quants of 8 rows interleaved (runtime_py/weight_texture.py),
+                         #    matvec_cpu with 2 rows per invocation
 DEFAULT_PREFILL_CHUNK = 128
 
 
