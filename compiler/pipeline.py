@@ -50,7 +50,7 @@ COMPILER_VERSION = "8"   # 2: the `score` program; 3: manifest v2 (manifest_sha2
                          # 6: the `rows` + `rows_head` programs (batched rows over a KV pool), limits.rows
                          # 7: the int8-activation variants (<program>@cpu_i8, program_variants, xq)
                          # 8: weight textures with the quants of 8 rows interleaved (runtime_py/weight_texture.py),
-                         #    matvec_cpu with 2 rows per invocation
+                         #    matvec_cpu with 4 rows per invocation (32 lanes)
 DEFAULT_PREFILL_CHUNK = 128
 
 
