@@ -139,9 +139,9 @@ def variants(quant, T, gate, k):
                             lambda r, kk: [-(-r // kk.rows_per_wg), 1, 1]))
     from compiler import kernels_i8 as I   # the int8-activation variants (x quantised per 32-block: xq)
     if quant in I.I8_QUANTS and T == 1:
-        for wg in (32, 64):
-            out.append((f"matvec_cpu_i8 wg{wg}", I.MatvecCPUI8(quant=quant, xk=k, wg=wg, gate=gate),
-                        lambda r, kk: [-(-r // kk.wg), 1, 1]))
+        for wg, lr in ((64, 1), (32, 4)):
+            out.append((f"matvec_cpu_i8 wg{wg} {lr}r", I.MatvecCPUI8(quant=quant, xk=k, wg=wg, gate=gate, lane_rows=lr),
+                        lambda r, kk: [-(-r // kk.rows), 1, 1]))
     elif quant in I.I8_QUANTS:
         for tokens, rows, wg in ((8, 4, 32), (8, 2, 32), (8, 1, 64)):
             out.append((f"matmul_cpu_i8 {tokens}tok {rows}r wg{wg}",
