@@ -48,6 +48,7 @@ ERROR_TABLE = [
     ("InvalidParameterError", "compiler.errors", "InvalidParameterError"),
     ("ChatTemplateError", "runtime_py.chat", "ChatTemplateError"),
     ("NoAdapterError", "runtime_py.device", "WebGPUUnavailableError"),
+    ("KVPoolTooSmallError", "runtime_py.pages", None),         # only `kiln serve` shares a paged KV pool
     (None, None, "FeatureMissingError"),       # runtime_py/device.py requests no manifest `features` (yet)
     (None, None, "ShardCorruptError"),         # natively a bad shard hash is an ArtifactError (runtime_py/model.py)
     (None, None, "DeviceLostError"),           # wgpu-py raises in the failing call; the page hears it by message

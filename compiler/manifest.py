@@ -11,7 +11,7 @@ a temp file in the same directory, then a rename), read by `read_manifest` only,
   tokenizer   {file: "tokenizer.json", sha256, bos_id, eos_id: int | null, add_bos: bool, eog_ids: [int], ...};
   chat_template: str | null
   limits      {prefill_chunk: T (multiple of PREFILL_TILE), score_chunk: tokens per `score` pass,
-               storage_buffers_per_stage, max_part_bytes[, rows: rows per `rows` forward <= T]}  all ints >= 1
+               storage_buffers_per_stage, max_part_bytes[, rows: rows per `rows` forward <= T, kv_page: positions per KV page]}  all ints >= 1
   features    [WebGPU feature names] the kernels need (union of Kernel.features; [] = core WebGPU only)
   buffers     {name: {shape: [int >= 1 | "T" | "ctx", ...], dtype: "f32" | "u32", programs: [program names]}}
               activations and KV; has tokens, logits. `programs` = the programs that bind it: a runtime allocates a
@@ -317,6 +317,8 @@ def validate(m: dict, path="manifest.json", hint: str = "recompile the model") -
     score = c.int(lim["score_chunk"], "limits.score_chunk", 1)
     if "rows" in lim:   # the `rows` program's batch (compiler/schedule_rows.py); older artifacts have none
         c.int(lim["rows"], "limits.rows", 1, chunk)
+    if "kv_page" in lim:   # positions per KV page of the rows program (compiler/kernels_rows.py KV_PAGE)
+        c.int(lim["kv_page"], "limits.kv_page", 1)
     c.int(lim["storage_buffers_per_stage"], "limits.storage_buffers_per_stage", 1)
     c.int(lim["max_part_bytes"], "limits.max_part_bytes", 1)
 

@@ -37,11 +37,12 @@ from .plan import WeightPlan, plan_weights
 from .render import render as render_kernel
 from .schedule import PREFILL_TILE, activation_buffers, buffer_programs, build_programs, score_chunk
 from .schedule_i8 import program_variants, xq_buffer
+from .kernels_rows import KV_PAGE
 from .schedule_rows import add_rows_buffers, build_rows_programs, rows_limit
 from .shards import write_shards
 from .tokenizer import build_tokenizer_json, tokenizer_info
 
-COMPILER_VERSION = "8"   # 2: the `score` program; 3: manifest v2 (manifest_sha256, shader + tokenizer sha256),
+COMPILER_VERSION = "9"   # 2: the `score` program; 3: manifest v2 (manifest_sha256, shader + tokenizer sha256),
                          #    `features`, buffers[].programs, matmul_tt without last_only
                          # 4: "texture" weight bindings, x-window bind refs "buf+OFF", "T>n" / "T<=n"
                          #    dispatches (the CPU-adapter kernels)
@@ -49,7 +50,8 @@ COMPILER_VERSION = "8"   # 2: the `score` program; 3: manifest v2 (manifest_sha2
                          #    concatenated by the plan, `dispatches` per program
                          # 6: the `rows` + `rows_head` programs (batched rows over a KV pool), limits.rows
                          # 7: the int8-activation variants (<program>@cpu_i8, program_variants, xq)
-                         # 8: weight textures with the quants of 8 rows interleaved (runtime_py/weight_texture.py),
+                         # 8: paged KV in the rows program (page_table, limits.kv_page)
+                         # 9: weight textures with the quants of 8 rows interleaved (runtime_py/weight_texture.py),
                          #    matvec_cpu with 4 rows per invocation (32 lanes)
 DEFAULT_PREFILL_CHUNK = 128
 
@@ -137,7 +139,7 @@ def manifest(c: Compilation):
         "tokenizer": {"file": "tokenizer.json", **{k: v for k, v in c.tokenizer_info.items() if k != "chat_template"}},
         "chat_template": c.tokenizer_info.get("chat_template"),
         "limits": {"prefill_chunk": c.prefill_chunk, "score_chunk": c.score_tokens,
-                   "rows": rows_limit(c.cfg.vocab, c.prefill_chunk),
+                   "rows": rows_limit(c.cfg.vocab, c.prefill_chunk), "kv_page": KV_PAGE,
                    "storage_buffers_per_stage": max(len(k.bindings()) for k in kernels),
                    "max_part_bytes": max(p["bytes"] for w in c.weights.values() for p in w["parts"])},
         "features": kernel_features(kernels),

@@ -6,10 +6,10 @@ a step may mix both. What `kiln serve` batches with (runtime_py/rows.py `KVPool`
 It is the prefill program with three steps made row-indexed (compiler/kernels_rows.py): the embedding, the norms and
 the matmuls treat the R rows like a prompt's tokens — so each weight is read once per forward for all rows (the
 mat-mat kernels, on CPU adapters one step per 8-row x window: `Builder.matmul`) — while RoPE + the KV write
-(`rope_kv_rows`) and attention (`attention_rows`) take each row's slot and position from the row-info buffer `rows`
-((T, 4) u32: [kv_row0, pos, -, -]). The K/V buffers are then the KV *pool*: (slots * ctx) rows per layer, slot s
-owning rows [s * ctx, (s + 1) * ctx); a runtime binds the same buffers at slot s's offset for the one-sequence
-programs (prefill, decode, sample), so a sequence can be prefilled alone and decoded in a batch. The head is a
+(`rope_kv_rows`) and attention (`attention_rows`) take each row's position and page table from the row-info buffer
+`rows` ((T, 4) u32: [table0, pos, -, -]). The K/V buffers are then the paged KV *pool*: pages of KV_PAGE positions,
+(pages * KV_PAGE) rows per layer, and a sequence's position j lives in row page_table[table0 + j // KV_PAGE] *
+KV_PAGE + j % KV_PAGE (runtime_py/pages.py allocates, shares and evicts the pages). The head is a
 program of its own, `rows_head`, replayed in the same pass over the first D rows only (the rows that want a next
 token: a prompt's rows before its last only write K/V, and pay no LM head): it writes those rows' logits
 (`logits_rows`, (rows, vocab)) and `argmax_rows` each one's greedy token into tokens[t]; a sampled row's logits are
@@ -45,7 +45,7 @@ class _RowsProgram(Program):
 
     def add(self, kernel, bind, params, dispatch):
         if isinstance(kernel, RopeKV):
-            kernel, bind = RopeKVRows(style=kernel.style), [*bind[:2], "rows", *bind[2:]]
+            kernel, bind = RopeKVRows(style=kernel.style), [*bind[:2], "rows", "page_table", *bind[2:]]
         super().add(kernel, bind, params, dispatch)
 
 
@@ -88,7 +88,8 @@ class RowsBuilder(Builder):
         if c.attn_softcap:   # gemma2
             kind, params["cap"] = AttentionRowsSoftcap, c.attn_softcap
         self.p.add(kind.for_heads(c.n_head, c.n_kv_head, c.head_dim),
-                   ["qkv", "rows", f"k_cache.{L}", f"v_cache.{L}", "attn"], params, [c.n_kv_head, 1, "T"])
+                   ["qkv", "rows", "page_table", f"k_cache.{L}", f"v_cache.{L}", "attn"], params,
+                   [c.n_kv_head, 1, "T"])
 
     def head(self):
         """Every row's logits, then each row's greedy token into tokens[t]."""
@@ -129,8 +130,12 @@ def build_rows_programs(cfg: ModelConfig, weights, prefill_chunk: int) -> dict[s
 def add_rows_buffers(bufs: dict, cfg: ModelConfig, programs: dict[str, Program], rows: int) -> dict:
     """activation_buffers' dict with the rows programs added: "rows" / "rows_head" in the `programs` of every buffer
     they bind (the shared activations, sized for the prefill chunk T >= rows; the K/V buffers, which a runtime sizes
-    for the pool), plus their own: the row info (T, 4) and logits_rows (rows, vocab)."""
-    bufs["rows"] = {"shape": ["T", ROW_INFO_WORDS], "dtype": "u32", "programs": []}          # [kv_row0, pos]
+    for the pool), plus their own: the row info (T, 4), the page tables (sized by a runtime too) and logits_rows
+    (rows, vocab)."""
+    bufs["rows"] = {"shape": ["T", ROW_INFO_WORDS], "dtype": "u32", "programs": []}          # [table0, pos]
+    # the page tables of a forward's sequences: a runtime sizes it for its pool, as the K/V buffers —
+    # (rows, ceil(ctx / KV_PAGE)) u32 (runtime_py/rows.py); the declared (ctx,) is never the largest buffer
+    bufs["page_table"] = {"shape": ["ctx"], "dtype": "u32", "programs": []}
     bufs["logits_rows"] = {"shape": [rows, cfg.vocab], "dtype": "f32", "programs": []}      # (rows, vocab)
     for prog in ("rows", "rows_head"):
         bound = dict.fromkeys(split_ref(r)[0] for name in (prog, prog + "@cpu") for s in programs[name].steps

@@ -3,14 +3,15 @@
     POST /v1/chat/completions   chat (messages rendered with the model's chat template), streaming or not
     POST /v1/completions        plain text completion (prompt: string, [string], token ids or [token ids])
     GET  /v1/models             the served models;  GET /v1/models/{id}
-    GET  /health                liveness; per model running / waiting requests, KV slots busy and the tokens each
-                                holds (never needs the API key)
+    GET  /health                liveness; per model running / waiting requests, the paged KV pool (pages total /
+                                used / cached / free / reserved) and the one-sequence slots (never needs the API key)
 
 Responses are shaped like OpenAI's (ids, object, created, model, choices, usage, logprobs); streaming is SSE
 (`data: {json}\\n\\n` ... `data: [DONE]\\n\\n`), with a final usage chunk (empty choices) when
 `stream_options.include_usage` is set. Errors are always `{"error": {"message", "type", "param", "code"}}`:
 400 bad parameters / prompt + max_tokens beyond the context, 401 missing or wrong key (every /v1 route, when
 `api_key` is set), 404 unknown model or /v1 route, 405 wrong method, 413 body over MAX_BODY_BYTES, 503 queue full,
+400 `kv_pool_too_small` for prompt + max_tokens beyond the whole KV pool (--kv-memory),
 500 only for failures of the server itself (a model that does not load, a GPU error).
 
 Request fields. Accepted: model, messages / prompt, max_tokens (alias max_completion_tokens), temperature, top_p,
@@ -41,13 +42,16 @@ argmax, giving exactly the tokens of `kiln run --temperature 0`; top_p 0 means o
 given different values are refused. max_tokens defaults, for chat and completions alike, to the rest of the context
 (generation ends at EOS or a stop string), as llama.cpp's server, Ollama and OpenAI's chat do.
 
-Threading: runtime_py/scheduler.py `Engine`, one GPU worker thread per router running the admitted requests, each
-with its own KV-cache slot, batched into one `rows` forward per step (continuous batching); requests beyond the slots wait in a bounded queue; a request arriving
-when slots + queue are full gets a 503; a client that disconnects frees its slot. Slots and queue come from
-make_router's arguments, else $KILN_SLOTS / $KILN_QUEUE, else DEFAULT_SLOTS / DEFAULT_QUEUE.
+Threading: runtime_py/scheduler.py `Engine`, one GPU worker thread per router running the admitted requests,
+batched into one `rows` forward per step (continuous batching) over a paged KV pool; at most `slots` requests run
+at once, the others wait in a bounded queue (also while the pool has too few free pages for them: then they run as
+soon as pages come back); a request arriving when slots + queue are full gets a 503; a client that disconnects
+frees its pages at once. Slots, queue and the pool's size come from make_router's arguments, else $KILN_SLOTS /
+$KILN_QUEUE / $KILN_KV_MEMORY, else DEFAULT_SLOTS / DEFAULT_QUEUE / runtime_py/pages.py's default.
 
-Modules: this file (routes, per-model info), runtime_py/schemas.py (request bodies, errors, response shapes),
-runtime_py/scheduler.py (the GPU worker).
+Modules: this file (the routes), runtime_py/api_jobs.py (per-model info, the prompt budget, a request's events:
+waited for, collected, streamed), runtime_py/schemas.py (request bodies, errors, response shapes),
+runtime_py/scheduler.py + jobs.py + batching.py (the GPU worker), runtime_py/rows.py + pages.py (the paged KV pool).
 """
 from __future__ import annotations
 
@@ -57,21 +61,20 @@ import os
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from compiler.errors import KilnError
 
+from .api_jobs import ModelInfo, budget, collect, load_info, stream
 from .beam import check_request as beam_request
 from .grammar import constraint_for
+from .pages import KVPoolTooSmallError, parse_kv_memory
 from .scheduler import Engine, Job, Overloaded
 from .schemas import (MAX_BODY_BYTES, APIError, ChatRequest, CommonRequest, CompletionRequest, OpenAIRoute,
-                      chat_logprobs, check_common, completion_logprobs, install_error_handlers, read_json, sse,
+                      chat_logprobs, check_common, completion_logprobs, install_error_handlers, read_json,
                       unsupported, usage)
 from .tools import parse_reply, plan_tools, render_messages, template_takes_tools
 
@@ -79,36 +82,7 @@ __all__ = ["APIError", "MAX_BODY_BYTES", "install_error_handlers", "make_router"
 
 DEFAULT_SLOTS = 4                # KV-cache slots (concurrent sequences on the GPU) per model
 DEFAULT_QUEUE = 32               # requests per model allowed to wait for a slot; beyond: 503
-DISCONNECT_POLL_S = 0.5          # how often a request waiting on the worker checks that its client is still there
-KEEPALIVE_S = 15                 # a stream waiting (queued, long prefill) sends an SSE comment this often
 RETRY_AFTER_S = 1
-
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# per-model host-side info: tokenizer, template, context (no GPU; loaded in a thread on first use)
-
-
-@dataclass
-class ModelInfo:
-    id: str
-    dir: Path
-    manifest: dict
-    tokenizer: Any
-    ctx: int
-    created: int
-
-
-def _load_info(model_id: str, art: Path, ctx: int | None) -> ModelInfo:
-    from compiler.manifest import MANIFEST_FILE, read_manifest
-
-    from .model import DEFAULT_CTX
-    from .tokenizer import Tokenizer
-    m = read_manifest(art)
-    tok = Tokenizer(art / m["tokenizer"]["file"], m["tokenizer"])
-    n_ctx = min(ctx or DEFAULT_CTX, m["config"]["context_length"])
-    return ModelInfo(model_id, art, m, tok, n_ctx, int((art / MANIFEST_FILE).stat().st_mtime))
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -116,7 +90,7 @@ def _load_info(model_id: str, art: Path, ctx: int | None) -> ModelInfo:
 
 
 def make_router(artifacts: dict[str, Path], *, api_key: str | None, ctx: int | None, slots: int | None = None,
-                max_queue: int | None = None, speculate: str | None = None) -> APIRouter:
+                max_queue: int | None = None, speculate: str | None = None, kv_memory: str | None = None) -> APIRouter:
     from .sampling import SamplingParams
 
     slots = slots or int(os.environ.get("KILN_SLOTS") or DEFAULT_SLOTS)
@@ -132,10 +106,20 @@ def make_router(artifacts: dict[str, Path], *, api_key: str | None, ctx: int | N
     def info_of(model_id: str) -> ModelInfo:
         with info_lock:
             if model_id not in infos:
-                infos[model_id] = _load_info(model_id, artifacts[model_id], ctx)
+                infos[model_id] = load_info(model_id, artifacts[model_id], ctx)
             return infos[model_id]
 
-    engine = Engine({m: (lambda m=m: info_of(m)) for m in artifacts}, artifacts, ctx, slots, max_queue)
+    kv_memory = kv_memory or os.environ.get("KILN_KV_MEMORY") or None
+    parse_kv_memory(kv_memory)
+    if kv_memory is not None and speculate is None:   # a pool of less than one page: refused now, not per request
+        from compiler.manifest import read_manifest
+
+        from .rows import pool_plan
+        for art in artifacts.values():
+            m = read_manifest(art)
+            if "kv_page" in m["limits"]:
+                pool_plan(m, ctx, kv_memory, slots)
+    engine = Engine({m: (lambda m=m: info_of(m)) for m in artifacts}, artifacts, ctx, slots, max_queue, kv_memory)
     engine.speculate = speculate          # "ngram": every request decodes speculatively (runtime_py/speculate.py)
     router = APIRouter(route_class=OpenAIRoute)
     router.engine = engine      # for tests / diagnostics
@@ -162,29 +146,6 @@ def make_router(artifacts: dict[str, Path], *, api_key: str | None, ctx: int | N
 
     def sampling(r: CommonRequest) -> SamplingParams:
         return SamplingParams.from_request(r.model_dump())   # InvalidParameterError -> 400 naming the field
-
-    def budget(info: ModelInfo, ids: list[int], max_tokens: int | None, param: str) -> int:
-        if not ids:
-            raise APIError(400, "The prompt is empty: there is nothing to continue.", param=param,
-                           code="invalid_value")
-        vocab = info.tokenizer.vocab_size
-        bad = next((i for i in ids if not 0 <= i < vocab), None)
-        if bad is not None:
-            raise APIError(400, f"Invalid token id {bad} in '{param}' (vocabulary size {vocab}).", param=param,
-                           code="invalid_value")
-        n = len(ids)
-        if max_tokens is None:
-            max_tokens = info.ctx - n            # the table's default: until EOS, a stop string or the context end
-            if max_tokens < 1:
-                raise APIError(400, f"This model's maximum context length is {info.ctx} tokens. However, your "
-                                    f"{param} resulted in {n} tokens. Please reduce the length of the {param}.",
-                               param=param, code="context_length_exceeded")
-        elif n + max_tokens > info.ctx:
-            raise APIError(400, f"This model's maximum context length is {info.ctx} tokens. However, you requested "
-                                f"{n + max_tokens} tokens ({n} in the {param}, {max_tokens} in the completion). "
-                                f"Please reduce the length of the {param} or completion.",
-                           param=param, code="context_length_exceeded")
-        return max_tokens
 
     def beams(r: CommonRequest):
         """The request's beam search (runtime_py/beam.py BeamSpec) or None; what kiln does not combine with it is
@@ -223,75 +184,13 @@ def make_router(artifacts: dict[str, Path], *, api_key: str | None, ctx: int | N
         job = Job(request_model, ids, params, max_tokens, logprobs, asyncio.get_running_loop(), beams=beams)
         try:
             engine.submit(job)
+        except KVPoolTooSmallError as e:
+            raise APIError(400, str(e), param="max_tokens", code="kv_pool_too_small") from None
         except Overloaded:
             raise APIError(503, f"The server is overloaded: {slots} sequences are generating and {max_queue} "
                                 f"requests are waiting for model `{request_model}`. Please retry later.",
                            code="server_overloaded", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
         return job
-
-    async def next_event(request: Request, job: Job, keepalive: float | None = None):
-        """The next worker event; None (and the job cancelled) when the client has gone away; ("tick",) after
-        `keepalive` seconds without one."""
-        t0 = time.monotonic()
-        while True:
-            try:
-                return await asyncio.wait_for(job.queue.get(), DISCONNECT_POLL_S)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    job.cancel()
-                    return None
-                if keepalive is not None and time.monotonic() - t0 >= keepalive:
-                    return ("tick",)
-
-    async def collect(request: Request, job: Job):
-        """Non-streaming: run to the end; (Done, [logprob entries]) or raise the job's error."""
-        lps = []
-        try:
-            while True:
-                ev = await next_event(request, job)
-                if ev is None:
-                    raise APIError(499, "client disconnected")
-                if ev[0] == "token":
-                    if ev[3] is not None:
-                        lps.append(ev[3])
-                elif ev[0] == "done":
-                    return ev[1], lps
-                else:
-                    raise ev[1]
-        finally:
-            job.cancel()     # no-op when finished; frees the slot when the handler itself was cancelled
-
-    def stream(request: Request, job: Job, make_chunk, first: list[dict], finish_chunk, usage_chunk,
-               include_usage: bool):
-        async def body():
-            try:
-                for c in first:
-                    yield sse(c)
-                while True:
-                    ev = await next_event(request, job, KEEPALIVE_S)
-                    if ev is None:
-                        return
-                    if ev[0] == "tick":
-                        yield ": keep-alive\n\n"      # an SSE comment: clients ignore it, proxies see traffic
-                    elif ev[0] == "token":
-                        _, tid, text, lp = ev
-                        c = make_chunk(text, [tid] if tid >= 0 else [], lp) if text or lp is not None else None
-                        if c is not None:          # None: held back (a tool-call reply is sent whole at the end)
-                            yield sse(c)
-                    elif ev[0] == "done":
-                        done = ev[1]
-                        for c in finish_chunk(done):
-                            yield sse(c)
-                        if include_usage:
-                            yield sse(usage_chunk(len(job.prompt_ids), len(done.ids), job.cached, done.timings))
-                        break
-                    else:
-                        yield sse(ev[1].body())
-                        break
-                yield "data: [DONE]\n\n"
-            finally:
-                job.cancel()     # client gone (generator closed / cancelled) or finished: the slot is freed
-        return StreamingResponse(body(), media_type="text/event-stream", headers=SSE_HEADERS)
 
     # -- routes -----------------------------------------------------------------------------------------------
     @router.get("/health")

@@ -383,7 +383,8 @@ def parser() -> argparse.ArgumentParser:
                    "(ngram) or a draft model sharing the vocabulary (a model name or path); timings report the "
                    "acceptance rate")
     r.add_argument("--draft", metavar="MODEL", help="the same as --speculate MODEL")
-    r.add_argument("--draft-k", type=int, default=None, help="tokens drafted per pass (default 5)")
+    r.add_argument("--draft-k", type=int, default=None,
+                   help="most tokens drafted per pass (default 7; prompt lookup drafts fewer as its acceptance falls)")
     r.add_argument("--beams", type=int, default=None, metavar="K", help="beam search with K beams (1..16): prints "
                    "the K best continuations with their cumulative logprobs (runtime_py/beam.py); not with sampling "
                    "flags other than --temperature 0, --stop, output constraints or --speculate")
@@ -418,6 +419,8 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--ctx", type=int, default=None, help="context length (default 2048, at most the model's, as run)")
     i.add_argument("--quant", choices=REQUANT_TARGETS, default=None, help="show sizes after `compile --quant`")
     i.add_argument("--json", action="store_true")
+    i.add_argument("--kv-memory", default=None, metavar="MIB|Ntokens", help="size the `kiln serve` KV pool it plans "
+                   "(as kiln serve --kv-memory)")
     i.set_defaults(fn=cmd_inspect)
 
     s = sub.add_parser("serve", help="serve the web demo and the OpenAI-compatible API")
@@ -432,6 +435,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--verify", action="store_true", help="hash each GGUF and artifact file again at startup")
     s.add_argument("--speculate", choices=["ngram"], default=None, help="speculative decoding (exact) with prompt "
                    "lookup for every request; usage.speculative reports the acceptance")
+    s.add_argument("--kv-memory", default=None, metavar="MIB|Ntokens", help="the paged KV pool shared by the batched "
+                   "requests of each model: MiB (e.g. 512) or tokens (e.g. 16384tokens); default: room for 4 "
+                   "full-context sequences, at most 1024 MiB (env KILN_KV_MEMORY); a request waits for free pages")
     s.set_defaults(fn=cmd_serve)
 
     e = sub.add_parser("export", help="write the web demo and models as a static site (any web server or CDN)")

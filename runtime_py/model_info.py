@@ -1,4 +1,4 @@
-"""`kiln inspect MODEL.gguf`: a GGUF's architecture, parameters, tensor types, the GPU memory a session needs, what
+"""`kiln inspect MODEL.gguf`: a GGUF's architecture, parameters, tensor types, the GPU memory a session needs, the paged KV pool `kiln serve` would allocate, what
 kiln would refuse, and the dispatches per forward `kiln compile` would schedule — without compiling anything."""
 from __future__ import annotations
 
@@ -39,11 +39,14 @@ def cmd_inspect(a):
     bufs = {"limits": {"prefill_chunk": DEFAULT_PREFILL_CHUNK},
             "buffers": activation_buffers(cfg, score_chunk(cfg.vocab, DEFAULT_PREFILL_CHUNK))}
     act = sum(session_buffer_bytes(bufs, ctx).values()) - kv   # every other buffer a generating session allocates
+    from compiler.kernels_rows import KV_PAGE
+    from .pages import kv_plan
+    pool = kv_plan(cfg.kv_cache_bytes(1), KV_PAGE, ctx, getattr(a, "kv_memory", None))   # kiln serve's paged pool
     info = {"file": str(g.path), "architecture": cfg.arch, "name": cfg.name, "parameters": n_params,
             "layers": cfg.n_layer, "n_embd": cfg.n_embd, "heads": cfg.n_head, "kv_heads": cfg.n_kv_head,
             "head_dim": cfg.head_dim, "n_ff": cfg.n_ff, "vocab": cfg.vocab, "context_length": cfg.context_length,
             "tensor_bytes_by_type": dict(types), "weights_bytes": weights, "ctx": ctx, "kv_cache_bytes_f32": kv,
-            "activation_bytes": act, "total_gpu_bytes": weights + kv + act,
+            "activation_bytes": act, "total_gpu_bytes": weights + kv + act, "serve_kv_pool": pool,
             "unsupported_tensor_types": sorted(cannot_run), "not_implemented": refused,
             "dispatches": _dispatches(g, cfg, a.quant) if not refused else None}
     if a.json:
@@ -59,6 +62,9 @@ def cmd_inspect(a):
           f"{cfg.head_dim} x {ctx} x 4 B)")
     print(f"  activations         {act / 2**20:9.2f} MiB (prefill chunk {DEFAULT_PREFILL_CHUNK}, logits)")
     print(f"  total               {(weights + kv + act) / 2**20:9.2f} MiB")
+    print(f"  kiln serve KV pool  {pool['bytes'] / 2**20:9.2f} MiB: {pool['pages']} pages of {pool['page_tokens']} "
+          f"tokens = {pool['tokens']} tokens, {pool['full_context_sequences']} full-context sequences at ctx {ctx} "
+          f"(--kv-memory; shorter requests share it, and full prefix pages are shared)")
     if info["dispatches"]:
         print("  dispatches per forward: " + ", ".join(f"{p} {n}" for p, n in info["dispatches"].items()))
     for item in refused:

@@ -1,166 +1,56 @@
 """The GPU worker behind `kiln serve`: one thread per router owns every model load and forward pass (`Engine`).
 
-Each model has up to `slots` Sessions (KV caches, created on demand and reused); an admitted request gets one for
-itself and keeps it to the end, so concurrent requests never share state. A slot keeps the ids it holds after its
-request, and a new request goes to the free slot sharing the longest prefix with its prompt (least recently used
-otherwise; runtime_py/kvcache.py `pick_slot`), whose cached prefix it does not prefill again (`Job.cached`, reported
-as usage.prompt_tokens_details.cached_tokens). Requests beyond the slots wait, FIFO, in a bounded queue
-(`max_queue` per model); `submit` raises Overloaded when slots + queue are full. A client that disconnects (or a
-stream that is closed) marks its Job cancelled: the worker drops it before its next step and returns its slot.
+At most `slots` requests per model run at once; requests beyond wait, FIFO, in a bounded queue (`max_queue` per
+model); `submit` raises Overloaded when slots + queue are full. A client that disconnects (or a stream that is
+closed) marks its Job cancelled: the worker drops it before its next step and frees what it held at once.
 
-Continuous batching (artifacts with the `rows` program, compiler/schedule_rows.py): the slots' KV caches live in one
-pool (runtime_py/rows.py `KVPool`), and each turn is one `rows` forward — usually one, more only when the rows
-exceed `limits.rows` — over every running request's next token (its last sampled token, or its prompt's last token)
-plus the prompt tokens of requests still prefilling, under a budget of `limits.rows` rows per forward (decodes
-first, then prompt chunks in arrival order). Requests join and leave between turns. Each row's greedy token comes
-back from the GPU; a request that samples, reports logprobs or follows a grammar gets its row's logits and samples
-on the CPU, per request, exactly as alone. A row's result does not depend on the other rows of its forward, and a
-request takes this path whether it runs alone or beside others, so batching changes no id
-(tests/gpu/test_rows.py, tests/gpu/test_rows_serving.py). generate() drives each request as before: the worker runs
-the row a request's next `forward([token])` asks for before resuming its generator, and the request's `_Tap`
-hands the result over instead of running a forward of its own.
+Continuous batching (artifacts with the `rows` program, compiler/schedule_rows.py; runtime_py/batching.py): every
+batched request's KV lives in one paged pool (runtime_py/rows.py `KVPool`, sized by `kv_memory`; pages from
+runtime_py/pages.py), and each turn is one `rows` forward over every running request's next token plus the prompt
+tokens of requests still prefilling. Requests join and leave between turns. Admission needs pages as well as a
+slot: a request is admitted with a reservation for prompt + max_tokens (at most the context), its prompt's cached
+full pages mapped (prefix reuse: `Job.cached`, reported as usage.prompt_tokens_details.cached_tokens), so an
+admitted request never runs out of pages mid-stream; one whose reservation does not fit waits at the head of the
+queue until running requests release theirs; one that could never fit in the pool is refused at submit (a 400,
+`KVPoolTooSmallError`). A row's result does not depend on the other rows of its forward, and a request takes this
+path whether it runs alone or beside others, so batching changes no id (tests/gpu/test_rows.py,
+tests/gpu/test_rows_serving.py). generate() drives each request as before: the worker runs the row a request's
+next `forward([token])` asks for before resuming its generator, and the request's `_Tap` (runtime_py/jobs.py) hands
+the result over instead of running a forward of its own.
 
 The one-sequence path (round-robin, one step per request per turn: a prefill chunk or `session.forward([tok])`)
-remains for speculative decoding (`kiln serve --speculate`: a score pass per step over one sequence), for beam
-search (use_beam_search, runtime_py/beam_sessions.py: the slot plus width - 1 spare sessions, kept by the model for
-the next beam request, never slots; one beam step, K forwards, per turn) and for artifacts without a `rows`
-program (compiled by an older kiln; `/health` says `"batching": false`).
+remains for speculative decoding (`kiln serve --speculate`: a score pass per step over one sequence; no pool is
+allocated then), for beam search (use_beam_search, runtime_py/beam_sessions.py: a session plus width - 1 spare
+sessions) and for artifacts without a `rows` program (compiled by an older kiln; `/health` says `"batching":
+false`). Those programs need a contiguous KV cache: they run on Sessions of their own, outside the pages — up to
+`slots` of them per model, created on demand, each keeping the ids it holds after its request, and a new request
+goes to the free one sharing the longest prefix with its prompt (runtime_py/kvcache.py `pick_slot`); beam searches'
+spares are kept by the model for the next beam request.
 
 Events go back to each request's event loop as tuples: ("token", id, text, logprob | None), ("done", Done),
 ("error", APIError).
 """
 from __future__ import annotations
 
-import asyncio
 import threading
 import traceback
 from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from compiler.errors import ContextOverflowError, KilnError
 
+from .batching import step_rows
+from .jobs import Job, Overloaded, _Tap
 from .kvcache import pick_slot, reuse_prefix
 from .schemas import APIError, to_api_error
+
+__all__ = ["Engine", "Job", "Overloaded"]
 
 
 # ------------------------------------------------------------------------------------------------------------------
 # the GPU worker
-
-
-class Overloaded(Exception):
-    pass
-
-
-@dataclass
-class Job:
-    """One request as the worker sees it. Events go back to the request's event loop through `queue`."""
-    model_id: str
-    prompt_ids: list[int]
-    params: Any                    # SamplingParams
-    max_tokens: int
-    logprobs: int                  # top-k alternatives wanted per token; -1: no logprobs at all
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    # worker-side state
-    session: Any = None
-    gen: Any = None
-    prefilled: int = 0
-    prefill_to: int = 0
-    cached: int = 0                # prompt tokens found in the slot's cache (usage.prompt_tokens_details)
-    tap: Any = None
-    engine: Any = None
-    # batched jobs (the `rows` program): prompt rows run up to prefill_to = len(prompt) - 1, then `pending` is the
-    # token the generator feeds next (the prompt's last, then each sampled one) at position session.pos
-    rows: bool = False
-    pending: int | None = None
-    emitted: int = 0               # tokens the generator produced so far
-    limit: int = 0                 # the most tokens it will produce (generate()'s max_tokens)
-    needs_logits: bool = False     # samples / logprobs / grammar: its row's logits are read back
-    beams: Any = None              # runtime_py/beam.py BeamSpec: a beam search on the slot + width - 1 spare sessions
-    spares: list = field(default_factory=list)
-
-    def post(self, item):
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        except RuntimeError:      # the event loop is gone (server shutting down)
-            self.cancelled.set()
-
-    def cancel(self):
-        if not self.cancelled.is_set():
-            self.cancelled.set()
-            if self.engine is not None:
-                self.engine.wake()
-
-
-class _Tap:
-    """The Session as generate() sees it: keeps the last logits (for the chosen token's logprob). The worker
-    prefills the prompt's whole chunks itself, one per turn, so generate() finds them held and runs only the last
-    chunk (the same chunk boundaries as one forward over the uncached rest). No `gpu_sampling`: the worker steps
-    one token per turn, so generate() samples on the CPU here.
-
-    rows=True (batched jobs): the worker runs the rows forward first and leaves its result in `ready`; the
-    generator's forward([token]) at that position takes it (the session's pos and held advance) instead of running
-    the one-sequence programs, and next_token / logits return the row's. `chunk` is 1 then: in the rows program a
-    one-token rest runs the same kernels as any other, so prefix reuse need not give a token back
-    (runtime_py/kvcache.py reusable)."""
-
-    def __init__(self, session, rows: bool = False):
-        self.s, self.last, self.rows = session, None, rows
-        self.ready = None     # (pos, token, next id, logits | None): the row the worker ran for the next forward
-        self._row = None      # (next id, logits | None) of the row the last forward took
-
-    @property
-    def ctx(self):
-        return self.s.ctx
-
-    @property
-    def chunk(self):
-        return 1 if self.rows else self.s.chunk
-
-    @property
-    def held(self):
-        return self.s.held
-
-    def reset(self, pos: int = 0):
-        self.s.reset(pos)
-
-    def forward(self, ids):
-        r, self.ready, self._row = self.ready, None, None
-        if r is not None and list(ids) == [r[1]] and self.s.pos == r[0]:
-            self.s.pos += 1
-            self.s.held.append(r[1])
-            self._row = r[2:]
-            return
-        self.s.forward(ids)
-
-    def logits(self):
-        if self._row is not None:
-            if self._row[1] is None:
-                raise RuntimeError("internal: a batched request asked for logits the worker did not read back")
-            self.last = self._row[1]
-        else:
-            self.last = self.s.logits()
-        return self.last
-
-    def next_token(self):
-        return self._row[0] if self._row is not None else self.s.next_token()
-
-    # speculative decoding (runtime_py/speculate.py): the score pass and rewinds, after the prompt
-    @property
-    def model(self):
-        return self.s.model
-
-    @property
-    def pos(self):
-        return self.s.pos
-
-    def score_chunks(self, ids):
-        return self.s.score_chunks(ids)
 
 
 def _drafter(spec: str | None):
@@ -171,36 +61,33 @@ def _drafter(spec: str | None):
 
 
 class _GPUModel:
-    """One loaded model and its KV slots: sessions created on demand (at most `slots`), each keeping the ids it
-    holds after its request (runtime_py/kvcache.py), so a later request with the same prefix prefills only the
-    rest."""
+    """One loaded model: the paged KV pool of its batched requests (None: one sequence per forward), and the
+    Sessions of its one-sequence requests — at most `slots`, created on demand, each keeping the ids it holds after
+    its request (runtime_py/kvcache.py), so a later request with the same prefix prefills only the rest."""
 
-    def __init__(self, model, slots: int, ctx: int | None):
+    def __init__(self, model, slots: int, ctx: int | None, kv_memory=None, batching: bool = True):
         from .rows import KVPool
         self.model = model
-        self.sessions: list = []          # every slot, busy or free
+        self.sessions: list = []          # one-sequence slots, busy or free
         self.free: list = []
         self.clock = 0                    # slot use counter: session.last_used, for LRU
-        # continuous batching: every slot's KV in one pool (the `rows` program); None: one sequence per forward
-        self.pool = KVPool(model, slots, ctx) if "rows" in model.manifest["programs"] else None
+        self.pool = KVPool(model, ctx, kv_memory, sequences=slots) \
+            if batching and "rows" in model.manifest["programs"] else None
         self.forwards = self.rows = 0     # rows forwards run, and the rows they carried (/health)
-
         self.spare: list = []             # beam searches' extra sessions (not slots: they hold no reusable prefix)
 
     def new_session(self, ctx: int | None):
-        return self.pool.session(len(self.sessions)) if self.pool else self.model.session(ctx)
-
-    @property
-    def n_sessions(self) -> int:
-        return len(self.sessions)
+        return self.model.session(ctx)
 
 
 class Engine:
     """Owns the GPU: one worker thread runs every model load and forward pass, round-robin over active jobs."""
 
     def __init__(self, infos: dict, artifacts: dict[str, Path], ctx: int | None, slots: int,
-                 max_queue: int):
+                 max_queue: int, kv_memory=None):
         self.artifacts, self.ctx, self.slots, self.max_queue = artifacts, ctx, slots, max_queue
+        self.kv_memory = kv_memory                   # --kv-memory: the paged pool's size (runtime_py/pages.py)
+        self._plans: dict[str, dict | None] = {}     # model id -> its pool's plan (no GPU), None: not batched
         self._info = infos                           # model id -> () -> ModelInfo (cached)
         self._cv = threading.Condition()
         self._waiting: dict[str, deque[Job]] = {m: deque() for m in artifacts}
@@ -212,7 +99,28 @@ class Engine:
         self.speculate: str | None = None              # "ngram": each job gets a prompt-lookup drafter
 
     # -- any thread -------------------------------------------------------------------------------------------
+    def batched(self, job: Job) -> bool:
+        """Whether `job` runs on the rows program (its KV in the pool's pages)."""
+        return self.plan(job.model_id) is not None and job.beams is None
+
+    def plan(self, model_id: str) -> dict | None:
+        """The model's KV pool plan (runtime_py/rows.py pool_plan, from the manifest), None when it is not batched."""
+        if model_id not in self._plans:
+            from .rows import pool_plan
+            m = self._info[model_id]().manifest
+            batching = self.speculate is None and "rows" in m["programs"] and "kv_page" in m["limits"]
+            self._plans[model_id] = pool_plan(m, self.ctx, self.kv_memory, self.slots) if batching else None
+        return self._plans[model_id]
+
     def submit(self, job: Job):
+        """Queue `job`; Overloaded when slots + queue are full, KVPoolTooSmallError when its prompt + max_tokens
+        needs more pages than the whole pool holds."""
+        if self.batched(job):
+            from .pages import PageAllocator
+            plan = self.plan(job.model_id)
+            n = len(job.prompt_ids)
+            tokens = min(n + (job.max_tokens if job.max_tokens is not None else plan["ctx"]), plan["ctx"])
+            PageAllocator(plan["pages"], plan["page_tokens"]).need(max(tokens, n))   # raises when it never fits
         with self._cv:
             if self._admitted[job.model_id] >= self.slots + self.max_queue:
                 raise Overloaded()
@@ -234,9 +142,10 @@ class Engine:
             self._cv.notify()
 
     def stats(self) -> dict:
-        """Per model: `running` (= `active`) requests generating, `waiting` (= `queued`) for a slot, and the KV
-        slots: `slots` allowed, `sessions` allocated, `slots_busy`, `cached_tokens` each allocated slot holds; whether
-        requests are batched (`batching`), and the rows forwards run so far with the rows they carried."""
+        """Per model: `running` (= `active`) requests generating, `waiting` (= `queued`) for a slot or for pages;
+        whether requests are batched (`batching`), the rows forwards run so far with the rows they carried, and the
+        paged KV pool (`kv`: runtime_py/pages.py PageAllocator.stats + its bytes; null until the model loads); the
+        one-sequence path's slots: `slots` allowed, `sessions` allocated, `slots_busy`, `cached_tokens` each holds."""
         with self._cv:
             active = {}
             for j in list(self._active):
@@ -247,8 +156,9 @@ class Engine:
                 sessions = list(g.sessions) if g else []
                 run, wait = active.get(m, 0), len(self._waiting[m])
                 out[m] = {"loaded": g is not None, "slots": self.slots, "sessions": len(sessions),
-                          "batching": bool(g and g.pool) and self.speculate is None,
+                          "batching": bool(g and g.pool),
                           "rows_forwards": g.forwards if g else 0, "rows_run": g.rows if g else 0,
+                          "kv": g.pool.stats() if g and g.pool else None,
                           "slots_busy": len(sessions) - len(g.free) if g else 0,
                           "cached_tokens": [len(s.held) for s in sessions],
                           "running": run, "waiting": wait, "active": run, "queued": wait,
@@ -286,8 +196,16 @@ class Engine:
                     starts.append(q.popleft())
                     busy += 1
             self._active.extend(starts)
+        later: dict[str, list[Job]] = {}   # per model: a job that must wait for pages and every start after it
         for job in starts:
-            self._start(job)
+            if job.model_id in later or not self._start(job):
+                later.setdefault(job.model_id, []).append(job)
+        if later:
+            with self._cv:
+                for mid, jobs in later.items():
+                    for job in jobs:
+                        self._active.remove(job)
+                    self._waiting[mid].extendleft(reversed(jobs))   # back at the head of the queue, in order
         batched: dict[str, list[Job]] = {}
         for job in list(self._active):
             if job.rows:
@@ -295,7 +213,7 @@ class Engine:
             else:
                 self._step(job)
         for mid, jobs in batched.items():
-            self._step_rows(self._gpu[mid], jobs)
+            step_rows(self, self._gpu[mid], jobs)
         return False
 
     def _finish(self, job: Job, item=None):
@@ -308,7 +226,11 @@ class Engine:
                 pass
             job.gen = None
         if job.session is not None:
-            self._gpu[job.model_id].free.append(job.session)
+            g = self._gpu[job.model_id]
+            if job.rows:
+                g.pool.release(job.session)    # its pages: back at once (full ones stay cached for reuse)
+            else:
+                g.free.append(job.session)
             job.session = None
         if job.spares:
             self._gpu[job.model_id].spare.extend(job.spares)
@@ -328,59 +250,71 @@ class Engine:
                            else f"internal server error: {type(exc).__name__}: {exc}")
         self._finish(job, ("error", err))
 
-    def _start(self, job: Job):
+    def _start(self, job: Job) -> bool:
+        """Give `job` its KV (a paged sequence, or a Session of its own) and its generator; False: it must wait for
+        pages (nothing was taken; the caller puts it back at the head of the queue)."""
         from .generate import generate
         if job.cancelled.is_set():
-            return self._finish(job)
+            self._finish(job)
+            return True
         try:
             g = self._gpu.get(job.model_id)
             if g is None:
                 from .model import Model
-                g = self._gpu[job.model_id] = _GPUModel(Model(self.artifacts[job.model_id]), self.slots, self.ctx)
-            s = pick_slot(g.free, job.prompt_ids, can_grow=len(g.sessions) < self.slots)
-            if s is None:
-                s = g.new_session(self.ctx)
-                g.sessions.append(s)
-            else:
-                g.free.remove(s)
-            g.clock += 1
-            s.last_used = g.clock
-            job.session = s
+                g = self._gpu[job.model_id] = _GPUModel(Model(self.artifacts[job.model_id]), self.slots, self.ctx,
+                                                        self.kv_memory, batching=self.speculate is None)
             info = self._info[job.model_id]()
-            n, chunk = len(job.prompt_ids), s.chunk
-            job.rows = g.pool is not None and self.speculate is None and job.beams is None
-            job.tap = _Tap(s, rows=job.rows)
-            job.cached = job.prefilled = reuse_prefix(job.tap, job.prompt_ids)
+            n = len(job.prompt_ids)
+            job.rows = g.pool is not None and job.beams is None
             if job.rows:   # the worker runs every prompt row but the last; the last is the first pending row
-                if not 0 < n < s.ctx:   # generate()'s own checks, before any row runs
-                    raise ContextOverflowError(f"prompt is {n} tokens but the context holds {s.ctx} "
+                ctx = g.pool.ctx
+                if not 0 < n < ctx:   # generate()'s own checks, before any row runs
+                    raise ContextOverflowError(f"prompt is {n} tokens but the context holds {ctx} "
                                                f"(use a shorter prompt or a larger --ctx)" if n else
                                                "empty prompt: nothing to condition on")
-                job.prefill_to = n - 1
-                p, room = job.params, s.ctx - n
+                p, room = job.params, ctx - n
                 want = job.max_tokens if job.max_tokens is not None else p.max_tokens
                 job.limit = room if want is None else min(want, room)
+                seq = g.pool.sequence(job.prompt_ids, max_new=job.limit)   # its cached prefix pages mapped
+                if seq is None:
+                    return False
+                job.session = seq
+                job.tap = _Tap(seq, rows=True)
+                job.cached = job.prefilled = reuse_prefix(job.tap, job.prompt_ids)   # = the mapped pages' tokens
+                job.prefill_to = n - 1
                 job.needs_logits = not (p.greedy and job.logprobs < 0 and p.repeat_penalty == 1
                                         and not p.presence_penalty and not p.frequency_penalty
                                         and p.response_format is None and p.grammar is None and p.regex is None)
             else:
+                s = pick_slot(g.free, job.prompt_ids, can_grow=len(g.sessions) < self.slots)
+                if s is None:
+                    s = g.new_session(self.ctx)
+                    g.sessions.append(s)
+                else:
+                    g.free.remove(s)
+                g.clock += 1
+                s.last_used = g.clock
+                job.session = s
+                job.tap = _Tap(s)
+                job.cached = job.prefilled = reuse_prefix(job.tap, job.prompt_ids)
                 # whole chunks of the uncached rest before its last chunk: the worker runs them, one per turn
-                job.prefill_to = job.cached + ((n - job.cached - 1) // chunk) * chunk
+                job.prefill_to = job.cached + ((n - job.cached - 1) // s.chunk) * s.chunk
             if job.beams is not None:     # beam search (runtime_py/beam_sessions.py): one step of K forwards a turn
                 from .beam_sessions import beam_generate
                 while len(g.spare) < job.beams.width - 1:
                     g.spare.append(g.model.session(self.ctx))
                 job.spares = [g.spare.pop() for _ in range(job.beams.width - 1)]
-                job.gen = beam_generate([s] + job.spares, info.tokenizer, job.prompt_ids, job.beams,
+                job.gen = beam_generate([job.session] + job.spares, info.tokenizer, job.prompt_ids, job.beams,
                                         max_tokens=job.max_tokens, eog_ids=info.tokenizer.eog_ids,
                                         logprobs=job.logprobs, should_stop=job.cancelled.is_set)
-                return
+                return True
             job.gen = generate(job.tap, info.tokenizer, job.prompt_ids, job.params, max_tokens=job.max_tokens,
                                logprobs=max(job.logprobs, 1) if job.logprobs >= 0 else 0,
                                eog_ids=info.tokenizer.eog_ids, should_stop=job.cancelled.is_set,
                                speculate=_drafter(self.speculate))
         except Exception as e:  # noqa: BLE001
             self._fail(job, e)
+        return True
 
     def _step(self, job: Job):
         if job not in self._active:
@@ -419,76 +353,3 @@ class Engine:
         job.post(("token", ev.id, ev.text, lp))
         return False
 
-    # -- continuous batching (the `rows` program) -------------------------------------------------------------
-    def _step_rows(self, g: _GPUModel, jobs: list[Job]):
-        """One turn of the batched jobs of one model: rows forwards over every pending token and, within the row
-        budget, prompt rows; then each job whose row ran resumes its generator up to its next token."""
-        live = []
-        for job in jobs:
-            if job.cancelled.is_set():
-                self._finish(job)
-            else:
-                live.append(job)
-        decode = [j for j in live if j.pending is not None and j.emitted < j.limit]
-        ended = [j for j in live if j.pending is not None and j.emitted >= j.limit]   # resume without a row
-        prompt = [j for j in live if j.pending is None]
-        ran: list[Job] = []
-        pool = g.pool
-        while True:
-            # pending rows first (the head runs on them only: n_out), then prompt rows; owner[i]: the row's job
-            rows, owner, prow, powner = [], [], [], []
-            for job in decode[:pool.max_rows]:
-                rows.append((job.session.slot, job.session.pos, job.pending))
-                owner.append(job)
-            decode = decode[pool.max_rows:]
-            while prompt and len(rows) + len(prow) < pool.max_rows:   # prompt rows in arrival order, in the budget
-                job = prompt[0]
-                s, k = job.session, min(pool.max_rows - len(rows) - len(prow), job.prefill_to - job.prefilled)
-                prow += [(s.slot, job.prefilled + i, job.prompt_ids[job.prefilled + i]) for i in range(k)]
-                powner += [job] * k
-                if job.prefilled + k < job.prefill_to:
-                    break                  # the budget is spent: the rest of its prompt next turn
-                prompt.pop(0)
-                if len(rows) + len(prow) < pool.max_rows:   # its last prompt token runs in the same forward
-                    rows.append((s.slot, job.prefill_to, job.prompt_ids[-1]))
-                    owner.append(job)
-                else:
-                    job.pending = job.prompt_ids[-1]   # next turn
-            if not rows and not prow:
-                break
-            want = [i for i, job in enumerate(owner) if job.needs_logits]
-            try:
-                g.forwards, g.rows = g.forwards + 1, g.rows + len(rows) + len(prow)
-                ids, logits = pool.forward_rows(rows + prow, n_out=len(rows), logits_of=want)
-            except Exception as e:  # noqa: BLE001 — the jobs of this forward fail, the worker goes on
-                for job in dict.fromkeys(owner + powner):
-                    self._fail(job, e)
-                return
-            for i, (job, (_, pos, tok)) in enumerate(zip(owner, rows)):   # its generator's next forward takes it
-                job.tap.ready = (pos, tok, ids[i], logits.get(i))
-                ran.append(job)
-            for job, (_, _, tok) in zip(powner, prow):   # a prompt row: its K/V is in the slot now
-                job.session.pos += 1
-                job.session.held.append(tok)
-                job.prefilled += 1
-            if not decode:
-                break
-        for job in ran + ended:
-            self._resume(job)
-
-    def _resume(self, job: Job):
-        """Run a batched job's generator to its next token (it takes the row the worker ran) or to its end."""
-        if job not in self._active:
-            return
-        try:
-            while True:
-                ev = next(job.gen)
-                if self._event(job, ev):
-                    return
-                if ev.id >= 0:
-                    job.pending, job.emitted = ev.id, job.emitted + 1
-                    return
-        except StopIteration:
-            self._finish(job)
-        except Exception as e:  # noqa: BLE001
-            self._fail(job, e)

@@ -41,9 +41,14 @@ def env_int(name: str, minimum: int) -> int | None:
 
 
 def create_app(models: list[str] | None = None, *, api_key: str | None = None, ctx: int | None = None,
-               native: bool = True, log=print, verify: bool = False, speculate: str | None = None) -> FastAPI:
-    """models: model names / GGUF paths / artifact dirs; each is compiled on first start if needed."""
+               native: bool = True, log=print, verify: bool = False, speculate: str | None = None,
+               kv_memory: str | None = None) -> FastAPI:
+    """models: model names / GGUF paths / artifact dirs; each is compiled on first start if needed. kv_memory: the
+    paged KV pool's size, MiB or "<n>tokens" (else $KILN_KV_MEMORY, else runtime_py/pages.py's default)."""
     slots, queue = env_int("KILN_SLOTS", 1), env_int("KILN_QUEUE", 0)    # refused before anything is compiled
+    from .pages import parse_kv_memory
+    kv_memory = kv_memory or os.environ.get("KILN_KV_MEMORY") or None
+    parse_kv_memory(kv_memory)                                           # a bad value: refused before compiling
     artifacts: dict[str, Path] = {}
     for spec in models or [DEFAULT_MODEL]:
         art = ensure_artifact(spec, log=log, verify=verify)
@@ -57,7 +62,7 @@ def create_app(models: list[str] | None = None, *, api_key: str | None = None, c
         from .api import install_error_handlers, make_router
         install_error_handlers(app)   # OpenAI-shaped errors for every route, not only /v1
         app.include_router(make_router(artifacts, api_key=api_key, ctx=ctx, slots=slots, max_queue=queue,
-                                       speculate=speculate))
+                                       speculate=speculate, kv_memory=kv_memory))
     return app
 
 
@@ -70,6 +75,7 @@ def _model_id(spec: str, art: Path) -> str:
 def serve(args):
     import uvicorn
     app = create_app(args.model, api_key=args.api_key, ctx=args.ctx, verify=getattr(args, "verify", False),
-                     log=lambda *x: print(*x, file=sys.stderr), speculate=getattr(args, "speculate", None))
+                     log=lambda *x: print(*x, file=sys.stderr), speculate=getattr(args, "speculate", None),
+                     kv_memory=getattr(args, "kv_memory", None))
     print(f"kiln: serving on http://{args.host}:{args.port}/", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

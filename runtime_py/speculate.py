@@ -13,9 +13,9 @@ position (temperature, top-k/p, min-p, penalties and grammar mask applied: Sampl
 p with d removed, renormalised. The output distribution is exactly p's, step by step.
 
 Drafters (both return at most k ids, possibly none: then the step is a plain decode step):
-    NgramDrafter   prompt lookup: the most recent earlier occurrence of the last n tokens (n = 3, 2, 1) in the prompt
-                   + output, and the k tokens that followed it (no second model; strong when the output quotes or edits
-                   the prompt: code rewrites, summaries, extraction)
+    NgramDrafter   prompt lookup: the most recent earlier occurrence of the last n tokens (n = 5 .. 2, longest first)
+                   in the prompt + output, and the k tokens that followed it (no second model; strong when the output
+                   quotes or edits the prompt: code rewrites, summaries, extraction); k adapts (DraftLength)
     ModelDrafter   a second, smaller model with the same vocabulary, greedy; its own session follows the target's
                    history (rewound to the common prefix on a rejection)
 
@@ -32,15 +32,60 @@ import numpy as np
 
 from compiler.errors import KilnError
 
-DRAFT_K = 5              # tokens drafted per pass (the score chunk bounds it too)
-NGRAM_MAX, NGRAM_MIN = 3, 2      # a one-token match drafts noise more often than not
+DRAFT_K = 7              # most tokens drafted per pass (the score chunk bounds it too): [pending] + 7 = one x window
+                         # of the CPU-adapter score program's matmuls (compiler/schedule.py CPU_WINDOW)
+NGRAM_MAX, NGRAM_MIN = 5, 2      # longest match first (a longer one picks the right occurrence of a repeated
+                                 # phrase); a one-token match drafts noise more often than not
+# A score pass of [pending] + k drafts costs about c0 + c1 * k decode steps, per adapter class (runtime_py/device.py).
+# Measured on lavapipe (SmolLM2, position 216, tests/bench_speculate.py's prompt): 1.35 / 1.43 / 1.96 / 3.0 / 3.4
+# decode steps for 1 / 2 / 4 / 6 / 8 tokens; the slope is attention, whose cost grows with the tokens scored while
+# the window matmuls read each weight once. A discrete GPU: the pass costs about a decode step.
+PASS_COST = {"cpu": (1.0, 0.33), "gpu": (1.0, 0.1)}
+
+
+class DraftLength:
+    """Adaptive draft length: the k in 0..k_max with the most expected tokens per unit of cost, from an exponential
+    average of the drafts' per-token acceptance (the ids alone decide it: runs are reproducible). A pass of k drafts
+    yields sum_{i<=k} a^i tokens on average at per-token acceptance a, for c0 + c1 k decode steps (PASS_COST); k = 0
+    is a plain decode step (1 token, cost 1). During plain steps the drafter's first guess is still checked against
+    the token the step chose (`probe`: free for prompt lookup), so the estimate recovers when the output starts
+    quoting."""
+
+    WEIGHT = 0.2          # of each draft token's outcome in the average
+
+    def __init__(self, k_max: int, cost=PASS_COST["gpu"]):
+        self.k_max, (self.c0, self.c1) = k_max, cost
+        self.acceptance = 0.5                      # prior
+
+    def k(self) -> int:
+        a = min(self.acceptance, 0.999)
+        best, best_v = 0, 1.0
+        for k in range(1, self.k_max + 1):
+            v = (1 - a ** (k + 1)) / (1 - a) / (self.c0 + self.c1 * k)
+            if v > best_v:
+                best, best_v = k, v
+        return best
+
+    def _trial(self, hit: bool):
+        self.acceptance += self.WEIGHT * (float(hit) - self.acceptance)
+
+    def update(self, drafted: int, kept: int):
+        """A pass: `kept` of `drafted` drafts accepted (the first rejection ends the trials)."""
+        for _ in range(kept):
+            self._trial(True)
+        if kept < drafted:
+            self._trial(False)
+
+    def probe(self, hit: bool):
+        self._trial(hit)
 
 
 class NgramDrafter:
     name = "ngram"
 
-    def __init__(self, k: int = DRAFT_K, n_max: int = NGRAM_MAX, n_min: int = NGRAM_MIN):
-        self.k, self.n_max, self.n_min = k, n_max, n_min
+    def __init__(self, k: int = DRAFT_K, n_max: int = NGRAM_MAX, n_min: int = NGRAM_MIN, adaptive: bool = True):
+        """k: the most tokens per draft; adaptive: fewer (or none) as the acceptance falls (DraftLength)."""
+        self.k, self.n_max, self.n_min, self.adaptive = k, n_max, n_min, adaptive
 
     def draft(self, history: list[int], k: int) -> list[int]:
         """The k ids that followed the latest earlier occurrence of history's last n ids (longest n first)."""
@@ -57,7 +102,9 @@ class NgramDrafter:
 
 
 class ModelDrafter:
-    """A draft model's session kept in step with the target's history; drafts greedily (GPU argmax)."""
+    """A draft model's session kept in step with the target's history; drafts greedily (GPU argmax). Fixed k: a
+    probe would cost draft-model steps."""
+    adaptive = False
 
     def __init__(self, model, ctx: int, name: str, k: int = DRAFT_K):
         self.session, self.name, self.k = model.session(ctx), name, k
@@ -155,6 +202,9 @@ def speculative_tokens(session, history: list[int], sampler, matcher, drafter, m
         row = session.logits()
         return v.choose(row, history), row
 
+    cost = PASS_COST.get(getattr(session.model, "adapter_class", "gpu"), PASS_COST["gpu"])
+    length = DraftLength(drafter.k, cost) if getattr(drafter, "adaptive", False) else None
+
     tok, row = plain()                                   # from the prompt's last position
     n = 0
     while tok is not None:
@@ -163,11 +213,15 @@ def speculative_tokens(session, history: list[int], sampler, matcher, drafter, m
         room = max_tokens - n
         if room <= 0:
             return
-        drafts = drafter.draft(history, min(drafter.k, room - 1, score_chunk - 1)) if room > 1 else []
+        k = min(length.k() if length else drafter.k, room - 1, score_chunk - 1)
+        drafts = drafter.draft(history, k) if k > 0 else []
+        guess = drafter.draft(history, 1) if length and k == 0 else []    # checked against the plain step's token
         stats["passes"] += 1
         if not drafts:                                   # a plain decode step
             session.forward([tok])
             tok, row = plain()
+            if guess:
+                length.probe(guess[0] == tok)
             continue
         stats["draft_tokens"] += len(drafts)
         base = session.pos
@@ -187,6 +241,8 @@ def speculative_tokens(session, history: list[int], sampler, matcher, drafter, m
         else:
             row = rows[len(drafts)]
             tok = v.choose(row, history)                          # every draft kept: one more from the last row
+        if length:
+            length.update(len(drafts), kept)
         session.reset(base + 1 + kept)                            # [pending] + the kept drafts stay in the cache
 
 
@@ -250,9 +306,9 @@ def generate_speculative(session, tokenizer, prompt_ids, params, drafter, *, max
     t_end = time.perf_counter()
     n = len(out_ids)
     timings = {
-        "prompt_tokens": len(prompt_ids), "generated_tokens": n,
+        "prompt_tokens": len(prompt_ids), "cached_tokens": cached, "generated_tokens": n,
         "ttft_s": round((t_first or t_end) - t0, 4),
-        "prefill_tok_s": round(len(prompt_ids) / max((t_first or t_end) - t0, 1e-9), 2),
+        "prefill_tok_s": round((len(prompt_ids) - cached) / max((t_first or t_end) - t0, 1e-9), 2),
         "decode_tok_s": round((n - 1) / (t_end - t_first), 2) if n > 1 and t_first else None,
         "total_s": round(t_end - t0, 4),
         "speculate": drafter.name, **stats,

@@ -2,6 +2,7 @@
 
     python tests/bench_api.py                          # spawns a server (KILN_SLOTS=16), clients 1, 4, 16
     python tests/bench_api.py --slots 4 --clients 1,4,16 --max-tokens 32
+    python tests/bench_api.py --kv-memory 2048tokens    # the spawned server's paged KV pool (MiB or tokens)
     python tests/bench_api.py --url http://127.0.0.1:8000 --api-key KEY     # an already running `kiln serve`
 
 Each client sends one streaming /v1/completions request (its own short prompt, greedy, include_usage) at the same
@@ -10,7 +11,7 @@ per-stream decode speed are averaged over the clients.
 
 Prefix reuse (`--prefix-tokens N`, default 400; 0 skips it): one chat system prompt of about N tokens, then two
 requests with different questions, one after the other. The first prefills everything; the second finds the system
-prompt in a KV slot and prefills only its question: its TTFT against the first's, and its
+prompt's full pages in the paged KV pool and prefills only the rest: its TTFT against the first's, and its
 usage.prompt_tokens_details.cached_tokens. Not a test: it prints tables and asserts nothing.
 """
 from __future__ import annotations
@@ -48,8 +49,10 @@ uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
 """
 
 
-def spawn(model: str, slots: int, queue: int):
+def spawn(model: str, slots: int, queue: int, kv_memory: str | None = None):
     env = dict(os.environ, KILN_SLOTS=str(slots), KILN_QUEUE=str(queue))
+    if kv_memory:
+        env["KILN_KV_MEMORY"] = kv_memory
     env.setdefault("XDG_RUNTIME_DIR", f"/tmp/kiln-xdg-{os.getuid()}")
     os.makedirs(env["XDG_RUNTIME_DIR"], mode=0o700, exist_ok=True)
     proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, model], cwd=ROOT, env=env, stdout=subprocess.PIPE,
@@ -155,6 +158,7 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--slots", type=int, default=16, help="KV slots of the spawned server (16: every client of the "
                                                          "largest level decodes in the same rows forwards)")
+    ap.add_argument("--kv-memory", help="the spawned server's KV pool, MiB or <n>tokens (default: kiln's)")
     ap.add_argument("--prefix-tokens", type=int, default=400, help="system prompt size for the prefix-reuse "
                                                                    "figure (0: skip it)")
     a = ap.parse_args()
@@ -162,7 +166,7 @@ def main():
     proc = None
     url = a.url
     if url is None:
-        proc, url = spawn(a.model, a.slots, max(levels))
+        proc, url = spawn(a.model, a.slots, max(levels), a.kv_memory)
     headers = {"Authorization": f"Bearer {a.api_key}"} if a.api_key else {}
     try:
         asyncio.run(level(url, a.model, 1, 2, headers))               # warm-up: model load, pipelines
@@ -173,12 +177,17 @@ def main():
         for n in levels:
             rows.append(asyncio.run(level(url, a.model, n, a.max_tokens, headers)))
             print(f"{n} clients: {rows[-1]}", file=sys.stderr, flush=True)
+        pool = httpx.get(url + "/health", timeout=30).json()["models"][a.model].get("kv")
     finally:
         if proc:
             proc.terminate()
             proc.wait(10)
     slots = f"{a.slots} slots" if proc else "server's slots"
-    print(f"\n{a.model}, greedy, {a.max_tokens} max tokens per request, {slots}, one request per client")
+    print(f"\n{a.model}, greedy, {a.max_tokens} max tokens per request, {slots}, one request per client; load "
+          f"average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    if pool:
+        print(f"KV pool: {pool['pages_total']} pages of {pool['page_tokens']} tokens ({pool['bytes'] / 2**20:.0f} MiB), "
+              f"{pool['pages_cached']} cached, {pool['page_hits']} page hits, {pool['page_evictions']} evictions")
     print(f"{'clients':>7} {'tokens':>7} {'wall s':>8} {'agg tok/s':>10} {'mean ttft s':>12} {'max ttft s':>11} "
           f"{'per-stream tok/s':>17}")
     for r in rows:
@@ -191,6 +200,9 @@ def main():
         for r in reuse:
             print(f"{r['question']:<32} {r['prompt']:>7} {r['cached']:>7} {r['ttft']:>8.2f}")
         print(f"second / first TTFT: {reuse[1]['ttft'] / reuse[0]['ttft']:.3f}")
+    if len(rows) > 1:
+        print(f"aggregate tok/s, {rows[-1]['clients']} clients / {rows[0]['clients']}: "
+              f"{rows[-1]['agg'] / rows[0]['agg']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -187,7 +187,10 @@ class Engine {
       : {index: 0, text: t.text, logprobs: logprobsOf(t), finish_reason: null});
     const usageOf = (d) => ({prompt_tokens: d.prompt_ids.length, completion_tokens: d.ids.length,
                              total_tokens: d.prompt_ids.length + d.ids.length,
-                             prompt_tokens_details: {cached_tokens: d.timings.cached_tokens ?? 0}});
+                             prompt_tokens_details: {cached_tokens: d.timings.cached_tokens ?? 0},
+                             ...(d.timings.speculate ? {speculative: {   // as the native server's (schemas.py)
+                               draft_tokens: d.timings.draft_tokens, accepted_tokens: d.timings.accepted_tokens,
+                               acceptance_rate: d.timings.acceptance_rate}} : {})});
 
     const sent = new Promise((resolve, reject) => {
       const stream = req.stream ? new Stream(() => this.interrupt(id)) : null;
@@ -280,7 +283,8 @@ function startWorker(workerUrl) {
  *          onDeviceLost(message), ctx (context tokens, default 2048), selftest: "report" (default) | "strict"
  *          (reject with SelfTestError on mismatch) | "off"; activations: "f32" (default, exact) | "int8" (CPU
  *          adapters with WGSL packed_4x8_integer_dot_product: 8-bit mat-vec inputs, faster, approximate; otherwise
- *          f32 runs and engine.info.activations_note says why).
+ *          f32 runs and engine.info.activations_note says why); speculate: null (default) | "ngram" (speculative
+ *          decoding by prompt lookup, exact: web/speculate.js; timings and usage.speculative report the acceptance).
  * `modelUrl` is resolved against the page's URL and may be on another origin (which must send CORS headers).
  * @param {string | URL} modelUrl
  * @param {import("./types.js").EngineOptions} [options]
@@ -293,10 +297,10 @@ export async function createEngine(modelUrl, {onProgress = () => {}, onDeviceLos
     throw new InvalidParameterError(`activations must be "f32" or "int8" (got ${JSON.stringify(activations)})`,
                                     "activations");
   }
-  if (speculate !== null) {     // native only (runtime_py/speculate.py: kiln run/serve --speculate)
-    throw new InvalidParameterError("speculate is not implemented in the browser runtime yet (speculative decoding " +
-                                    "runs natively: `kiln run --speculate ngram`, `kiln serve --speculate ngram`)",
-                                    "speculate");
+  if (speculate !== null && speculate !== "ngram") {   // a draft model runs natively only (runtime_py/speculate.py)
+    throw new InvalidParameterError(`speculate: the browser runtime drafts by prompt lookup only ("ngram"; got ` +
+                                    `${JSON.stringify(speculate)}); a draft model runs natively: ` +
+                                    "`kiln run --speculate MODEL`", "speculate");
   }
   const workerUrl = new URL("./worker.js", import.meta.url);
   const worker = startWorker(workerUrl);
@@ -315,7 +319,7 @@ export async function createEngine(modelUrl, {onProgress = () => {}, onDeviceLos
       reject(new (problem ? ERRORS.ServerConfigError : KilnError)(
         `the engine worker failed to start: ${problem || e.message || "script error"}`));
     };
-    worker.postMessage({type: "load", modelUrl: url, libs: libUrls(), options: {ctx, selftest, activations}});
+    worker.postMessage({type: "load", modelUrl: url, libs: libUrls(), options: {ctx, selftest, activations, speculate}});
   }).catch((e) => { worker.terminate(); throw e; });
   engine = new Engine(worker, info, model || info.name);
   engine.onDeviceLost = onDeviceLost;

@@ -44,7 +44,7 @@ export function packParams(kernel, values) {
 export const sessionCtx = (manifest, ctx) => Math.min(ctx || DEFAULT_CTX, manifest.config.context_length);
 
 /** What a generating session binds at load (compiler/schedule.py GENERATE); `sample` on the first GPU-sampled
- * request; `score` is not run in the browser. */
+ * request; `score` (and its logits_all) on the first speculative pass (speculate.js). */
 export const GENERATE = ["prefill", "decode"];
 // `kiln serve`'s batched forwards over a KV pool (compiler/schedule_rows.py, runtime_py/rows.py): not replayed here
 export const SERVER_PROGRAMS = ["rows", "rows_head"];
@@ -428,9 +428,30 @@ export class Session {
     return new Uint32Array(await this._read(this.buffers.get("tokens"), this.tokenRead, 4))[0];
   }
 
+  /** Run the `score` program on `ids` (appended at this.pos), limits.score_chunk tokens at a time; yields each
+   *  chunk's logits as T Float32Array rows (vocab,): row i predicts the token after ids[c0 + i] (speculate.js). The
+   *  first call allocates logits_all (score_chunk x vocab f32) and its staging buffer: only speculation pays them. */
+  async* scoreChunks(ids) {
+    if (this.model.lost) throw new DeviceLostError(this.model.lost);
+    this._program("score");
+    if (this.pos + ids.length > this.ctx) {
+      throw new ContextOverflowError(`sequence of ${this.pos + ids.length} tokens exceeds the context of ${this.ctx}`);
+    }
+    const step = this.model.manifest.limits.score_chunk, vocab = this.model.config.vocab;
+    const src = this.buffers.get("logits_all");
+    this.scoreRead ||= this.model.device.createBuffer({size: src.size,
+                                                       usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST});
+    for (let c0 = 0; c0 < ids.length; c0 += step) {
+      const chunk = ids.slice(c0, c0 + step), T = chunk.length;
+      this._run("score", chunk);
+      const all = new Float32Array(await this._read(src, this.scoreRead, T * vocab * 4));
+      yield Array.from({length: T}, (_, i) => all.subarray(i * vocab, (i + 1) * vocab));
+    }
+  }
+
   destroy() {
     for (const b of this.buffers.values()) b.destroy();
-    for (const b of [this.state, this.logitsRead, this.tokenRead, this.ringRead]) b?.destroy();
+    for (const b of [this.state, this.logitsRead, this.tokenRead, this.ringRead, this.scoreRead]) b?.destroy();
   }
 }
 

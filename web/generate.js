@@ -9,6 +9,7 @@ import {FINISH_GRAMMAR, constraintFor} from "./grammar.js";
 import {gpuReason, LP_MAX} from "./gpu_sampling.js";
 import {reusePrefix} from "./kvcache.js";
 import {Sampler, topLogprobs} from "./sampler.js";
+import {generateSpeculative} from "./speculate.js";
 
 // several decode steps per submit when sampling runs on the GPU (runtime_py/generate.py: the same schedule)
 const STREAM_INTERVAL_S = 0.1;
@@ -61,7 +62,8 @@ const round = (x, d) => Math.round(x * 10 ** d) / 10 ** d;
  * maxTokens overrides params.max_tokens; both null: until EOS, a stop string or the end of the context.
  */
 export async function* generate(session, tokenizer, promptIds, params, {maxTokens = null, logprobs = 0, eogIds = [],
-                                                                        shouldStop = () => false, reuse = true} = {}) {
+                                                                        shouldStop = () => false, reuse = true,
+                                                                        speculate = null} = {}) {
   if (!promptIds.length) throw new ContextOverflowError("empty prompt: nothing to condition on");
   if (promptIds.length >= session.ctx) {
     throw new ContextOverflowError(`prompt is ${promptIds.length} tokens but the context holds ${session.ctx} ` +
@@ -70,6 +72,11 @@ export async function* generate(session, tokenizer, promptIds, params, {maxToken
   const room = session.ctx - promptIds.length;
   maxTokens = maxTokens ?? params.max_tokens ?? null;
   maxTokens = maxTokens === null ? room : Math.min(maxTokens, room);
+  if (speculate !== null) {   // a drafter (speculate.js): the same loop, several tokens verified per pass
+    yield* generateSpeculative(session, tokenizer, promptIds, params, speculate, {maxTokens, logprobs, eogIds,
+                                                                                  shouldStop, reuse});
+    return;
+  }
   const sampler = new Sampler(params);
   const constraint = await constraintFor(params, tokenizer);   // response_format / grammar / regex: a mask per step
   const matcher = constraint !== null ? await constraint.matcher() : null;

@@ -248,6 +248,16 @@ export class Sampler {
   /** logits: Float32Array (vocab,); history: prompt + generated ids; mask: Uint8Array (vocab,) of 0/1, the tokens
    *  allowed (a grammar's, web/grammar.js; at least one), others never chosen. Returns the chosen id. */
   sample(logits, history, mask = null) {
+    const [order, w] = this.candidates(logits, history, mask);
+    if (w === null) return order[0];
+    const cdf = cumsum(w);
+    const r = this.rng.next() * cdf[cdf.length - 1];
+    return order[Math.min(searchsorted(cdf, r, "right"), order.length - 1)];
+  }
+
+  /** [ids, weights] of the distribution `sample` draws from: ids best first, weights unnormalised (probability
+   *  = w / sum(w)); greedy: [[argmax], null]. Speculative decoding's rejection rule reads it (speculate.js). */
+  candidates(logits, history, mask = null) {
     const p = this.p;
     logits = this.applyPenalties(Float64Array.from(logits), history);
     let n = logits.length;
@@ -255,7 +265,7 @@ export class Sampler {
       logits = applyMask(logits, mask);
       n = logits.reduce((c, v) => c + (v > -Infinity), 0);               // the allowed ones (sorted first)
     }
-    if (p.greedy) return argmax(logits);
+    if (p.greedy) return [[argmax(logits)], null];
     let order = topOrder(logits, p.top_k > 0 ? Math.min(p.top_k, n) : n);   // candidates, best first
     let cand = Float64Array.from(order, (i) => logits[i]);
     let probs = cand.map((c) => Math.exp(c - cand[0]));
@@ -269,10 +279,7 @@ export class Sampler {
       const keep = probs.filter((q) => q >= p.min_p * probs[0]).length;
       [order, cand] = [order.slice(0, keep), cand.slice(0, keep)];
     }
-    const w = cand.map((c) => Math.exp((c - cand[0]) / p.temperature));
-    const cdf = cumsum(w);
-    const r = this.rng.next() * cdf[cdf.length - 1];
-    return order[Math.min(searchsorted(cdf, r, "right"), order.length - 1)];
+    return [order, cand.map((c) => Math.exp((c - cand[0]) / p.temperature))];
   }
 }
 

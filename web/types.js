@@ -136,6 +136,7 @@
  * @property {"report" | "strict" | "off"} [selftest]     strict: reject with SelfTestError on a mismatch
  * @property {string} [model]                             the name responses carry in `model`
  * @property {"f32" | "int8"} [activations]               int8: CPU adapters' 8-bit mat-vec inputs (approximate)
+ * @property {"ngram" | null} [speculate]                 speculative decoding by prompt lookup (exact; speculate.js)
  */
 
 /**

@@ -24,10 +24,11 @@ import {generate} from "./generate.js";
 import {constraintFor, useGrammarEngine} from "./grammar.js";
 import {fetchVerified, importModule} from "./loader.js";
 import {SamplingParams} from "./sampler.js";
+import {drafterFor} from "./speculate.js";
 import {Tokenizer} from "./tokenizer.js";
 import {templateTakesTools} from "./tools.js";
 
-let model = null, tokenizer = null, session = null, jinja = null;
+let model = null, tokenizer = null, session = null, jinja = null, speculate = null;
 const interrupted = new Set();
 let queue = Promise.resolve();   // requests run one at a time, in arrival order
 
@@ -51,6 +52,7 @@ async function load({modelUrl, libs, options = {}}) {
     st = await selftest(model);
   }
   session = model.session(options.ctx);
+  speculate = options.speculate || null;   // "ngram": every request decodes speculatively (speculate.js)
   return {
     name: m.model.name, arch: m.model.arch, url: model.baseUrl, adapter: model.adapter, ctx: session.ctx,
     weights_bytes: m.shards.reduce((s, x) => s + x.bytes, 0), kernels: Object.keys(m.kernels).length,
@@ -86,7 +88,7 @@ async function run(id, request) {
   }
   const events = generate(session, tokenizer, ids, params, {
     logprobs: request.logprobs || 0, eogIds: [...tokenizer.eog_ids],
-    shouldStop: () => interrupted.has(id)});
+    shouldStop: () => interrupted.has(id), speculate: speculate ? drafterFor(speculate) : null});
   for await (const ev of events) {
     if (ev.type === "token") {
       const token = {...ev, piece: ev.id >= 0 && request.logprobs ? tokenizer.decode([ev.id]) : undefined};

@@ -2,7 +2,7 @@
 against the native runtime (runtime_py/grammar.py: llguidance; runtime_py/tools.py) on SmolLM2: the same ids for the
 same request where both engines give the same masks (json_object, a regex), a JSON Schema output that validates, a
 grammar the engine rejects is an InvalidParameterError naming the field (the stream too), tools.js renders and parses
-as tools.py, a tool call's arguments validate; speculation is refused by name. Short generations: SwiftShader takes
+as tools.py, a tool call's arguments validate (speculation: test_speculate_browser.py). Short generations: SwiftShader takes
 seconds per token.
 """
 from __future__ import annotations
@@ -94,19 +94,6 @@ def test_rejected_grammar_is_an_invalid_parameter(demo):
         assert g is not None and g[:2] == ["InvalidParameterError", field], got
         assert "the grammar engine rejected it" in g[2] and len(g[2]) > 35, g
     assert "undefined_rule" in got[0][2], got[0]
-
-
-def test_speculate_is_refused_by_name(demo):
-    got = demo.evaluate("""async () => {
-        const api = await import('/web/api.js');
-        try {
-          await api.createEngine("/models/smollm2/", {speculate: "ngram"});
-          return null;
-        } catch (e) {
-          return [e.constructor.name, e.param ?? null];
-        }
-    }""")
-    assert got == ["InvalidParameterError", "speculate"], got
 
 
 WEATHER = {"type": "function", "function": {

@@ -309,9 +309,9 @@ def test_stop_string_and_seeded_sampling(client):
 
 
 def test_prefix_reuse_reports_cached_tokens(client, http):
-    """A slot keeps its request's tokens; the next request sharing a prefix goes to that slot and prefills only the
-    rest: usage.prompt_tokens_details.cached_tokens (non-streaming and in the include_usage chunk); same ids as a
-    run without reuse."""
+    """The paged pool keeps a request's full pages (or, on the one-sequence path, a slot its tokens); the next
+    request sharing a prefix maps them and prefills only the rest: usage.prompt_tokens_details.cached_tokens
+    (non-streaming and in the include_usage chunk); same ids as a run without reuse."""
     prefix = "Farm animals, in alphabetical order: chickens, cows, donkeys, goats,"
     a = client.completions.create(model=MODEL, prompt=prefix + " horses", max_tokens=3, temperature=0,
                                   extra_body={"return_token_ids": True})
@@ -322,11 +322,17 @@ def test_prefix_reuse_reports_cached_tokens(client, http):
     shared = next(i for i, (x, y) in enumerate(zip(a.prompt_token_ids, chunks[0].prompt_token_ids)) if x != y)
     assert a.usage.prompt_tokens_details.cached_tokens < shared          # nothing before it shared this prefix
     u = chunks[-1].usage
-    assert shared - 1 <= u.prompt_tokens_details.cached_tokens <= shared, (u, shared)
+    st = http.get("/health").json()["models"][MODEL]
+    if st["kv"]:   # batched: the shared prefix's full pages were mapped, and stay cached in the paged pool
+        page = st["kv"]["page_tokens"]
+        assert shared >= page, "the shared prefix must fill a KV page"
+        assert u.prompt_tokens_details.cached_tokens == shared // page * page, (u, shared)
+        assert st["kv"]["pages_cached"] * page >= len(chunks[0].prompt_token_ids) // page * page
+    else:          # the one-sequence path: at most one token given back (kvcache.reusable); the slot still holds it
+        assert shared - 1 <= u.prompt_tokens_details.cached_tokens <= shared, (u, shared)
+        assert max(st["cached_tokens"]) >= len(chunks[0].prompt_token_ids)
     ids = [t for c in chunks if c.choices for t in c.choices[0].token_ids]
     assert ids == reference_ids(b_prompt, 3)
-    st = http.get("/health").json()["models"][MODEL]
-    assert max(st["cached_tokens"]) >= len(chunks[0].prompt_token_ids)   # the slot still holds it
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -402,8 +408,15 @@ def test_disconnecting_clients_free_their_slots(server, http):
     assert grown < RSS_MARGIN_BYTES, f"server RSS grew by {grown / 2**20:.1f} MiB"
     after = server.wait_idle()
     keys = ("sessions", "slots_busy", "running", "waiting")
-    assert {k: after[k] for k in keys} == {k: before[k] for k in keys} == {"sessions": SLOTS, "slots_busy": 0,
-                                                                           "running": 0, "waiting": 0}
+    assert {k: after[k] for k in keys} == {k: before[k] for k in keys}
+    assert after["slots_busy"] == after["running"] == after["waiting"] == 0
+    if after["kv"]:   # batched: every page the clients held is back (used / reserved as before, none lost)
+        kv = ("pages_used", "pages_reserved", "pages_total")
+        assert {k: after["kv"][k] for k in kv} == {k: before["kv"][k] for k in kv}
+        assert after["kv"]["pages_used"] == after["kv"]["pages_reserved"] == 0
+        assert after["kv"]["pages_free"] + after["kv"]["pages_cached"] == after["kv"]["pages_total"]
+    else:
+        assert after["sessions"] == SLOTS
 
 
 def test_full_queue_gets_503_and_recovers(server, http):

@@ -159,16 +159,20 @@ def test_rows_program_against_the_reference(gemma3_model, ref_logits):
     last row's logits against transformers, then one decode row per prompt against greedy (tie-aware)."""
     from runtime_py.rows import KVPool
     names = sorted(CASES, key=lambda n: len(CASES[n]["prompt_ids"]))[:2]
-    pool = KVPool(gemma3_model, slots=2, ctx=CTX)
+    pool = KVPool(gemma3_model, ctx=CTX, kv_memory=f"{2 * CTX}tokens")
     prompts = [CASES[n]["prompt_ids"] for n in names]
-    rows = [(slot, p, t) for slot, ids in enumerate(prompts) for p, t in enumerate(ids)]
+    seqs = [pool.sequence(ids, max_new=4) for ids in prompts]
+    rows = [(seqs[slot], p, t) for slot, ids in enumerate(prompts) for p, t in enumerate(ids)]
     assert len(rows) <= pool.max_rows, "pick shorter prompts for one forward"
     last = [len(prompts[0]) - 1, len(rows) - 1]
     ids, logits = pool.forward_rows(rows, logits_of=last)
     for name, i in zip(names, last):
         err = np.abs(logits[i].astype(np.float64) - ref_logits[name]).max()
         assert ids[i] == int(ref_logits[name].argmax()) and err <= LOGIT_TOL, (name, ids[i], err)
-    step, _ = pool.forward_rows([(slot, len(prompts[slot]), ids[i]) for slot, i in enumerate(last)])
+    for seq, ids_s in zip(seqs, prompts):
+        for t in ids_s:
+            seq.append(t)
+    step, _ = pool.forward_rows([(seqs[slot], len(prompts[slot]), ids[i]) for slot, i in enumerate(last)])
     for name, tok in zip(names, step):
         c = CASES[name]
         if c["step_top5"][1][0][1] - c["step_top5"][1][1][1] >= TIE_MARGIN:

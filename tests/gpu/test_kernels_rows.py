@@ -1,6 +1,8 @@
 """The row-indexed kernels of the `rows` program (compiler/kernels_rows.py) against numpy references: rope_kv_rows
-(each row at its own slot and position), attention_rows (each row over its own slot's keys, prompt-chunk rows at
-consecutive positions beside decode rows, GQA, sliding windows, soft-capping) and argmax_rows, on odd shapes."""
+(each row at its own sequence and position, written through the sequence's page table), attention_rows (each row
+over its own sequence's keys read through its page table — pages scattered over the pool in random order —, prompt-
+chunk rows at consecutive positions beside decode rows, GQA, sliding windows, soft-capping) and argmax_rows, on odd
+shapes."""
 from __future__ import annotations
 
 import math
@@ -9,7 +11,7 @@ import zlib
 import numpy as np
 import pytest
 
-from compiler.kernels_rows import ArgmaxRows, AttentionRows, AttentionRowsSoftcap, RopeKVRows
+from compiler.kernels_rows import KV_PAGE, ArgmaxRows, AttentionRows, AttentionRowsSoftcap, RopeKVRows
 from runtime_py.device import NoAdapterError, get_device
 
 try:
@@ -32,15 +34,21 @@ def rng(request):
     return np.random.default_rng(zlib.crc32(request.node.name.encode()))
 
 
-def row_info(rows, ctx):
-    """(R + 1, 4) u32 [kv_row0, pos, 0, 0] per (slot, pos); the extra row (past n_tokens) points at slot 0, pos 0."""
+def paging(rows, ctx, slots, rng):
+    """The pool's pages dealt to the `slots` sequences in random order: (row info (R + 1, 4) u32 [table0, pos, 0, 0]
+    per (sequence, pos) — the extra row, past n_tokens, points at sequence 0, pos 0 —, page table (u32), pool rows
+    of each sequence's positions (slots, ctx)). Each sequence's table is ctx / KV_PAGE pages at table0 = s * that."""
+    per = -(-ctx // KV_PAGE)
+    pages = rng.permutation(slots * per + 3).astype(np.uint32)[:slots * per]   # 3 pages no sequence owns
     info = np.zeros((len(rows) + 1, 4), np.uint32)
     for i, (slot, pos) in enumerate(rows):
-        info[i, :2] = slot * ctx, pos
-    return info
+        info[i, :2] = slot * per, pos
+    j = np.arange(ctx)
+    where = np.stack([pages[s * per + j // KV_PAGE].astype(np.int64) * KV_PAGE + j % KV_PAGE for s in range(slots)])
+    return info, pages, where
 
 
-# rows: (slot, pos); ctx = rows per slot in the pool
+# rows: (sequence, pos); ctx = positions per sequence
 ROWS = {
     "decodes": [(0, 5), (2, 0), (1, 17), (3, 9)],
     "one": [(1, 30)],
@@ -60,17 +68,19 @@ def test_rope_kv_rows(style, n_head, n_kv, hd, rot, base, case, rng):
     rows, ctx, slots = ROWS[case], 140, 4
     R, stride = len(rows), (n_head + 2 * n_kv) * hd
     qkv = rng.standard_normal((R + 1, stride)).astype(f32)   # row R: past n_tokens
-    kc0 = rng.standard_normal((slots * ctx, n_kv, hd)).astype(f32)
-    vc0 = rng.standard_normal((slots * ctx, n_kv, hd)).astype(f32)
+    info, table, where = paging(rows, ctx, slots, rng)
+    pool_rows = (len(table) + 3) * KV_PAGE
+    kc0 = rng.standard_normal((pool_rows, n_kv, hd)).astype(f32)
+    vc0 = rng.standard_normal((pool_rows, n_kv, hd)).astype(f32)
     k = RopeKVRows(style=style)
     inv_freq, _ = rope_ref(qkv[:1], n_head, n_kv, hd, rot, 0, base, style)
     got, kc, vc = run_kernel(k, dict(n_head=n_head, n_kv=n_kv, head_dim=hd, rot_dim=rot),
-                             [qkv, inv_freq, row_info(rows, ctx), kc0, vc0], [R + 1, 1, 1], n_tokens=R)
+                             [qkv, inv_freq, info, table, kc0, vc0], [R + 1, 1, 1], n_tokens=R)
     written = np.zeros(kc0.shape, bool)
     for i, (slot, pos) in enumerate(rows):
         _, want = rope_ref(qkv[i:i + 1], n_head, n_kv, hd, rot, pos, base, style)
         assert_close(got[i:i + 1], want, rel=1e-5, what=f"{k.name} qkv row {i}")
-        r = slot * ctx + pos
+        r = where[slot, pos]
         kv = slice(n_head * hd, (n_head + n_kv) * hd)
         assert_close(kc[r:r + 1], want[:, kv].reshape(1, n_kv, hd), rel=1e-5, what=f"{k.name} k row {i}")
         assert (vc[r] == qkv[i, (n_head + n_kv) * hd:].reshape(n_kv, hd)).all(), f"{k.name} v row {i}"
@@ -93,18 +103,21 @@ def test_attention_rows(n_head, n_kv, hd, window, cap, case, rng):
     rows, ctx, slots = ROWS[case], 140, 4
     R, stride = len(rows), (n_head + 2 * n_kv) * hd
     qkv = (rng.standard_normal((R, stride)) * 2).astype(f32)
-    kc = rng.standard_normal((slots * ctx, n_kv, hd)).astype(f32)
-    vc = rng.standard_normal((slots * ctx, n_kv, hd)).astype(f32)
-    for s in range(slots):   # past each slot's last row: never read
+    info, table, where = paging(rows, ctx, slots, rng)
+    pool_rows = (len(table) + 3) * KV_PAGE
+    kc = np.full((pool_rows, n_kv, hd), np.nan, f32)   # rows no sequence owns, and positions past a row: never read
+    vc = np.full((pool_rows, n_kv, hd), np.nan, f32)
+    for s in range(slots):
         end = max([p + 1 for sl, p in rows if sl == s], default=0)
-        kc[s * ctx + end:(s + 1) * ctx] = vc[s * ctx + end:(s + 1) * ctx] = np.nan
+        kc[where[s, :end]] = rng.standard_normal((end, n_kv, hd))
+        vc[where[s, :end]] = rng.standard_normal((end, n_kv, hd))
     k = (AttentionRowsSoftcap if cap else AttentionRows).for_heads(n_head, n_kv, hd)
     scale = 1 / math.sqrt(hd)
     params = dict(n_head=n_head, n_kv=n_kv, head_dim=hd, window=window, scale=scale, **(dict(cap=cap) if cap else {}))
     out0 = np.full((R + 1, n_head * hd), 7.0, f32)
-    (out,) = run_kernel(k, params, [qkv, row_info(rows, ctx), kc, vc, out0], [n_kv, 1, R + 1], n_tokens=R)
+    (out,) = run_kernel(k, params, [qkv, info, table, kc, vc, out0], [n_kv, 1, R + 1], n_tokens=R)
     for i, (slot, pos) in enumerate(rows):
-        sk, sv = kc[slot * ctx:(slot + 1) * ctx], vc[slot * ctx:(slot + 1) * ctx]
+        sk, sv = kc[where[slot]], vc[where[slot]]   # the sequence's positions 0..ctx-1, gathered
         if cap:
             want = softcap_attention_ref(qkv[i, :n_head * hd], sk, sv, n_head, n_kv, pos, scale, cap)
         else:

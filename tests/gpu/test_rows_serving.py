@@ -1,7 +1,8 @@
-"""Continuous batching in `kiln serve` (runtime_py/scheduler.py over the `rows` program): 16 concurrent streaming
-requests of different prompt lengths and max_tokens give exactly the ids each gives alone (greedy, and a seeded
-sampled one), the forwards really were shared (/health's counters), and /health reports the batching. One server
-with 16 slots (a subprocess, as tests/gpu/test_api.py starts it); prompts and generations are short."""
+"""Continuous batching in `kiln serve` (runtime_py/scheduler.py over the `rows` program and the paged KV pool): 16
+concurrent streaming requests of different prompt lengths and max_tokens give exactly the ids each gives alone
+(greedy, and a seeded sampled one), the forwards really were shared (/health's counters), and /health reports the
+batching; 8 clients that disconnect mid-stream leave the pool's pages where they were. One server with 16 slots (a
+subprocess, as tests/gpu/test_api.py starts it); prompts and generations are short."""
 from __future__ import annotations
 
 import asyncio
@@ -33,10 +34,9 @@ REQUESTS = [(("The " + w + " and the") * (1 + i % 4) + " " + WORDS[-1 - i], 1 + 
 REQUESTS[7] = (REQUESTS[7][0], 4, {"temperature": 0.9, "top_k": 20, "seed": 1234})
 
 
-@pytest.fixture(scope="module")
-def server():
-    env = dict(os.environ, KILN_SLOTS=str(SLOTS), KILN_QUEUE="4")
-    proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, MODEL, API_KEY], cwd=ROOT, env=env,
+def start_server(env: dict):
+    """A `kiln serve` subprocess with `env` added (KILN_SLOTS, KILN_KV_MEMORY, ...); yields its URL, then stops it."""
+    proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, MODEL, API_KEY], cwd=ROOT, env=dict(os.environ, **env),
                             stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     if not line.strip().isdigit():
@@ -62,6 +62,11 @@ def server():
         proc.kill()
 
 
+@pytest.fixture(scope="module")
+def server():
+    yield from start_server({"KILN_SLOTS": str(SLOTS), "KILN_QUEUE": "4"})
+
+
 async def complete(c: httpx.AsyncClient, url: str, prompt: str, max_tokens: int, extra: dict) -> list[int]:
     body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "return_token_ids": True, **extra}
@@ -75,6 +80,16 @@ async def complete(c: httpx.AsyncClient, url: str, prompt: str, max_tokens: int,
 
 def health(url: str) -> dict:
     return httpx.get(url + "/health", timeout=10).json()["models"][MODEL]
+
+
+def wait_idle(url: str, timeout: float = 120) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        st = health(url)
+        if st["running"] == 0 and st["waiting"] == 0:
+            return st
+        time.sleep(0.2)
+    raise AssertionError(f"server still busy after {timeout}s: {health(url)}")
 
 
 def test_concurrent_requests_give_the_ids_of_each_alone(server):
@@ -96,3 +111,28 @@ def test_concurrent_requests_give_the_ids_of_each_alone(server):
     for (prompt, n, extra), got, want in zip(REQUESTS, batched, alone):
         assert got == want, (prompt, n, extra)
         assert 1 <= len(got) <= n
+
+
+def test_disconnecting_clients_leave_the_pool_where_it_was(server):
+    async def leave(c: httpx.AsyncClient, prompt: str):
+        body = {"model": MODEL, "prompt": prompt, "max_tokens": 40, "temperature": 0, "stream": True}
+        async with c.stream("POST", server + "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            n = 0
+            async for line in r.aiter_lines():
+                n += line.startswith("data: {")
+                if n >= 2:
+                    return n   # the client goes away mid-stream
+
+    async def run():
+        async with httpx.AsyncClient(timeout=600, headers={"Authorization": f"Bearer {API_KEY}"}) as c:
+            return await asyncio.gather(*[leave(c, f"A story about a {w}:") for w in WORDS[:8]])
+
+    before = wait_idle(server)
+    assert all(n == 2 for n in run_async(run()))
+    after = wait_idle(server, timeout=60)
+    kv0, kv = before["kv"], after["kv"]
+    assert kv is not None and kv["pages_total"] >= 1
+    keys = ("pages_used", "pages_reserved", "pages_total")
+    assert {k: kv[k] for k in keys} == {k: kv0[k] for k in keys} and kv["pages_used"] == kv["pages_reserved"] == 0
+    assert kv["pages_free"] + kv["pages_cached"] == kv["pages_total"]

@@ -1,7 +1,7 @@
-"""Speculative decoding on SmolLM2 (runtime_py/speculate.py): greedy with prompt lookup gives exactly plain greedy's
-ids on every reference prompt; the model drafting for itself is accepted 100%; `kiln run --speculate ngram --json`
-reports the acceptance. Short generations (a score pass costs several decode steps on lavapipe, see the bench:
-tests/bench_speculate.py).
+"""Speculative decoding (runtime_py/speculate.py): greedy with prompt lookup gives exactly plain greedy's ids on every
+SmolLM2 reference prompt and on two of Gemma 3's; the model drafting for itself is accepted 100%; `kiln run
+--speculate ngram --json` reports the acceptance. Short generations (a score pass costs several decode steps on
+lavapipe, see the bench: tests/bench_speculate.py, whose --check-refs runs every reference prompt of either model).
 """
 from __future__ import annotations
 
@@ -63,3 +63,32 @@ def test_cli_speculate_reports_acceptance():
     bad = subprocess.run([sys.executable, "-m", "runtime_py.cli", "run", "smollm2", "-p", "x", "--speculate", "ngram",
                           "--draft", "smollm2"], env=_env(), capture_output=True, text=True, timeout=900)
     assert bad.returncode != 0 and "give one" in bad.stderr and "Traceback" not in bad.stderr
+
+
+GEMMA3_PROMPTS = ["code", "french_emoji"]   # all seven agree too (tests/bench_speculate.py --check-refs gemma3); two
+                                            # here: a Gemma 3 step is ~3x SmolLM2's on lavapipe
+
+
+@pytest.fixture(scope="module")
+def gemma3():
+    from runtime_py.artifacts import ensure_artifact
+    from runtime_py.model import Model
+    from runtime_py.tokenizer import Tokenizer
+    from tests.models import gemma3_gguf_path
+    gemma3_gguf_path()                                 # skips, naming the package, when it is not installed
+    art = ensure_artifact("gemma3", log=lambda *a: None)
+    model = Model(art)
+    m = model.manifest
+    return model, Tokenizer(art / m["tokenizer"]["file"], m["tokenizer"])
+
+
+@pytest.mark.parametrize("name", GEMMA3_PROMPTS)
+def test_gemma3_ngram_greedy_is_plain_greedy(gemma3, name):
+    from tests.gpu.test_gemma3 import CASES
+    model, tok = gemma3
+    ids = CASES[name]["prompt_ids"]
+    s = model.session(ctx=512)                          # one prefill: the speculative run reuses the cached prompt
+    plain = list(generate(s, tok, ids, GREEDY, max_tokens=6))[-1]
+    spec = list(generate(s, tok, ids, GREEDY, max_tokens=6, speculate=NgramDrafter(k=3, adaptive=False)))[-1]
+    assert spec.ids == plain.ids, (spec.timings, plain.ids)
+    assert spec.timings["cached_tokens"] > 0 and spec.timings["passes"] >= 1, spec.timings

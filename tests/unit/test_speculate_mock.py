@@ -183,3 +183,28 @@ def test_usage_extension_reports_acceptance():
     u = usage(10, len(done.ids), 0, done.timings)
     assert u["speculative"] == {k: done.timings[k] for k in ("draft_tokens", "accepted_tokens", "acceptance_rate")}
     assert "speculative" not in usage(10, 3, 0, {"decode_tok_s": 1.0})
+
+
+def test_draft_length_follows_the_acceptance():
+    from runtime_py.speculate import PASS_COST, DraftLength
+    cpu = DraftLength(7, PASS_COST["cpu"])
+    assert cpu.k() == 1                                   # prior 0.5: one draft pays on a CPU adapter, not more
+    for _ in range(3):
+        cpu.update(7, 7)
+    assert cpu.k() == 7 and cpu.acceptance > 0.9          # everything accepted: the longest draft
+    for _ in range(6):
+        cpu.update(cpu.k() or 1, 0)
+    assert cpu.k() == 0                                   # nothing accepted for a few passes: plain steps
+    for _ in range(4):
+        cpu.probe(True)                                   # the drafter's guesses start matching the plain steps
+    assert cpu.k() > 0
+    gpu = DraftLength(7, PASS_COST["gpu"])
+    assert gpu.k() > 1                                    # a cheaper pass drafts more at the same acceptance
+
+
+def test_adaptive_and_fixed_k_give_the_same_ids():
+    model = MockModel(1, scale=6.0, eos_bias=-30.0)
+    plain, _, _ = run(model, GREEDY, PROMPTS[0], max_tokens=40)
+    for d in (NgramDrafter(k=7), NgramDrafter(k=7, adaptive=False)):
+        done, _, _ = run(model, GREEDY, PROMPTS[0], d, max_tokens=40)
+        assert done.ids == plain.ids and done.timings["passes"] < 40, done.timings
