@@ -222,6 +222,69 @@ class AttentionSplitSoftcap(AttentionSplit):
 
 
 @dataclass(frozen=True)
+class AttentionCPU(Kernel):
+    """Split-K attention for CPU adapters: lane = key, q from a uniform binding, per-lane online softmax, one merge
+    through workgroup memory at the end (see attention_cpu.wgsl.j2). Decode writes AttentionSplit's partials (for
+    attention_reduce); prefill (one split, a step per uniform window of `tokens` query rows) the output."""
+    template: ClassVar[str] = "attention_cpu"
+    n_head: int                # compile-time, with n_kv: q's uniform binding is a fixed-size array of qkv rows
+    n_kv: int
+    head_dim: int              # compile-time: the accumulators are unrolled per dim
+    dims_per_block: int = 0    # DB: output dims per pass over the keys; 0 -> the largest under ACC_FLOATS per lane
+    softcap: bool = False      # gemma2's score soft-capping (adds the `cap` uniform)
+    prefill: bool = False      # T tokens: one workgroup per (KV head, token), one split, `out` written (adds `t0`)
+    tokens: int = 1            # qkv rows in the uniform q window (prefill; tokens * qkv row <= 64 KiB)
+    wg: int = 8                # lanes (one SIMD group of lavapipe on AVX2: the merge costs WG * G * DB loads)
+    # accumulator floats per lane (G * DB): registers, then stack spill on lavapipe. Gemma 3 (4 x 256) in one pass ran
+    # 2.6x faster at position 1000 than in 4 passes of 64 dims (each pass re-reads the keys) but took ~97 s to compile
+    # cold on lavapipe (load ~7; 2 passes 50 s, 4 passes 19 s): ARCHITECTURE.md, "CPU adapters"
+    ACC_FLOATS: ClassVar[int] = 256
+    MERGE_FLOATS: ClassVar[int] = 256   # per lane per merge round: a_w is WG * 256 f32 = 8 KiB of workgroup memory
+
+    def __post_init__(self):
+        assert self.n_head % self.n_kv == 0 and self.head_dim % 4 == 0, self
+        if not self.dims_per_block:
+            object.__setattr__(self, "dims_per_block", attention_cpu_block(self.group, self.head_dim,
+                                                                           self.ACC_FLOATS))
+        assert self.head_dim % self.dims_per_block == 0 and self.dims_per_block % 4 == 0, self
+        assert self.tokens == 1 or self.prefill, "a q window of several rows is prefill's"
+        assert self.tokens * self.qkv4 * 16 <= UNIFORM_BINDING_BYTES, f"q window of {self.tokens} x {self.qkv4} vec4"
+
+    @property
+    def group(self) -> int:   # query heads per KV head
+        return self.n_head // self.n_kv
+
+    @property
+    def qkv4(self) -> int:    # vec4s per qkv row: (n_head + 2 n_kv) hd / 4
+        return (self.n_head + 2 * self.n_kv) * self.head_dim // 4
+
+    @property
+    def params(self) -> tuple[Param, ...]:
+        base = (("n_head", "u32"), ("n_kv", "u32"), ("head_dim", "u32"), ("window", "u32"), ("scale", "f32"),
+                ("splits", "u32"))
+        return base + ((("cap", "f32"),) if self.softcap else ()) + ((("t0", "u32"),) if self.prefill else ())
+
+    def bindings(self):
+        return [("q", "uniform"), ("k_cache", "read"), ("v_cache", "read"),
+                ("out", "read_write") if self.prefill else ("part", "read_write")]
+
+    @property
+    def merge_vec4s(self) -> int:
+        """MV: accumulator vec4s per head that one merge round moves through workgroup memory."""
+        return max(1, self.MERGE_FLOATS // (4 * self.group))
+
+
+def attention_cpu_block(group: int, head_dim: int, acc_floats: int) -> int:
+    """AttentionCPU's dims per block: the largest multiple of 4 dividing head_dim with group * DB <= acc_floats (4
+    at least)."""
+    for nb in range(1, head_dim // 4 + 1):
+        db = head_dim // nb
+        if head_dim % nb == 0 and db % 4 == 0 and group * db <= acc_floats:
+            return db
+    return 4
+
+
+@dataclass(frozen=True)
 class AttentionReduce(Kernel):
     """Combines AttentionSplit's per-split (acc, max, sum) into the attention output."""
     template: ClassVar[str] = "attention_reduce"

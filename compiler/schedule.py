@@ -16,8 +16,11 @@ from __future__ import annotations
 from .config import ModelConfig
 from .errors import UnsupportedModelError
 from .ir import Program, dispatch_size, split_ref  # noqa: F401  (dispatch_size: runtimes import it from here)
-from .kernels import (AddBias, Argmax, AttentionReduce, AttentionSplit, AttentionSplitSoftcap, Embed, Matmul,
-                      MatmulCPU, MatmulTokens, MatvecCPU, RMSNorm, RopeKV, SampleDraw, SamplePrep, SampleTopK, Softcap)
+from .kernels import (AddBias, Argmax, AttentionReduce, AttentionSplit, AttentionSplitSoftcap, Embed,
+                      Matmul, MatmulCPU, MatmulTokens, MatvecCPU, RMSNorm, RopeKV, SampleDraw, SamplePrep, SampleTopK,
+                      Softcap)
+from .schedule_cpu_attention import (DECODE_SPLITS_MAX, attention_cpu_decode, attention_cpu_prefill,
+                                     cpu_attention_fits, cpu_q_window)
 
 PREFILL_TILE = 8     # tokens per matmul workgroup in prefill
 # mat-vec workgroup shape (output rows x lanes splitting K); measured on lavapipe, where 16x4 beat 8x8 / 32x2 / 64x1
@@ -34,6 +37,7 @@ CPU_WINDOW = 8   # tokens per uniform x window of the CPU-adapter prefill (matmu
 # prefill has a workgroup per token already and uses one split. On lavapipe 16 keeps position 1000 within 1.3x the
 # attention cost of position 100 (see ARCHITECTURE.md, "attention")
 DECODE_SPLITS = 16
+assert DECODE_SPLITS == DECODE_SPLITS_MAX   # attention_cpu's splits share the attn_part buffer
 SCORE_BYTES = 16 << 20   # the score program's (score_chunk, vocab) f32 logits buffer stays under this
 # the `sample` program (GPU sampling, runtime_py/gpu_sampling.py): decode steps one submit can collect in `ring`, and
 # the most logit_bias entries `sampler_cfg` holds
@@ -190,7 +194,8 @@ class Builder:
                 self.add_bias(blk + name + ".bias", "qkv", n=n, offset=off, stride=qkv_dim)
         swa = bool(c.swa_layers) and c.swa_layers[L]
         inv_freq = self.W("rope_inv_freq_local" if swa and c.rope_base_local else "rope_inv_freq").ref(0)
-        fused = self.fuse and DECODE_SPLITS > 1
+        cpu = self.cpu_attention
+        fused = self.fuse and DECODE_SPLITS > 1 and not cpu   # decode@cpu: q must be RoPE'd before attention_cpu
         if not fused:
             if c.qk_norm:
                 self.rmsnorm("qkv", blk + "attn_q_norm.weight", None, width=c.head_dim, heads=c.n_head,
@@ -199,7 +204,11 @@ class Builder:
                              stride=qkv_dim, offset=q_dim)
             self.p.add(RopeKV(style=c.rope_style), ["qkv", inv_freq, f"k_cache.{L}", f"v_cache.{L}"],
                        dict(n_head=c.n_head, n_kv=c.n_kv_head, head_dim=c.head_dim, rot_dim=c.rope_dim), ["T", 1, 1])
-        self.attention(L, window=c.sliding_window if swa else 0, rope=inv_freq if fused else None)
+        window = c.sliding_window if swa else 0
+        if cpu:
+            self.attention_cpu(L, window)
+        else:
+            self.attention(L, window=window, rope=inv_freq if fused else None)
         # decode: the o-projection reduces the split-K partials in its prologue (when K fits)
         o_pre = ("reduce",) if fused and self.fuse_prologues and prologue_fits(q_dim) else None
         if fused and not o_pre:
@@ -223,6 +232,15 @@ class Builder:
             return [(blk + "attn_qk_concat.weight", 0), (blk + "attn_v.weight", q_dim + kv_dim)]
         return [(blk + "attn_q.weight", 0), (blk + "attn_k.weight", q_dim), (blk + "attn_v.weight", q_dim + kv_dim)]
 
+    @property
+    def cpu_attention(self) -> bool:
+        """Decode on a CPU adapter: attention_cpu (q from a uniform binding) where a qkv row fits one."""
+        return self.fuse and self.adapter == "cpu" and cpu_attention_fits(self.cfg)
+
+    def attention_cpu(self, L: int, window: int):
+        """decode@cpu's attention: compiler/schedule_cpu_attention.py (RoPE, QK-norm, KV write ran as steps before)."""
+        attention_cpu_decode(self.p, self.cfg, L, window)
+
     def attention(self, L: int, window: int, rope: str | None = None):
         """Split-K attention: DECODE_SPLITS workgroups per KV head in decode (the reduce follows, on its own or in the
         o-projection's prologue), one per token in prefill. rope: the inv_freq ref when RoPE, QK-norm and the
@@ -231,6 +249,8 @@ class Builder:
         if c.head_dim % 4 or c.n_head % c.n_kv_head:
             raise UnsupportedModelError(f"attention needs head_dim % 4 == 0 and n_head % n_kv_head == 0 "
                                         f"(head_dim {c.head_dim}, {c.n_head} heads, {c.n_kv_head} KV heads)")
+        if self.adapter == "cpu" and self.tile > 1 and not rope and cpu_q_window(c, self.chunk):
+            return attention_cpu_prefill(self.p, c, L, window, self.chunk)   # prefill@cpu, score@cpu
         splits = DECODE_SPLITS if self.tile == 1 else 1
         bind = ["qkv", f"k_cache.{L}", f"v_cache.{L}", "attn_part", "attn"]
         params = dict(n_head=c.n_head, n_kv=c.n_kv_head, head_dim=c.head_dim, window=window, scale=c.softmax_scale,

@@ -140,9 +140,9 @@ def test_eos_and_stop_strings_inside_a_submit(session, smollm2_tokenizer):
 
 @pytest.mark.parametrize("variant", ["decode", "decode@cpu"])
 def test_decode_dispatches(smollm2_model, smollm2_artifact, variant, monkeypatch):
-    """A SmolLM2 decode token is <= 160 dispatches with the plain program (issue 14; 334 before the fusion) and 244 with
-    the CPU-adapter variant (334 before; it fuses Q/K/V and RoPE + KV write into attention, but no mat-vec prologue:
-    compiler/schedule.py Builder.fuse_prologues), counted at wgpu-py's API while the program replays, each on a model
+    """A SmolLM2 decode token is <= 160 dispatches with the plain program (issue 14; 334 before the fusion) and 274 with
+    the CPU-adapter variant (334 before; it fuses Q/K/V but has no mat-vec prologue, compiler/schedule.py
+    Builder.fuse_prologues, and keeps RoPE + KV write as a step before attention_cpu, whose q is a uniform), counted at wgpu-py's API while the program replays, each on a model
     loaded for the adapter class that runs it (KILN_ADAPTER_CLASS); the manifest's `dispatches` says the same; and
     the logits of a prompt whose last token is decoded by that variant match float32 transformers (each variant is
     correct on any adapter)."""
@@ -163,7 +163,7 @@ def test_decode_dispatches(smollm2_model, smollm2_artifact, variant, monkeypatch
         s.forward(ids[-1:])
     assert t.dispatches == m["dispatches"][variant] == len(m["programs"][variant])
     print(f"{variant}: {m['dispatches'][variant]} dispatches per decode token")
-    assert m["dispatches"][variant] <= (160 if variant == "decode" else 244)
+    assert m["dispatches"][variant] <= (160 if variant == "decode" else 274)
     logits, ref = s.logits(), LAST_LOGITS[name]
     assert int(logits.argmax()) == int(ref.argmax())
     assert float(np.abs(logits - ref).max()) <= MAX_ABS_LOGIT_DIFF

@@ -41,6 +41,9 @@ CHOICES = {
     "style": ["norm", "neox"],
     "dims_per_thread": [1, 2, 4],
     "xk": [256, 1536],   # MatvecCPU's compile-time K (a multiple of every scheme's block)
+    "n_head": [9],       # AttentionCPU: compile-time q window shape and head dim
+    "head_dim": [64, 256],
+    "n_kv": [3],
 }
 
 
