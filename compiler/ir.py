@@ -22,6 +22,10 @@ MAX_WORKGROUPS = 65535   # per dispatch dimension (WebGPU's default maxComputeWo
 # (SHARD_BYTES / 64 KiB = 1024 <= 8192, WebGPU's default maxTextureDimension2D); runtimes upload it that way
 # (runtime_py/weight_texture.py, web/weight_texture.js)
 TEXTURE_WIDTH = 4096
+# ... and its quants region holds the rows TEXTURE_ROWS at a time, texel by texel: texel c of rows 8j .. 8j + 7 are 8
+# adjacent texels, so the SIMD lanes of a CPU adapter (one row each) fetch one contiguous run; the rows are padded to
+# a multiple of TEXTURE_ROWS, the scale region follows unchanged (runtime_py/weight_texture.py interleave)
+TEXTURE_ROWS = 8
 
 
 @dataclass(frozen=True)

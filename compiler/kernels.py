@@ -352,11 +352,12 @@ class MatvecCPU(Kernel):
     template: ClassVar[str] = "matvec_cpu"
     quant: str
     xk: int             # K, compile-time: the uniform x binding is a fixed-size array (K * 4 <= 64 KiB)
-    wg: int = 64        # output rows per workgroup (the SIMD lanes on CPU adapters)
+    wg: int = 32        # invocations per workgroup (the SIMD lanes on CPU adapters)
     gate: str | None = None
     residual: bool = False
     tex: bool | None = None   # weights from a texture; None: where the scheme allows (TEXTURE_QUANTS)
     tokens: int = 1     # rows of the x window; > 1: the prefill LM head (last_only: token T-1 = row (T-1) % tokens)
+    lane_rows: int = 4  # output rows per invocation, `wg` apart (each x load serves them all; lavapipe: 1.3-2.3x one)
     # no x prologue (Matmul's `pre`): x would leave the uniform binding for workgroup memory, 4.5x slower decode on
     # lavapipe (compiler/schedule.py Builder.fuse_prologues)
     params: ClassVar[tuple[Param, ...]] = MATMUL_PARAMS
@@ -372,7 +373,7 @@ class MatvecCPU(Kernel):
 
     @property
     def rows(self) -> int:   # output rows per workgroup, for the dispatch arithmetic
-        return self.wg
+        return self.wg * self.lane_rows
 
     tex_width: ClassVar[int] = TEXTURE_WIDTH
 

@@ -67,10 +67,11 @@ class MatvecCPUI8(Kernel):
     language_features: ClassVar[tuple[str, ...]] = (DOT4I8,)
     quant: str
     xk: int             # K, compile-time: the uniform xq binding is a fixed-size array
-    wg: int = 64        # output rows per workgroup (the SIMD lanes on CPU adapters)
+    wg: int = 32        # invocations per workgroup (the SIMD lanes on CPU adapters)
     gate: str | None = None
     residual: bool = False
     tokens: int = 1     # xq rows bound; > 1: the prefill LM head (last_only: token T-1 = row (T-1) % tokens)
+    lane_rows: int = 4  # output rows per invocation, `wg` apart (as MatvecCPU)
 
     tex_width: ClassVar[int] = TEXTURE_WIDTH
 
@@ -83,7 +84,7 @@ class MatvecCPUI8(Kernel):
 
     @property
     def rows(self) -> int:   # output rows per workgroup, for the dispatch arithmetic
-        return self.wg
+        return self.wg * self.lane_rows
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ from .schedule_rows import add_rows_buffers, build_rows_programs, rows_limit
 from .shards import write_shards
 from .tokenizer import build_tokenizer_json, tokenizer_info
 
-COMPILER_VERSION = "9"   # 2: the `score` program; 3: manifest v2 (manifest_sha256, shader + tokenizer sha256),
+COMPILER_VERSION = "10"   # 2: the `score` program; 3: manifest v2 (manifest_sha256, shader + tokenizer sha256),
                          #    `features`, buffers[].programs, matmul_tt without last_only
                          # 4: "texture" weight bindings, x-window bind refs "buf+OFF", "T>n" / "T<=n"
                          #    dispatches (the CPU-adapter kernels)
@@ -53,6 +53,8 @@ COMPILER_VERSION = "9"   # 2: the `score` program; 3: manifest v2 (manifest_sha2
                          # 8: paged KV in the rows program (page_table, limits.kv_page)
                          # 9: the @cpu programs' attention_cpu (q bound as a uniform; decode: RoPE / QK-norm / KV
                          #    write as steps before it)
+                         # 10: weight textures with the quants of 8 rows interleaved (runtime_py/weight_texture.py),
+                         #    matvec_cpu with 4 rows per invocation (32 lanes)
 DEFAULT_PREFILL_CHUNK = 128
 
 

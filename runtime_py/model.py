@@ -140,14 +140,15 @@ class Model:
         by_shard: dict[int, list] = {}
         for name, w in m["weights"].items():
             for i, p in enumerate(w["parts"]):
-                by_shard.setdefault(p["shard"], []).append((f"{name}#{i}", p))
+                by_shard.setdefault(p["shard"], []).append((f"{name}#{i}", p, w))
         out, total, done = {}, sum(s["bytes"] for s in m["shards"]), 0
         for si, shard in enumerate(m["shards"]):
             data = self._read_shard(shard)
-            for ref, p in by_shard.get(si, []):
+            for ref, p, w in by_shard.get(si, []):
                 chunk = memoryview(data)[p["offset"]:p["offset"] + p["bytes"]]
                 if ref in as_tex:
-                    self.textures[ref] = upload_texture(self.device, chunk, label=ref)
+                    self.textures[ref] = upload_texture(self.device, chunk, quant=w["quant"], rows=p["rows"],
+                                                        k=w["shape"][-1], label=ref)
                 if ref in as_buf or ref not in as_tex:
                     buf = self.device.create_buffer(size=max(16, len(chunk)), label=ref,
                                                     usage=wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_DST)

@@ -65,7 +65,8 @@ class Case:
         self.bg = dev.create_bind_group(layout=layout, entries=[
             {"binding": 0, "resource": {"buffer": uni[0], "offset": 0, "size": STATE_BYTES}},
             {"binding": 1, "resource": {"buffer": uni[1], "offset": 0, "size": UNIFORM_ALIGN}},
-            *({"binding": i + 2, "resource": upload_texture(dev, np.ascontiguousarray(arr).tobytes()).create_view()}
+            *({"binding": i + 2, "resource": upload_texture(dev, np.ascontiguousarray(arr).tobytes(), quant=kernel.quant,
+                                                            rows=params["rows"], k=params["k"]).create_view()}
               if a == "texture" else
               {"binding": i + 2, "resource": {"buffer": b, "offset": 0, "size": min(b.size, 65536) if a == "uniform" else b.size}}
               for i, (arr, b, (_, a)) in enumerate(zip(buffers, bufs, kernel.bindings())))])
@@ -125,11 +126,11 @@ def variants(quant, T, gate, k):
     else:
         out.append(("matmul_tt 8x8", K.MatmulTokens(quant=quant, gate=gate), lambda r, k: [-(-r // k.rows), "T/8", 1]))
     if T == 1:
-        for wg in (32, 64):
+        for wg, lr in ((32, 1), (64, 1), (32, 2), (64, 2), (32, 4)):
             for tex in ((False, True) if quant in K.TEXTURE_QUANTS else (False,)):
-                out.append((f"matvec_cpu wg{wg}{' tex' if tex else ''}",
-                            K.MatvecCPU(quant=quant, xk=k, wg=wg, gate=gate, tex=tex),
-                            lambda r, kk: [-(-r // kk.wg), 1, 1]))
+                out.append((f"matvec_cpu wg{wg} {lr}r{' tex' if tex else ''}",
+                            K.MatvecCPU(quant=quant, xk=k, wg=wg, gate=gate, tex=tex, lane_rows=lr),
+                            lambda r, kk: [-(-r // kk.rows), 1, 1]))
     else:   # one x window (the first `tokens` tokens) per dispatch; per token = that / tokens
         for tokens, rows, wg in ((8, 4, 32), (8, 2, 32), (4, 4, 32), (8, 1, 64)):
             for tex in ((False, True) if quant in K.TEXTURE_QUANTS else (False,)):
@@ -138,9 +139,9 @@ def variants(quant, T, gate, k):
                             lambda r, kk: [-(-r // kk.rows_per_wg), 1, 1]))
     from compiler import kernels_i8 as I   # the int8-activation variants (x quantised per 32-block: xq)
     if quant in I.I8_QUANTS and T == 1:
-        for wg in (32, 64):
-            out.append((f"matvec_cpu_i8 wg{wg}", I.MatvecCPUI8(quant=quant, xk=k, wg=wg, gate=gate),
-                        lambda r, kk: [-(-r // kk.wg), 1, 1]))
+        for wg, lr in ((64, 1), (32, 4)):
+            out.append((f"matvec_cpu_i8 wg{wg} {lr}r", I.MatvecCPUI8(quant=quant, xk=k, wg=wg, gate=gate, lane_rows=lr),
+                        lambda r, kk: [-(-r // kk.rows), 1, 1]))
     elif quant in I.I8_QUANTS:
         for tokens, rows, wg in ((8, 4, 32), (8, 2, 32), (8, 1, 64)):
             out.append((f"matmul_cpu_i8 {tokens}tok {rows}r wg{wg}",

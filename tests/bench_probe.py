@@ -5,7 +5,8 @@
 One 1536x576 4-bit matrix (one row per invocation, 64 per workgroup); each probe kernel differs in one thing: weight
 words only (scalar / vec4 loads, per-lane / lane-uniform addresses), dequantize-and-dot with x from a storage buffer,
 workgroup memory or a uniform buffer, and the ALU alone; then the weight words from storage, a uniform binding or a
-texture, and int8 weights dotted in f32 or with dot4I8Packed. GPU time per dispatch from timestamp queries, median of 5.
+texture, and int8 weights dotted in f32 or with dot4I8Packed; then the Q8_0 LM head's mat-vec taken apart (scale
+fetch, texel words, ALU) and on the rows-interleaved texture. GPU time per dispatch from timestamp queries, median of 5.
 The WGSL lives here, not in shaders/: these are measurements, not kernels of the product.
 """
 import os
@@ -174,3 +175,72 @@ for rep in range(5):
 for name, _, _, _, nbytes in cases2:
     r = res2[name]
     print(f"{name:24s} {statistics.median(r)/1e3:9.1f} us  min {min(r)/1e3:9.1f}  ({nbytes/statistics.median(r):.2f} GB/s)")
+
+# -- the Q8_0 LM head (49152 x 576, SmolLM2's tied embedding) from a texture: where a mat-vec's time goes. One row per
+# lane on the row-major layout ("base": the dot of matvec_cpu before the interleave), then each with one thing taken
+# away (the per-group scale fetch; the arithmetic: texel words only; the loads: words made up in registers), then the
+# rows-interleaved layout (runtime_py/weight_texture.py) with 1 and 4 rows per lane (matvec_cpu's default)
+from runtime_py.weight_texture import upload_texture  # noqa: E402
+
+R, G = 49152, 576 // 32
+NB = R * G
+lm = B.random_packed("q8_0", R, 576, np.random.default_rng(3))
+tex_rm = dev.create_texture(size=(4096, -(-lm.nbytes // 65536), 1), format=wgpu.TextureFormat.rgba32uint,
+                            usage=wgpu.TextureUsage.TEXTURE_BINDING | wgpu.TextureUsage.COPY_DST)
+raw = lm.tobytes().ljust(-(-lm.nbytes // 65536) * 65536, b"\0")
+dev.queue.write_texture({"texture": tex_rm}, raw, {"bytes_per_row": 65536, "rows_per_image": len(raw) // 65536},
+                        (4096, len(raw) // 65536, 1))
+tex_il = upload_texture(dev, lm.tobytes(), quant="q8_0", rows=R, k=576)
+hdr3 = f"""
+@group(0) @binding(0) var w: texture_2d<u32>;
+@group(0) @binding(1) var<uniform> x: array<vec4<f32>, 144>;
+@group(0) @binding(2) var<storage, read_write> y: array<f32>;
+const G: u32 = {G}u; const R: u32 = {R}u; const NB: u32 = {NB}u;
+fn t(i: u32) -> vec4<u32> {{ return textureLoad(w, vec2<u32>(i % 4096u, i / 4096u), 0); }}
+fn dq(q: u32, xv: vec4<f32>) -> f32 {{ let s = bitcast<i32>(q);
+  return dot(vec4<f32>(vec4<i32>(s << 24u, s << 16u, s << 8u, s) >> vec4<u32>(24u)), xv); }}
+fn dq8(w0: vec4<u32>, w1: vec4<u32>, xb: u32) -> f32 {{
+  return dq(w0.x, x[xb]) + dq(w0.y, x[xb+1u]) + dq(w0.z, x[xb+2u]) + dq(w0.w, x[xb+3u])
+       + dq(w1.x, x[xb+4u]) + dq(w1.y, x[xb+5u]) + dq(w1.z, x[xb+6u]) + dq(w1.w, x[xb+7u]); }}
+fn dsc(b: u32, base: u32) -> f32 {{ return unpack2x16float(t(base + b / 8u)[(b / 2u) % 4u])[b % 2u]; }}
+@compute @workgroup_size(64) fn main(@builtin(global_invocation_id) gid: vec3<u32>) {{
+  let row = gid.x;
+"""
+IL = "(r & ~7u) * G * 2u + g * 16u + (r & 7u)"   # interleaved: texel 2g of row r
+kern3 = {  # name: (body, rows per invocation, texture)
+ "base": ("var a = 0.0; for (var g = 0u; g < G; g++) { let b = row * G + g; a += dsc(b, 2u * NB) * dq8(t(2u*b), t(2u*b+1u), g * 8u); }"
+          " y[row] = a;", 1, tex_rm),
+ "no scale fetch": ("var a = 0.0; for (var g = 0u; g < G; g++) { let b = row * G + g; a += dq8(t(2u*b), t(2u*b+1u), g * 8u); }"
+                    " y[row] = a;", 1, tex_rm),
+ "texel words only": ("var s = vec4<u32>(0u); for (var g = 0u; g < G; g++) { let b = row * G + g; s ^= t(2u*b) ^ t(2u*b+1u); }"
+                      " y[row] = f32(s.x ^ s.y ^ s.z ^ s.w) + x[0].x;", 1, tex_rm),
+ "ALU only": ("var a = f32(t(0u).x) * 0.0; var q = vec4<u32>(row * 2654435761u, row, row ^ 77u, row * 3u);"
+              " for (var g = 0u; g < G; g++) { q = q * 1664525u + 1013904223u; a += dq8(q, q.yzwx, g * 8u); } y[row] = a;", 1, tex_rm),
+ "interleaved": (f"var a = 0.0; let r = row; for (var g = 0u; g < G; g++) {{ let i = {IL};"
+                 " a += dsc(r * G + g, R * G * 2u) * dq8(t(i), t(i + 8u), g * 8u); } y[row] = a;", 1, tex_il),
+ "interleaved, 4 rows": ("".join(f"var a{j} = 0.0; let r{j} = row + {j}u * (R / 4u);" for j in range(4))
+                         + " for (var g = 0u; g < G; g++) {" + "".join(
+                             f" {{ let r = r{j}; let i = {IL}; a{j} += dsc(r * G + g, R * G * 2u) * dq8(t(i), t(i + 8u), g * 8u); }}"
+                             for j in range(4)) + " }" + "".join(f" y[r{j}] = a{j};" for j in range(4)), 4, tex_il),
+}
+cases3 = []
+for name, (body, per, tx) in kern3.items():
+    pl = dev.create_compute_pipeline(layout="auto", compute={"module": dev.create_shader_module(code=hdr3 + body + " }"),
+                                                             "entry_point": "main"})
+    bg = dev.create_bind_group(layout=pl.get_bind_group_layout(0), entries=[
+        {"binding": 0, "resource": tx.create_view()}, {"binding": 1, "resource": {"buffer": xubuf}},
+        {"binding": 2, "resource": {"buffer": dev.create_buffer(size=R * 4, usage=wgpu.BufferUsage.STORAGE)}}])
+    cases3.append((name, pl, bg, R // 64 // per))
+res3 = {c[0]: [] for c in cases3}
+for rep in range(5):
+    for name, pl, bg, n in cases3:
+        enc = dev.create_command_encoder(); cp = enc.begin_compute_pass()
+        for i in range(4):
+            cp.set_pipeline(pl); cp.set_bind_group(0, bg); write_timestamp(cp, qs, 2*i); cp.dispatch_workgroups(n); write_timestamp(cp, qs, 2*i+1)
+        cp.end(); enc.resolve_query_set(qs, 0, 8, qb, 0); dev.queue.submit([enc.finish()])
+        ts = np.frombuffer(dev.queue.read_buffer(qb), np.uint64).astype(np.int64)
+        res3[name].append(np.median(ts[1::2] - ts[0::2]))
+b0 = statistics.median(res3["base"])
+for name, r in res3.items():
+    print(f"LM head {name:20s} {statistics.median(r)/1e3:9.1f} us  min {min(r)/1e3:9.1f}  "
+          f"({lm.nbytes/statistics.median(r):.2f} GB/s, {statistics.median(r)/b0:.2f}x base)")

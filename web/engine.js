@@ -97,7 +97,7 @@ export class Model {
     for (const [name, w] of Object.entries(manifest.weights)) {
       w.parts.forEach((p, i) => {
         if (!this._byShard.has(p.shard)) this._byShard.set(p.shard, []);
-        this._byShard.get(p.shard).push([`${name}#${i}`, p]);
+        this._byShard.get(p.shard).push([`${name}#${i}`, p, w]);
       });
     }
   }
@@ -144,8 +144,11 @@ export class Model {
   /** Each weight part as a storage buffer, or as a texture where the programs this adapter runs bind it so (the
    *  CPU-adapter kernels: weight_texture.js); both if both. */
   _upload(shardIndex, bytes) {
-    for (const [ref, p] of this._byShard.get(shardIndex) || []) {
-      if (this._asTexture.has(ref)) this.textures.set(ref, uploadTexture(this.device, bytes, p.offset, p.bytes, ref));
+    for (const [ref, p, w] of this._byShard.get(shardIndex) || []) {
+      if (this._asTexture.has(ref)) {
+        this.textures.set(ref, uploadTexture(this.device, bytes, p.offset, p.bytes,
+                                             {quant: w.quant, rows: p.rows, k: w.shape[w.shape.length - 1]}, ref));
+      }
       if (this._asTexture.has(ref) && !this._asBuffer.has(ref)) continue;
       const buf = this.device.createBuffer({size: Math.max(16, p.bytes), label: ref,
                                             usage: GPUBufferUsage.STORAGE | GPUBufferUsage.COPY_DST});

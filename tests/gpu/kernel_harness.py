@@ -62,7 +62,8 @@ def run_kernel(kernel: Kernel, params: dict, buffers: list[np.ndarray], dispatch
     entries += [{"binding": i + 2, "resource": {"buffer": b, "offset": 0,   # as runtime_py/model.py Session._bind
                                                 "size": min(b.size, UNIFORM_BINDING_MAX) if acc == "uniform" else b.size}}
                 if acc != "texture" else   # a weight part as the CPU-adapter kernels read it (weight_texture.py)
-                {"binding": i + 2, "resource": upload_texture(device, np.ascontiguousarray(a).tobytes()).create_view()}
+                {"binding": i + 2, "resource": upload_texture(device, np.ascontiguousarray(a).tobytes(), quant=kernel.quant,
+                                                  rows=params["rows"], k=params["k"]).create_view()}
                 for i, (a, b, (_, acc)) in enumerate(zip(buffers, storage, bindings))]
     bind_group = device.create_bind_group(layout=layout, entries=entries)
     enc = device.create_command_encoder()

@@ -200,7 +200,8 @@ def test_matvec_cpu_i8(quant, rows, K, rng):
 @pytest.mark.parametrize("quant", ["q8_0", "q4_1"])
 def test_matvec_cpu_i8_gate_residual_stride(quant, gate, rng):
     check_i8(quant, "mv", 1, 37, 96, rng, gate=gate)
-    check_i8(quant, "mv", 1, 9, 96, rng, gate=gate, residual=True, shape=dict(wg=8))
+    check_i8(quant, "mv", 1, 9, 96, rng, gate=gate, residual=True, shape=dict(wg=8, lane_rows=1))
+    check_i8(quant, "mv", 1, 45, 96, rng, gate=gate, residual=True, shape=dict(wg=8, lane_rows=3))
     check_i8(quant, "mv", 1, 37, 96, rng, residual=True, n_offset=5, n_stride=50)
 
 
