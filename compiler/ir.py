@@ -17,7 +17,7 @@ from .errors import UnsupportedModelError
 SHARD_BYTES = 64 << 20   # max bytes per shard file and per part (browser-friendly downloads, < any binding limit)
 PART_ALIGN = 256         # each part starts at a multiple of this many bytes in its shard (zero padding between)
 MAX_WORKGROUPS = 65535   # per dispatch dimension (WebGPU's default maxComputeWorkgroupsPerDimension)
-# a weight part bound as a "texture" (the CPU-adapter kernels, compiler/kernels.py TEXTURE_QUANTS) is an rgba32uint
+# a weight part bound as a "texture" (the CPU-adapter kernels, compiler/kernels_cpu.py TEXTURE_QUANTS) is an rgba32uint
 # texture_2d of this many texels per row (64 KiB: 4 packed u32 words per texel), as many rows as the part needs
 # (SHARD_BYTES / 64 KiB = 1024 <= 8192, WebGPU's default maxTextureDimension2D); runtimes upload it that way
 # (runtime_py/weight_texture.py, web/weight_texture.js)

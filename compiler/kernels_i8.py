@@ -23,10 +23,11 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from .ir import TEXTURE_WIDTH
-from .kernels import MATMUL_PARAMS, UNIFORM_BINDING_BYTES, Kernel, MatmulCPU, Param
+from .kernels import MATMUL_PARAMS, Kernel, Param
+from .kernels_cpu import UNIFORM_BINDING_BYTES, MatmulCPU
 
 XQ_WORDS = 12           # u32 words per 32-block of quantised activations (see the module docstring)
-I8_QUANTS = ("q8_0", "q4_1")   # weight schemes with an int8 dot (texture readers: compiler/kernels.py TEXTURE_QUANTS)
+I8_QUANTS = ("q8_0", "q4_1")   # weight schemes with an int8 dot (texture readers: compiler/kernels_cpu.py TEXTURE_QUANTS)
 DOT4I8 = "packed_4x8_integer_dot_product"   # the WGSL language feature these kernels need
 
 

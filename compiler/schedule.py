@@ -16,9 +16,9 @@ from __future__ import annotations
 from .config import ModelConfig
 from .errors import UnsupportedModelError
 from .ir import Program, dispatch_size, split_ref  # noqa: F401  (dispatch_size: runtimes import it from here)
-from .kernels import (AddBias, Argmax, AttentionReduce, AttentionSplit, AttentionSplitSoftcap, Embed,
-                      Matmul, MatmulCPU, MatmulTokens, MatvecCPU, RMSNorm, RopeKV, SampleDraw, SamplePrep, SampleTopK,
-                      Softcap)
+from .kernels import (AddBias, Argmax, AttentionReduce, AttentionSplit, AttentionSplitSoftcap, Embed, Matmul,
+                      MatmulTokens, RMSNorm, RopeKV, SampleDraw, SamplePrep, SampleTopK, Softcap)
+from .kernels_cpu import MatmulCPU, MatvecCPU
 from .schedule_cpu_attention import (DECODE_SPLITS_MAX, attention_cpu_decode, attention_cpu_prefill,
                                      cpu_attention_fits, cpu_q_window)
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from .config import ModelConfig
 from .ir import Program
-from .kernels import UNIFORM_BINDING_BYTES, AttentionCPU, AttentionReduce
+from .kernels import AttentionReduce
+from .kernels_cpu import UNIFORM_BINDING_BYTES, AttentionCPU
 
 # the decode attention splits the keys so that one dispatch has about this many workgroups of 8 lanes: few, long
 # splits, since each workgroup's lane merge is a fixed cost and a CPU adapter runs a workgroup per core

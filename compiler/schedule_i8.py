@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from .errors import UnsupportedModelError
 from .ir import split_ref
-from .kernels import UNIFORM_BINDING_BYTES, AttentionReduce
+from .kernels import AttentionReduce
+from .kernels_cpu import UNIFORM_BINDING_BYTES
 from .kernels_i8 import I8_QUANTS, MatmulCPUI8, MatvecCPUI8, QuantizeAct, xq_words
 from .schedule import CPU_WINDOW, DECODE_SPLITS, PREFILL_TILE, Builder
 

@@ -23,7 +23,8 @@ from __future__ import annotations
 from .config import ModelConfig
 from .errors import UnsupportedModelError
 from .ir import Program, split_ref
-from .kernels import MatmulCPU, RopeKV
+from .kernels import RopeKV
+from .kernels_cpu import MatmulCPU
 from .kernels_rows import ROW_INFO_WORDS, ArgmaxRows, AttentionRows, AttentionRowsSoftcap, RopeKVRows
 from .schedule import PREFILL_TILE, SCORE_BYTES, Builder, cpu_window
 

@@ -1,4 +1,4 @@
-// Weight parts as textures: how the CPU-adapter kernels read q8_0 / q4_1 weights (compiler/kernels.py TEXTURE_QUANTS).
+// Weight parts as textures: how the CPU-adapter kernels read q8_0 / q4_1 weights (compiler/kernels_cpu.py TEXTURE_QUANTS).
 // Mirrors runtime_py/weight_texture.py.
 //
 // A part's packed u32 words fill an rgba32uint texture_2d row-major, TEXTURE_WIDTH texels (64 KiB) per row; the last

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from gguf.quants import dequantize, quantize
 
-from compiler.kernels import Argmax, Embed, Matmul, MatmulCPU, MatmulTokens, MatvecCPU, RMSNorm, RopeKV
+from compiler.kernels import Argmax, Embed, Matmul, MatmulTokens, RMSNorm, RopeKV
+from compiler.kernels_cpu import MatmulCPU, MatvecCPU
 from compiler.quant import QuantScheme
 from runtime_py.device import NoAdapterError, get_device
 

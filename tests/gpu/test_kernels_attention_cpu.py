@@ -12,7 +12,8 @@ import zlib
 import numpy as np
 import pytest
 
-from compiler.kernels import AttentionCPU, AttentionReduce, attention_cpu_block
+from compiler.kernels import AttentionReduce
+from compiler.kernels_cpu import AttentionCPU, attention_cpu_block
 from runtime_py.device import NoAdapterError, get_device
 
 try:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from gguf.quants import dequantize, quantize
 
-from compiler.kernels import MatvecCPU
+from compiler.kernels_cpu import MatvecCPU
 from compiler.quant import QuantScheme
 from runtime_py.device import NoAdapterError, get_device
 

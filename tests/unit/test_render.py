@@ -26,6 +26,7 @@ from typing import ClassVar
 import jinja2
 import pytest
 
+import compiler.kernels_cpu  # noqa: F401  (registers the CPU-adapter kernels as Kernel subclasses)
 import compiler.kernels_i8  # noqa: F401  (registers the int8-activation kernels as Kernel subclasses)
 from compiler.kernels import Kernel, Matmul
 from compiler.quant import QuantScheme

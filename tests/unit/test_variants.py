@@ -6,7 +6,8 @@ import importlib.resources
 
 import pytest
 
-from compiler.kernels import AttentionCPU, AttentionSplit, Matmul, MatmulCPU, MatmulTokens, MatvecCPU, RopeKV
+from compiler.kernels import AttentionSplit, Matmul, MatmulTokens, RopeKV
+from compiler.kernels_cpu import AttentionCPU, MatmulCPU, MatvecCPU
 from compiler.ir import split_ref
 from runtime_py.device import adapter_class
 

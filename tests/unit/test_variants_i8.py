@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from compiler.ir import split_ref
-from compiler.kernels import MatmulCPU, MatvecCPU, RMSNorm
+from compiler.kernels import RMSNorm
+from compiler.kernels_cpu import MatmulCPU, MatvecCPU
 from compiler.kernels_i8 import DOT4I8, MatmulCPUI8, MatvecCPUI8, QuantizeAct, xq_words
 from compiler.schedule_i8 import i8_window, program_variants, xq_buffer
 from runtime_py.model import choose_programs, requested_activations

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from compiler.ir import TEXTURE_ROWS
-from compiler.kernels import TEXTURE_QUANTS
+from compiler.kernels_cpu import TEXTURE_QUANTS
 from compiler.quant import QuantScheme
 from runtime_py.weight_texture import QS_WORDS, interleave
 
