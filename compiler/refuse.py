@@ -7,7 +7,8 @@ added to a reader must be added to its list here; `tests/unit/test_refuse.py` ch
 """
 from __future__ import annotations
 
-from .config import ROPE_SCALING_KEYS, ModelConfig, _is_num, _show, expected_shapes, meta_int
+from .config import ModelConfig, _is_num, _show, expected_shapes, meta_int
+from .config_archs import ROPE_SCALING_KEYS
 from .gguf_file import GGUFModel, escape, quote
 from .tokenizer import TOKENIZER_HARMLESS, TOKENIZER_IRRELEVANT, TOKENIZER_IRRELEVANT_PREFIXES, TOKENIZER_KEYS
 
