@@ -1,5 +1,5 @@
 """Tampered and damaged manifests: every mutation is one clean ArtifactError that names the file and the field, never a
-traceback later (issue 9: 33 tampered manifests used to end in tracebacks). The schema is compiler/manifest.py's.
+traceback later (issue 9: 33 tampered manifests used to end in tracebacks). The schema is compiler/manifest_schema.py's.
 
 Two kinds of edits: `SCHEMA` mutations are re-sealed (manifest_sha256 recomputed, as a buggy compiler or a careful
 attacker would), so the schema check is what must catch them; `RAW` edits change the file's bytes, so the checksum
