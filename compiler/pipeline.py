@@ -42,7 +42,7 @@ from .schedule_rows import add_rows_buffers, build_rows_programs, rows_limit
 from .shards import write_shards
 from .tokenizer import build_tokenizer_json, tokenizer_info
 
-COMPILER_VERSION = "10"   # 2: the `score` program; 3: manifest v2 (manifest_sha256, shader + tokenizer sha256),
+COMPILER_VERSION = "11"   # 2: the `score` program; 3: manifest v2 (manifest_sha256, shader + tokenizer sha256),
                          #    `features`, buffers[].programs, matmul_tt without last_only
                          # 4: "texture" weight bindings, x-window bind refs "buf+OFF", "T>n" / "T<=n"
                          #    dispatches (the CPU-adapter kernels)
@@ -55,6 +55,7 @@ COMPILER_VERSION = "10"   # 2: the `score` program; 3: manifest v2 (manifest_sha
                          #    write as steps before it)
                          # 10: weight textures with the quants of 8 rows interleaved (runtime_py/weight_texture.py),
                          #    matvec_cpu with 4 rows per invocation (32 lanes)
+                         # 11: attention_cpu's kv_tex field (K/V from textures; not scheduled yet: a header line)
 DEFAULT_PREFILL_CHUNK = 128
 
 

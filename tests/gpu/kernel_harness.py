@@ -21,11 +21,29 @@ from runtime_py.weight_texture import layout_entry, upload_texture
 _pipelines: dict[str, tuple] = {}   # kernel name -> (pipeline, layout); one compile per variant per process
 
 
+def _layout_entry(binding: int, access: str) -> dict:
+    if access == "kv_texture":   # K/V as rgba32float texels (AttentionCPU kv_tex): an unfilterable-float texture
+        return {"binding": binding, "visibility": wgpu.ShaderStage.COMPUTE,
+                "texture": {"sample_type": wgpu.TextureSampleType.unfilterable_float,
+                            "view_dimension": wgpu.TextureViewDimension.d2}}
+    return layout_entry(binding, access)
+
+
+def _kv_texture(device, texels: np.ndarray):
+    """(H, W, 4) f32 texels -> an rgba32float texture view (the layout is the caller's: kv_texture_shape)."""
+    h, w, _ = texels.shape
+    tex = device.create_texture(size=(w, h, 1), format=wgpu.TextureFormat.rgba32float,
+                                usage=wgpu.TextureUsage.TEXTURE_BINDING | wgpu.TextureUsage.COPY_DST)
+    device.queue.write_texture({"texture": tex}, np.ascontiguousarray(texels, np.float32).tobytes(),
+                               {"bytes_per_row": w * 16, "rows_per_image": h}, (w, h, 1))
+    return tex.create_view()
+
+
 def _pipeline(device, kernel: Kernel):
     if kernel.name not in _pipelines:
         entries = [{"binding": i, "visibility": wgpu.ShaderStage.COMPUTE, "buffer": {"type": "uniform"}}
                    for i in (0, 1)]
-        entries += [layout_entry(i + 2, access) for i, (_, access) in enumerate(kernel.bindings())]
+        entries += [_layout_entry(i + 2, access) for i, (_, access) in enumerate(kernel.bindings())]
         layout = device.create_bind_group_layout(entries=entries, label=kernel.name)
         module = device.create_shader_module(code=render(kernel), label=kernel.name)
         pipeline = device.create_compute_pipeline(
@@ -61,7 +79,9 @@ def run_kernel(kernel: Kernel, params: dict, buffers: list[np.ndarray], dispatch
                {"binding": 1, "resource": {"buffer": uniforms[1], "offset": 0, "size": UNIFORM_ALIGN}}]
     entries += [{"binding": i + 2, "resource": {"buffer": b, "offset": 0,   # as runtime_py/model.py Session._bind
                                                 "size": min(b.size, UNIFORM_BINDING_MAX) if acc == "uniform" else b.size}}
-                if acc != "texture" else   # a weight part as the CPU-adapter kernels read it (weight_texture.py)
+                if acc not in ("texture", "kv_texture") else
+                {"binding": i + 2, "resource": _kv_texture(device, a)} if acc == "kv_texture" else
+                # a weight part as the CPU-adapter kernels read it (weight_texture.py)
                 {"binding": i + 2, "resource": upload_texture(device, np.ascontiguousarray(a).tobytes(), quant=kernel.quant,
                                                   rows=params["rows"], k=params["k"]).create_view()}
                 for i, (a, b, (_, acc)) in enumerate(zip(buffers, storage, bindings))]
