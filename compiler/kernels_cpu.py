@@ -102,7 +102,8 @@ class AttentionCPU(Kernel):
     tokens: int = 1            # qkv rows in the uniform q window (prefill; tokens * qkv row <= 64 KiB)
     wg: int = 8                # lanes (one SIMD group of lavapipe on AVX2: the merge costs WG * G * DB loads)
     # K/V bound as rgba32float textures (kv_texture_shape) instead of storage: one 16-byte fetch per lane on lavapipe
-    # where a storage vec4 is 4 scalar loads in a per-lane loop (ARCHITECTURE.md, "CPU adapters"). Not scheduled yet
+    # where a storage vec4 is 4 scalar loads in a per-lane loop (ARCHITECTURE.md, "CPU adapters"); the @cpu programs'
+    # k_tex / v_tex where compiler/schedule_cpu_attention.py cpu_kv_textures
     kv_tex: bool = False
     # accumulator floats per lane (G * DB): registers, then stack spill on lavapipe. Gemma 3 (4 x 256) in one pass ran
     # 2.6x faster at position 1000 than in 4 passes of 64 dims (each pass re-reads the keys) but took ~97 s to compile

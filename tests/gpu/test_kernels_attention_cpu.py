@@ -12,17 +12,17 @@ import zlib
 import numpy as np
 import pytest
 
-from compiler.kernels import AttentionReduce
+from compiler.kernels import AttentionReduce, RopeKV
 from compiler.kernels_cpu import AttentionCPU, attention_cpu_block, kv_texture_shape
 from runtime_py.device import NoAdapterError, get_device
 
 try:
     from .kernel_harness import run_kernel
-    from .test_kernels import assert_close, attention_ref
+    from .test_kernels import assert_close, attention_ref, rope_ref
     from .test_kernels_archs import attention_softcap_ref
 except ImportError:   # tests/gpu is not a package: pytest put it on sys.path
     from kernel_harness import run_kernel
-    from test_kernels import assert_close, attention_ref
+    from test_kernels import assert_close, attention_ref, rope_ref
     from test_kernels_archs import attention_softcap_ref
 
 try:
@@ -54,6 +54,38 @@ def test_kv_texture_shape():
 @pytest.fixture
 def rng(request):
     return np.random.default_rng(zlib.crc32(request.node.name.encode()))
+
+
+@pytest.mark.parametrize("style,n_head,n_kv,hd,rot,pos0,T,ctx,kv_rows", [
+    ("norm", 9, 3, 64, 64, 5, 3, 12, 8192),     # SmolLM2's shape, one column block
+    ("neox", 4, 1, 256, 256, 9, 4, 20, 7),      # Gemma 3's; rows 7: positions 9..12 straddle column blocks 1 and 2
+    ("norm", 2, 2, 64, 32, 11, 1, 13, 5),       # decode, rot_dim < head_dim, the last block
+])
+def test_rope_kv_texture(style, n_head, n_kv, hd, rot, pos0, T, ctx, kv_rows, rng):
+    """rope_kv writing the @cpu programs' K/V textures (textureStore, kv_texture_shape): the rotated k and v of the
+    chunk's tokens land at their positions' texels, q is rotated in place, every other texel is untouched."""
+    stride = (n_head + 2 * n_kv) * hd
+    qkv = rng.standard_normal((T + 1, stride)).astype(f32)   # row T: past n_tokens
+    kc0 = kv_texels(rng.standard_normal((ctx, n_kv, hd)).astype(f32), kv_rows)
+    vc0 = kv_texels(rng.standard_normal((ctx, n_kv, hd)).astype(f32), kv_rows)
+    kc0, vc0 = np.nan_to_num(kc0, nan=7.0), np.nan_to_num(vc0, nan=-7.0)   # texels past ctx: must stay
+    inv_freq, want = rope_ref(qkv[:T], n_head, n_kv, hd, rot, pos0, 10000.0, style)
+    k = RopeKV(style=style, kv_tex=True)
+    assert k.bindings()[2:] == [("k_cache", "write_texture"), ("v_cache", "write_texture")]
+    got, kc, vc = run_kernel(k, dict(n_head=n_head, n_kv=n_kv, head_dim=hd, rot_dim=rot),
+                             [qkv, inv_freq, kc0, vc0], [T + 1, 1, 1], n_tokens=T, pos0=pos0)
+    assert_close(got[:T], want, rel=1e-5, what="rope_kv_tex qkv")
+    assert np.array_equal(got[T:], qkv[T:]), "rope_kv_tex wrote qkv past n_tokens"
+    kk = np.zeros((ctx, n_kv, hd), f32)
+    vv = np.zeros((ctx, n_kv, hd), f32)
+    written = np.zeros((ctx, n_kv, hd), bool)
+    kk[pos0:pos0 + T] = want[:, n_head * hd:(n_head + n_kv) * hd].reshape(T, n_kv, hd)
+    vv[pos0:pos0 + T] = qkv[:T, (n_head + n_kv) * hd:].reshape(T, n_kv, hd)
+    written[pos0:pos0 + T] = True
+    mask = kv_texels(written.astype(f32), kv_rows) == 1
+    assert_close(kc[mask], kv_texels(kk, kv_rows)[mask], rel=1e-5, what="rope_kv_tex k texels")
+    assert np.array_equal(vc[mask], kv_texels(vv, kv_rows)[mask]), "rope_kv_tex v texels"
+    assert np.array_equal(kc[~mask], kc0[~mask]) and np.array_equal(vc[~mask], vc0[~mask]), "other texels touched"
 
 
 def test_block_budget():
