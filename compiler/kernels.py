@@ -137,9 +137,13 @@ class RopeKV(Kernel):
     params: ClassVar[tuple[Param, ...]] = (("n_head", "u32"), ("n_kv", "u32"), ("head_dim", "u32"), ("rot_dim", "u32"))
     style: str = "norm"   # "norm" | "neox"
     wg: int = 64
+    # K/V written to write-only rgba32float storage textures (the @cpu programs' k_tex / v_tex: compiler/kernels_cpu.py
+    # kv_texture_shape, read by AttentionCPU kv_tex) instead of storage buffers
+    kv_tex: bool = False
 
     def bindings(self):
-        return [("qkv", "read_write"), ("inv_freq", "read"), ("k_cache", "read_write"), ("v_cache", "read_write")]
+        kv = "write_texture" if self.kv_tex else "read_write"
+        return [("qkv", "read_write"), ("inv_freq", "read"), ("k_cache", kv), ("v_cache", kv)]
 
 
 @dataclass(frozen=True)

@@ -101,6 +101,10 @@ class AttentionCPU(Kernel):
     prefill: bool = False      # T tokens: one workgroup per (KV head, token), one split, `out` written (adds `t0`)
     tokens: int = 1            # qkv rows in the uniform q window (prefill; tokens * qkv row <= 64 KiB)
     wg: int = 8                # lanes (one SIMD group of lavapipe on AVX2: the merge costs WG * G * DB loads)
+    # K/V bound as rgba32float textures (kv_texture_shape) instead of storage: one 16-byte fetch per lane on lavapipe
+    # where a storage vec4 is 4 scalar loads in a per-lane loop (ARCHITECTURE.md, "CPU adapters"); the @cpu programs'
+    # k_tex / v_tex where compiler/schedule_cpu_attention.py cpu_kv_textures
+    kv_tex: bool = False
     # accumulator floats per lane (G * DB): registers, then stack spill on lavapipe. Gemma 3 (4 x 256) in one pass ran
     # 2.6x faster at position 1000 than in 4 passes of 64 dims (each pass re-reads the keys) but took ~97 s to compile
     # cold on lavapipe (load ~7; 2 passes 50 s, 4 passes 19 s): ARCHITECTURE.md, "CPU adapters"
@@ -131,7 +135,8 @@ class AttentionCPU(Kernel):
         return base + ((("cap", "f32"),) if self.softcap else ()) + ((("t0", "u32"),) if self.prefill else ())
 
     def bindings(self):
-        return [("q", "uniform"), ("k_cache", "read"), ("v_cache", "read"),
+        kv = "kv_texture" if self.kv_tex else "read"
+        return [("q", "uniform"), ("k_cache", kv), ("v_cache", kv),
                 ("out", "read_write") if self.prefill else ("part", "read_write")]
 
     @property
@@ -148,3 +153,15 @@ def attention_cpu_block(group: int, head_dim: int, acc_floats: int) -> int:
         if head_dim % nb == 0 and db % 4 == 0 and group * db <= acc_floats:
             return db
     return 4
+
+
+KV_TEXTURE_ROWS = 8192   # WebGPU's default maxTextureDimension2D: rows (positions) per column block of a KV texture
+
+
+def kv_texture_shape(ctx: int, n_kv: int, head_dim: int, rows: int = KV_TEXTURE_ROWS) -> tuple[int, int]:
+    """(width, height) texels of an rgba32float K or V texture for ctx positions (AttentionCPU kv_tex): H = min(ctx,
+    KV_TEXTURE_ROWS) rows, position j in row j % H, columns (j // H) * W .. + W, W = n_kv * head_dim / 4 (one
+    position's texels; `rows`: a smaller H, for tests). SmolLM2 at ctx 2048: 48 x 2048; a 32768-position Gemma 3 context: 256 x 8192."""
+    w, h = n_kv * head_dim // 4, min(ctx, rows)
+    assert w * -(-ctx // h) <= KV_TEXTURE_ROWS, f"KV texture of {ctx} positions x {w} texels"
+    return w * -(-ctx // h), h

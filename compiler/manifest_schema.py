@@ -13,9 +13,12 @@ a temp file in the same directory, then a rename), read by `read_manifest` only,
   limits      {prefill_chunk: T (multiple of PREFILL_TILE), score_chunk: tokens per `score` pass,
                storage_buffers_per_stage, max_part_bytes[, rows: rows per `rows` forward <= T, kv_page: positions per KV page]}  all ints >= 1
   features    [WebGPU feature names] the kernels need (union of Kernel.features; [] = core WebGPU only)
-  buffers     {name: {shape: [int >= 1 | "T" | "ctx", ...], dtype: "f32" | "u32", programs: [program names]}}
+  buffers     {name: {shape: [int >= 1 | "T" | "ctx", ...], dtype: "f32" | "u32", programs: [program names][,
+              texture: "rgba32float"]}}
               activations and KV; has tokens, logits. `programs` = the programs that bind it: a runtime allocates a
-              buffer when it first runs one of them (`logits_all` is ["score"]: only sessions that score pay for it)
+              buffer when it first runs one of them (`logits_all` is ["score"]: only sessions that score pay for it);
+              `texture`: a texture of that format instead (the @cpu programs' K/V k_tex.L / v_tex.L, shaped as
+              compiler/kernels_cpu.py kv_texture_shape; bound "kv_texture" to read, "write_texture" to write)
   weights     {name: {quant, shape: [rows, K], parts: [{row0, rows, shard, offset, bytes}]}}  each part inside its shard
   weight_bytes_by_quant {quant: packed bytes}                                         summary of `weights`
   shards      [{file: "shard-NNN.bin", bytes, sha256}]                                 see compiler/shards.py
@@ -165,6 +168,8 @@ def validate(m: dict, path="manifest.json", hint: str = "recompile the model") -
     for name, b in buffers.items():
         c.obj(b, f"buffers.{name}", ("shape", "dtype"))
         c.str(b["dtype"], f"buffers.{name}.dtype", choices=("f32", "u32"))
+        if "texture" in b:
+            c.str(b["texture"], f"buffers.{name}.texture", choices=("rgba32float",))
         for i, d in enumerate(c.list(b["shape"], f"buffers.{name}.shape", min_len=1)):
             if d not in ("T", "ctx"):
                 c.int(d, f"buffers.{name}.shape[{i}]", 1)
@@ -215,7 +220,8 @@ def validate(m: dict, path="manifest.json", hint: str = "recompile the model") -
         for i, b in enumerate(c.list(k["bindings"], f"{where}.bindings")):
             c.list(b, f"{where}.bindings[{i}]", n=2)
             c.str(b[0], f"{where}.bindings[{i}][0]")
-            c.str(b[1], f"{where}.bindings[{i}][1]", choices=("read", "read_write", "uniform", "texture"))
+            c.str(b[1], f"{where}.bindings[{i}][1]", choices=("read", "read_write", "uniform", "texture",
+                                                                           "kv_texture", "write_texture"))
 
     programs = c.obj(m["programs"], "programs", ("prefill", "decode"))
     for name, b in buffers.items():

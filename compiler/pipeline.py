@@ -42,7 +42,7 @@ from .schedule_rows import add_rows_buffers, build_rows_programs, rows_limit
 from .shards import write_shards
 from .tokenizer import build_tokenizer_json, tokenizer_info
 
-COMPILER_VERSION = "10"   # 2: the `score` program; 3: manifest v2 (manifest_sha256, shader + tokenizer sha256),
+COMPILER_VERSION = "12"   # 2: the `score` program; 3: manifest v2 (manifest_sha256, shader + tokenizer sha256),
                          #    `features`, buffers[].programs, matmul_tt without last_only
                          # 4: "texture" weight bindings, x-window bind refs "buf+OFF", "T>n" / "T<=n"
                          #    dispatches (the CPU-adapter kernels)
@@ -55,6 +55,9 @@ COMPILER_VERSION = "10"   # 2: the `score` program; 3: manifest v2 (manifest_sha
                          #    write as steps before it)
                          # 10: weight textures with the quants of 8 rows interleaved (runtime_py/weight_texture.py),
                          #    matvec_cpu with 4 rows per invocation (32 lanes)
+                         # 11: attention_cpu's kv_tex field (K/V from textures; not scheduled yet: a header line)
+                         # 12: the @cpu programs' K/V in rgba32float textures (buffers k_tex.L / v_tex.L, `texture`;
+                         #     bindings "kv_texture" / "write_texture")
 DEFAULT_PREFILL_CHUNK = 128
 
 
@@ -104,9 +107,10 @@ def schedule(c: Compilation):
     c.programs = build_programs(c.cfg, c.plan, c.prefill_chunk)
     c.programs.update(build_rows_programs(c.cfg, c.plan, c.prefill_chunk))   # batched rows (schedule_rows.py)
     c.score_tokens = score_chunk(c.cfg.vocab, c.prefill_chunk)
-    c.buffers = add_rows_buffers(activation_buffers(c.cfg, c.score_tokens) | xq_buffer(c.programs),  # xq: int8's
-                                 c.cfg, c.programs, rows_limit(c.cfg.vocab, c.prefill_chunk))
     bound = buffer_programs(c.programs)
+    kv_tex = "k_tex.0" in bound   # the @cpu programs keep K/V in textures (schedule_cpu_attention.py cpu_kv_textures)
+    c.buffers = add_rows_buffers(activation_buffers(c.cfg, c.score_tokens, kv_tex) | xq_buffer(c.programs),  # xq: int8's
+                                 c.cfg, c.programs, rows_limit(c.cfg.vocab, c.prefill_chunk))
     assert {n: b["programs"] for n, b in c.buffers.items()} == bound, "activation_buffers' programs != the programs'"
     steps = [f"{p}[{i}] {json.dumps(s)}" for p, prog in c.programs.items() for i, s in enumerate(program_json(prog))]
     return "\n".join(steps) + "\nbuffers " + json.dumps(c.buffers)

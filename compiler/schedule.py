@@ -20,7 +20,7 @@ from .kernels import (AddBias, Argmax, AttentionReduce, AttentionSplit, Attentio
                       MatmulTokens, RMSNorm, RopeKV, SampleDraw, SamplePrep, SampleTopK, Softcap)
 from .kernels_cpu import MatmulCPU, MatvecCPU
 from .schedule_cpu_attention import (DECODE_SPLITS_MAX, attention_cpu_decode, attention_cpu_prefill,
-                                     cpu_attention_fits, cpu_q_window)
+                                     cpu_attention_fits, cpu_kv_textures, cpu_q_window, kv_names)
 
 PREFILL_TILE = 8     # tokens per matmul workgroup in prefill
 # mat-vec workgroup shape (output rows x lanes splitting K); measured on lavapipe, where 16x4 beat 8x8 / 32x2 / 64x1
@@ -77,8 +77,9 @@ class Builder:
     weights: the plan, a callable name -> WeightRef (compiler/plan.py)."""
 
     def __init__(self, cfg: ModelConfig, weights, tile: int, score: bool = False, adapter: str = "gpu",
-                 chunk: int = 128):
+                 chunk: int = 128, kv_tex: bool = False):
         self.cfg, self.W, self.tile, self.score, self.adapter = cfg, weights, tile, score, adapter
+        self.kv_tex = kv_tex   # K/V in the @cpu programs' textures k_tex.L / v_tex.L (cpu_kv_textures)
         self.chunk = chunk   # most tokens per forward of this program (the CPU-adapter prefill steps per x window)
         self.p = Program()
 
@@ -202,7 +203,7 @@ class Builder:
                              stride=qkv_dim)
                 self.rmsnorm("qkv", blk + "attn_k_norm.weight", None, width=c.head_dim, heads=c.n_kv_head,
                              stride=qkv_dim, offset=q_dim)
-            self.p.add(RopeKV(style=c.rope_style), ["qkv", inv_freq, f"k_cache.{L}", f"v_cache.{L}"],
+            self.p.add(RopeKV(style=c.rope_style, kv_tex=self.kv_tex), ["qkv", inv_freq, *kv_names(L, self.kv_tex)],
                        dict(n_head=c.n_head, n_kv=c.n_kv_head, head_dim=c.head_dim, rot_dim=c.rope_dim), ["T", 1, 1])
         window = c.sliding_window if swa else 0
         if cpu:
@@ -239,7 +240,7 @@ class Builder:
 
     def attention_cpu(self, L: int, window: int):
         """decode@cpu's attention: compiler/schedule_cpu_attention.py (RoPE, QK-norm, KV write ran as steps before)."""
-        attention_cpu_decode(self.p, self.cfg, L, window)
+        attention_cpu_decode(self.p, self.cfg, L, window, self.kv_tex)
 
     def attention(self, L: int, window: int, rope: str | None = None):
         """Split-K attention: DECODE_SPLITS workgroups per KV head in decode (the reduce follows, on its own or in the
@@ -250,7 +251,8 @@ class Builder:
             raise UnsupportedModelError(f"attention needs head_dim % 4 == 0 and n_head % n_kv_head == 0 "
                                         f"(head_dim {c.head_dim}, {c.n_head} heads, {c.n_kv_head} KV heads)")
         if self.adapter == "cpu" and self.tile > 1 and not rope and cpu_q_window(c, self.chunk):
-            return attention_cpu_prefill(self.p, c, L, window, self.chunk)   # prefill@cpu, score@cpu
+            return attention_cpu_prefill(self.p, c, L, window, self.chunk, self.kv_tex)   # prefill@cpu, score@cpu
+        assert not self.kv_tex, "attention_split reads storage K/V (cpu_kv_textures)"
         splits = DECODE_SPLITS if self.tile == 1 else 1
         bind = ["qkv", f"k_cache.{L}", f"v_cache.{L}", "attn_part", "attn"]
         params = dict(n_head=c.n_head, n_kv=c.n_kv_head, head_dim=c.head_dim, window=window, scale=c.softmax_scale,
@@ -342,11 +344,13 @@ PROGRAMS = ("prefill", "decode", "score", "sample")
 GENERATE = ("prefill", "decode")
 
 
-def activation_buffers(cfg: ModelConfig, score_tokens: int | None = None) -> dict:
+def activation_buffers(cfg: ModelConfig, score_tokens: int | None = None, kv_tex: bool = False) -> dict:
     """Activation and KV buffers: {name: {shape, dtype, programs}}. Shapes use the symbols T (prefill chunk) and ctx
     (context, chosen at load); `programs` lists the programs that bind the buffer, so a runtime allocates a buffer
     when it first runs one of them (the pipeline checks the list against the programs: `buffer_programs`).
-    score_tokens: the score program's chunk (adds `logits_all`)."""
+    score_tokens: the score program's chunk (adds `logits_all`). kv_tex: the @cpu programs' K/V textures k_tex.L /
+    v_tex.L (cpu_kv_textures; `texture`: their texel format; a runtime allocates them as textures, and a session
+    allocates, of the per-position buffers, only those the program variants it runs bind)."""
     q_dim, kv_dim = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
     every, fwd, gen = list(PROGRAMS), ["prefill", "decode", "score"], ["prefill", "decode", "sample"]
     bufs = {
@@ -373,6 +377,11 @@ def activation_buffers(cfg: ModelConfig, score_tokens: int | None = None) -> dic
     for L in range(cfg.n_layer):
         bufs[f"k_cache.{L}"] = {"shape": ["ctx", cfg.n_kv_head, cfg.head_dim], "dtype": "f32", "programs": fwd}
         bufs[f"v_cache.{L}"] = {"shape": ["ctx", cfg.n_kv_head, cfg.head_dim], "dtype": "f32", "programs": fwd}
+    if kv_tex:   # the @cpu programs' K/V (cpu_kv_textures): rgba32float textures, kv_texture_shape(ctx, n_kv, hd)
+        for L in range(cfg.n_layer):
+            for kv in kv_names(L, True):
+                bufs[kv] = {"shape": ["ctx", cfg.n_kv_head, cfg.head_dim], "dtype": "f32", "programs": fwd,
+                            "texture": "rgba32float"}
     return bufs
 
 
@@ -402,7 +411,8 @@ def build_programs(cfg: ModelConfig, weights, prefill_chunk: int = 128) -> dict[
     for cls, names in ADAPTER_VARIANTS.items():
         for name in names:
             progs[f"{name}@{cls}"] = Builder(cfg, weights, 1 if name == "decode" else PREFILL_TILE,
-                                             score=name == "score", adapter=cls, chunk=chunks[name]).build()
+                                             score=name == "score", adapter=cls, chunk=chunks[name],
+                                             kv_tex=cls == "cpu" and cpu_kv_textures(cfg, chunks)).build()
     from .schedule_i8 import build_i8_programs   # the int8-activation variants (decode@cpu_i8), beside this module
     progs.update(build_i8_programs(cfg, weights, chunks))
     return progs

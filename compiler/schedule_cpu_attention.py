@@ -44,6 +44,19 @@ def cpu_q_window(cfg: ModelConfig, chunk: int) -> int:
     return w
 
 
+def cpu_kv_textures(cfg: ModelConfig, chunks: dict[str, int]) -> bool:
+    """Whether the @cpu programs keep K/V in rgba32float textures (k_tex.L / v_tex.L: AttentionCPU kv_tex, rope_kv
+    writing a storage texture): only where every one of them runs attention_cpu (decode, and prefill / score with a
+    uniform q window), since a step falling back to attention_split would read storage. SmolLM2, Gemma 3: yes."""
+    return cpu_attention_fits(cfg) and all(cpu_q_window(cfg, chunks[n]) for n in ("prefill", "score"))
+
+
+def kv_names(L: int, tex: bool) -> tuple[str, str]:
+    """Layer L's K and V cache buffers: the @cpu programs' textures (cpu_kv_textures), else the storage caches that
+    decode / prefill / score / rows bind."""
+    return (f"k_tex.{L}", f"v_tex.{L}") if tex else (f"k_cache.{L}", f"v_cache.{L}")
+
+
 def _params(cfg: ModelConfig, window: int, splits: int) -> dict:
     params = dict(n_head=cfg.n_head, n_kv=cfg.n_kv_head, head_dim=cfg.head_dim, window=window,
                   scale=cfg.softmax_scale, splits=splits)
@@ -52,25 +65,26 @@ def _params(cfg: ModelConfig, window: int, splits: int) -> dict:
     return params
 
 
-def attention_cpu_decode(p: Program, cfg: ModelConfig, L: int, window: int):
+def attention_cpu_decode(p: Program, cfg: ModelConfig, L: int, window: int, kv_tex: bool = False):
     """decode@cpu, layer L: attention_cpu's partials (cpu_decode_splits per KV head), then attention_reduce into
     `attn`. q is qkv's row 0, already RoPE'd (and QK-normed) by the steps before, which also wrote position pos."""
     splits = cpu_decode_splits(cfg.n_kv_head)
-    k = AttentionCPU(n_head=cfg.n_head, n_kv=cfg.n_kv_head, head_dim=cfg.head_dim, softcap=bool(cfg.attn_softcap))
-    p.add(k, ["qkv", f"k_cache.{L}", f"v_cache.{L}", "attn_part"], _params(cfg, window, splits),
+    k = AttentionCPU(n_head=cfg.n_head, n_kv=cfg.n_kv_head, head_dim=cfg.head_dim, softcap=bool(cfg.attn_softcap),
+                     kv_tex=kv_tex)
+    p.add(k, ["qkv", *kv_names(L, kv_tex), "attn_part"], _params(cfg, window, splits),
           [cfg.n_kv_head, splits, 1])
     p.add(AttentionReduce(), ["attn_part", "attn"], dict(n_head=cfg.n_head, head_dim=cfg.head_dim, splits=splits),
           [cfg.n_head, "T", 1])
 
 
-def attention_cpu_prefill(p: Program, cfg: ModelConfig, L: int, window: int, chunk: int):
+def attention_cpu_prefill(p: Program, cfg: ModelConfig, L: int, window: int, chunk: int, kv_tex: bool = False):
     """prefill@cpu / score@cpu, layer L: attention_cpu over one split into `attn`, a step per uniform window of
     cpu_q_window query rows (qkv bound at the window's byte offset, "qkv+OFF"; a window at or past T dispatches
     nothing, "T>t0"), one workgroup per (KV head, token of the window)."""
     w = cpu_q_window(cfg, chunk)
     k = AttentionCPU(n_head=cfg.n_head, n_kv=cfg.n_kv_head, head_dim=cfg.head_dim, softcap=bool(cfg.attn_softcap),
-                     prefill=True, tokens=w)
+                     prefill=True, tokens=w, kv_tex=kv_tex)
     for t0 in range(0, chunk, w):
         q = f"qkv+{t0 * qkv_dim(cfg) * 4}" if t0 else "qkv"
-        p.add(k, [q, f"k_cache.{L}", f"v_cache.{L}", "attn"], dict(_params(cfg, window, 1), t0=t0),
+        p.add(k, [q, *kv_names(L, kv_tex), "attn"], dict(_params(cfg, window, 1), t0=t0),
               [cfg.n_kv_head, f"T>{t0}", w])

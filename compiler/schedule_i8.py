@@ -19,6 +19,7 @@ from .kernels import AttentionReduce
 from .kernels_cpu import UNIFORM_BINDING_BYTES
 from .kernels_i8 import I8_QUANTS, MatmulCPUI8, MatvecCPUI8, QuantizeAct, xq_words
 from .schedule import CPU_WINDOW, DECODE_SPLITS, PREFILL_TILE, Builder
+from .schedule_cpu_attention import cpu_kv_textures
 
 # "<adapter class>_i8": (programs); a variant runs where its adapter class would run "<program>@<class>"
 I8_VARIANTS = {"cpu_i8": ("prefill", "decode", "score")}
@@ -48,8 +49,8 @@ class BuilderI8(Builder):
     every mat-vec / mat-mat where `i8_fits` (decode: matvec_cpu_i8; prefill / score: matmul_cpu_i8 per xq window,
     the last-token LM head matvec_cpu_i8 on its window), each after a quantize_act of its x."""
 
-    def __init__(self, cfg, weights, tile: int, score: bool = False, chunk: int = 128):
-        super().__init__(cfg, weights, tile, score=score, adapter="cpu", chunk=chunk)
+    def __init__(self, cfg, weights, tile: int, score: bool = False, chunk: int = 128, kv_tex: bool = False):
+        super().__init__(cfg, weights, tile, score=score, adapter="cpu", chunk=chunk, kv_tex=kv_tex)
         # (x, K, norm weight, step index) of the quantize_act that last wrote xq
         self._xq: tuple[str, int, str | None, int] | None = None
         self._xn, self._xn_step = None, 0   # (x, weight) whose norm the deferred-norm fallback last wrote to xn
@@ -132,7 +133,7 @@ def build_i8_programs(cfg, weights, chunks: dict[str, int]) -> dict:
     for cls, names in I8_VARIANTS.items():
         for name in names:
             prog = BuilderI8(cfg, weights, 1 if name == "decode" else PREFILL_TILE, score=name == "score",
-                             chunk=chunks[name]).build()
+                             chunk=chunks[name], kv_tex=cpu_kv_textures(cfg, chunks)).build()
             if any(isinstance(s.kernel, (MatvecCPUI8, MatmulCPUI8)) for s in prog.steps):
                 out[f"{name}@{cls}"] = prog
     return out

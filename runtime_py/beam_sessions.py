@@ -6,7 +6,8 @@
 
 Beam i lives in sessions[slot[i]]. A step's moves (parent, token) keep each parent's first child in the parent's own
 session; every other child takes a session whose beam has no child, after a copy of the parent's KV rows 0..pos
-(every buffer whose leading dimension is ctx: k_cache.L / v_cache.L, (ctx, n_kv_head, head_dim) f32) in one command
+(every buffer whose leading dimension is ctx: k_cache.L / v_cache.L, (ctx, n_kv_head, head_dim) f32, or on a CPU
+adapter the @cpu programs' textures k_tex.L / v_tex.L: copy_texture_to_texture, runtime_py/kv_texture.py) in one command
 encoder, queued before the forwards. So there are always K sessions (no allocation per step), and a copy never reads a
 session that the same step overwrites. Then each live beam runs one decode forward of its new token and its logits are
 read back (vocab x 4 bytes per beam): K forward passes + K logits reads per step. The kernels take one sequence, so
@@ -19,8 +20,11 @@ import math
 import time
 from dataclasses import dataclass, field
 
+import wgpu
+
 from .beam import BeamSearch, BeamSpec, Hypothesis
 from .generate import Done, Token
+from .kv_texture import copy_kv_rows
 from .kvcache import reuse_prefix
 
 
@@ -85,9 +89,12 @@ class SessionBeams:
         for src, dst in pairs:
             a, b = self.sessions[src], self.sessions[dst]
             for name, row in self.kv:
-                if a.pos:
+                if a.pos and a.kv_buffer(name):   # None: a buffer the sessions' programs do not bind
                     (sa, oa), (sb, ob) = a.kv_buffer(name), b.kv_buffer(name)   # a KV-pool slot: at its offset
-                    enc.copy_buffer_to_buffer(sa, oa, sb, ob, a.pos * row)
+                    if isinstance(sa, wgpu.GPUTexture):   # the @cpu programs' K/V (runtime_py/kv_texture.py)
+                        copy_kv_rows(enc, sa, sb, a.pos)
+                    else:
+                        enc.copy_buffer_to_buffer(sa, oa, sb, ob, a.pos * row)
             b.pos, b.held = a.pos, list(a.held)
         dev.queue.submit([enc.finish()])
         self.copies += len(pairs)

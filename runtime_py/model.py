@@ -20,6 +20,7 @@ from compiler.manifest import check_file, read_manifest
 from compiler.schedule import GENERATE, SAMPLE_RING, dispatch_size, split_ref
 
 from .device import adapter_class, check_fits, get_device, supports_dot4i8
+from .kv_texture import KV_ACCESSES, create_kv_texture, kv_layout_entry
 from .weight_texture import BINDING_TYPES, layout_entry, upload_texture  # noqa: F401  (BINDING_TYPES: re-exported)
 
 UNIFORM_ALIGN = 256          # minUniformBufferOffsetAlignment's default (and maximum)
@@ -114,7 +115,8 @@ class Model:
         entries = [{"binding": 0, "visibility": wgpu.ShaderStage.COMPUTE,
                     "buffer": {"type": "uniform", "has_dynamic_offset": True}},
                    {"binding": 1, "visibility": wgpu.ShaderStage.COMPUTE, "buffer": {"type": "uniform"}}]
-        entries += [layout_entry(i + 2, access) for i, (_, access) in enumerate(k["bindings"])]
+        entries += [kv_layout_entry(i + 2, access) if access in KV_ACCESSES else layout_entry(i + 2, access)
+                    for i, (_, access) in enumerate(k["bindings"])]
         layout = self.device.create_bind_group_layout(entries=entries, label=name)
         module = self.device.create_shader_module(code=code, label=name)
         pipeline = self.device.create_compute_pipeline(
@@ -219,10 +221,14 @@ class Session:
             # UNIFORM too: matvec_cpu reads its x row through a uniform binding (runtime_py/device.py adapter_class)
             usage = (wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.UNIFORM | wgpu.BufferUsage.COPY_DST
                      | wgpu.BufferUsage.COPY_SRC)
-            for n, size in session_buffer_bytes(m, self.ctx, (prog,)).items():
-                if n not in self.buffers and n not in self.kv:
-                    self.buffers[n] = dev.create_buffer(size=size, usage=usage, label=n)
             variant = self.model.program_for[prog]   # e.g. decode@cpu on a CPU adapter
+            binds = {split_ref(r)[0] for st in m["programs"][variant] for r in st["bind"]}
+            for n, size in session_buffer_bytes(m, self.ctx, (prog,)).items():
+                b = m["buffers"][n]
+                if n in self.buffers or n in self.kv or (b["shape"][0] == "ctx" and n not in binds):
+                    continue   # per-position buffers: only the variant's (the @cpu programs' K/V textures or not)
+                self.buffers[n] = (create_kv_texture(dev, self.ctx, b["shape"], label=n) if "texture" in b
+                                   else dev.create_buffer(size=size, usage=usage, label=n))
             self.programs[prog] = self._bind(variant, m["programs"][variant])
         return self.programs[prog]
 
@@ -238,6 +244,9 @@ class Session:
                 if access == "texture":   # a weight part (runtime_py/weight_texture.py)
                     entries.append({"binding": j + 2, "resource": model.textures[ref].create_view()})
                     continue
+                if access in KV_ACCESSES:   # the @cpu programs' K/V (runtime_py/kv_texture.py)
+                    entries.append({"binding": j + 2, "resource": self.buffers[ref].create_view()})
+                    continue
                 name, offset = split_ref(ref)   # "xn+9216": a uniform x window at that byte offset
                 if name in self.kv:   # a KV-pool slot: the pool's buffer at the slot's offset
                     buf, base, size = self.kv[name]
@@ -251,8 +260,11 @@ class Session:
         return out
 
     def kv_buffer(self, name: str):
-        """(GPU buffer, byte offset) holding this session's buffer `name`: its own, or a KV-pool slot's view."""
-        return self.kv[name][:2] if name in self.kv else (self.buffers[name], 0)
+        """(GPU buffer or K/V texture, byte offset) holding this session's buffer `name`: its own, or a KV-pool slot's
+        view; None where the programs it runs do not bind it (the storage K/V beside the @cpu programs' textures)."""
+        if name in self.kv:
+            return self.kv[name][:2]
+        return (self.buffers[name], 0) if name in self.buffers else None
 
     def reset(self, pos: int = 0):
         """Forget the sequence after `pos` tokens (the cache beyond is simply overwritten later)."""

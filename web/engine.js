@@ -12,6 +12,7 @@ import {LP_MAX, packConfig, sampleLimits, seedOf} from "./gpu_sampling.js";
 import {fetchManifest, fetchVerified, loadShards} from "./loader.js";
 import {GENERATE, SERVER_PROGRAMS, dispatchSize, splitRef} from "./schedule.js";
 import {choosePrograms, wgslLanguageFeatures} from "./variants.js";
+import {KV_ACCESSES, createKvTexture, kvLayoutEntry} from "./kv_texture.js";
 import {layoutEntry, uploadTexture} from "./weight_texture.js";
 
 // re-exported: importers reach the whole runtime through engine.js (worker.js: Model, selftest)
@@ -126,7 +127,8 @@ export class Model {
     const dev = this.device;
     const entries = [{binding: 0, visibility: GPUShaderStage.COMPUTE, buffer: {type: "uniform", hasDynamicOffset: true}},
                      {binding: 1, visibility: GPUShaderStage.COMPUTE, buffer: {type: "uniform"}}];
-    k.bindings.forEach(([, access], i) => entries.push(layoutEntry(i + 2, access)));
+    k.bindings.forEach(([, access], i) => entries.push(KV_ACCESSES.includes(access) ? kvLayoutEntry(i + 2, access)
+                                                                                   : layoutEntry(i + 2, access)));
     const layout = dev.createBindGroupLayout({entries, label: name});
     const module = dev.createShaderModule({code, label: name});
     try {
@@ -218,10 +220,15 @@ export class Session {
       }
       // UNIFORM too: matvec_cpu reads its x row through a uniform binding (device.js adapterClass)
       const usage = GPUBufferUsage.STORAGE | GPUBufferUsage.UNIFORM | GPUBufferUsage.COPY_DST | GPUBufferUsage.COPY_SRC;
-      for (const [name, size] of Object.entries(sessionBufferBytes(m, this.ctx, [prog]))) {
-        if (!this.buffers.has(name)) this.buffers.set(name, dev.createBuffer({size, usage, label: name}));
-      }
       const variant = this.model.programFor[prog];   // e.g. decode@cpu on a CPU adapter
+      const binds = new Set(m.programs[variant].flatMap((st) => st.bind.map((r) => splitRef(r)[0])));
+      for (const [name, size] of Object.entries(sessionBufferBytes(m, this.ctx, [prog]))) {
+        const b = m.buffers[name];
+        // per-position buffers: only the variant's (the @cpu programs' K/V textures or not)
+        if (this.buffers.has(name) || (b.shape[0] === "ctx" && !binds.has(name))) continue;
+        this.buffers.set(name, "texture" in b ? createKvTexture(dev, this.ctx, b.shape, name)
+                                              : dev.createBuffer({size, usage, label: name}));
+      }
       this.programs[prog] = this._bind(variant, m.programs[variant]);
     }
     return this.programs[prog];
@@ -239,6 +246,10 @@ export class Session {
       s.bind.forEach((ref, j) => {
         if (bindings[j][1] === "texture") {   // a weight part (weight_texture.js)
           entries.push({binding: j + 2, resource: model.textures.get(ref).createView()});
+          return;
+        }
+        if (KV_ACCESSES.includes(bindings[j][1])) {   // the @cpu programs' K/V (kv_texture.js)
+          entries.push({binding: j + 2, resource: this.buffers.get(ref).createView()});
           return;
         }
         const [name, offset] = splitRef(ref);   // "xn+9216": a uniform x window at that byte offset

@@ -100,12 +100,13 @@ def test_variant_renders_and_matches_its_dataclass(kernel):
     assert m, "no struct Params"
     declared = re.findall(r"(\w+)\s*:\s*(\w+)", m.group(1))
     assert declared == list(kernel.params), f"struct Params {declared} != {list(kernel.params)}"
-    binds = re.findall(r"@group\(0\)\s*@binding\((\d+)\)\s*var(?:<(\w+)(?:,\s*(\w+))?>)?\s*(\w+)\s*:\s*(\w+)",
+    binds = re.findall(r"@group\(0\)\s*@binding\((\d+)\)\s*var(?:<(\w+)(?:,\s*(\w+))?>)?\s*(\w+)\s*:\s*(\w+(?:<\w+)?)",
                        body)
     assert [(int(i), kind, acc) for i, kind, acc, _, _ in binds[:2]] == [(0, "uniform", ""), (1, "uniform", "")]
-    # access "uniform": var<uniform>; "texture": a texture_2d<u32> weight (runtime_py/weight_texture.py)
-    storage = [(int(i), name, acc or kind or ("texture" if ty.startswith("texture") else "?"))
-               for i, kind, acc, name, ty in binds[2:]]
+    # access "uniform": var<uniform>; "texture": a texture_2d<u32> weight (runtime_py/weight_texture.py);
+    # "kv_texture" / "write_texture": texture_2d<f32> / texture_storage_2d K/V (runtime_py/kv_texture.py)
+    textures = {"texture_2d<u32": "texture", "texture_2d<f32": "kv_texture", "texture_storage_2d<rgba32float": "write_texture"}
+    storage = [(int(i), name, acc or kind or textures.get(ty, "?")) for i, kind, acc, name, ty in binds[2:]]
     want = [(i + 2, name, acc) for i, (name, acc) in enumerate(kernel.bindings())]
     assert storage == want, f"storage bindings {storage} != {want}"
     assert re.search(r"@compute\s+@workgroup_size\([^)]*\)\s*fn main\(", body), "no @compute fn main"

@@ -18,7 +18,8 @@ ATTENTION = (AttentionSplit, AttentionCPU, RopeKV)
 
 
 def attention_key(s):
-    return ("attention", next(b for b in s.bind if b.startswith("k_cache.")))
+    # the layer: its K cache, storage (k_cache.L) or the @cpu programs' texture (k_tex.L: schedule_cpu_attention.py)
+    return ("attention", next(b for b in s.bind if b.startswith(("k_cache.", "k_tex."))).replace("k_tex.", "k_cache."))
 
 
 def collapse(keys: list) -> list:
@@ -118,3 +119,16 @@ def test_adapter_class(info, cls, monkeypatch):
 def test_adapter_class_override(monkeypatch):
     monkeypatch.setenv("KILN_ADAPTER_CLASS", "gpu")
     assert adapter_class({"adapter_type": "CPU", "device": "llvmpipe"}) == "gpu"
+
+
+def test_cpu_programs_keep_kv_in_textures(programs):
+    """The @cpu programs (and their int8 twins) read and write K/V only in the textures k_tex.L / v_tex.L; the others
+    only in the storage caches (schedule_cpu_attention.py cpu_kv_textures: SmolLM2 runs attention_cpu everywhere)."""
+    for name, prog in programs.items():
+        refs = {split_ref(b)[0].split(".")[0] for s in prog.steps for b in s.bind}
+        if name == "sample":
+            assert not refs & {"k_cache", "v_cache", "k_tex", "v_tex"}
+        elif "@cpu" in name:
+            assert {"k_tex", "v_tex"} <= refs and not refs & {"k_cache", "v_cache"}, name
+        else:
+            assert {"k_cache", "v_cache"} <= refs and not refs & {"k_tex", "v_tex"}, name
