@@ -53,7 +53,7 @@ def kernel_classes() -> list[type[Kernel]]:
     while todo:
         c = todo.pop()
         todo += c.__subclasses__()
-        if c.__module__ in ("compiler.kernels", "compiler.kernels_i8"):
+        if c.__module__ in ("compiler.kernels", "compiler.kernels_cpu", "compiler.kernels_i8"):
             out.append(c)
     return sorted(out, key=lambda c: c.__name__)
 
