@@ -24,6 +24,17 @@ def _init_tex(k):
         raise ValueError(f"{type(k).__name__}: {k.quant} weights have no texture reader (only {TEXTURE_QUANTS})")
 
 
+def _check_x_window(k):
+    assert k.tokens * k.xk * 4 <= UNIFORM_BINDING_BYTES, f"x window of {k.tokens} x {k.xk} f32"
+
+
+def _uniform_x_bindings(k):
+    """x from a uniform binding, the weights (and the gate's up half) from textures or storage, y written."""
+    a = "texture" if k.tex else "read"
+    w = [("w", a)] + ([("w_up", a)] if k.gate else [])
+    return [("x", "uniform"), *w, ("y", "read_write")]
+
+
 @dataclass(frozen=True)
 class MatvecCPU(Kernel):
     """Decode mat-vec for CPU adapters: one invocation per row, x from a uniform binding (see matvec_cpu.wgsl.j2)."""
@@ -42,12 +53,10 @@ class MatvecCPU(Kernel):
 
     def __post_init__(self):
         _init_tex(self)
-        assert self.tokens * self.xk * 4 <= UNIFORM_BINDING_BYTES, f"x window of {self.tokens} x {self.xk} f32"
+        _check_x_window(self)
 
     def bindings(self):
-        a = "texture" if self.tex else "read"
-        w = [("w", a)] + ([("w_up", a)] if self.gate else [])
-        return [("x", "uniform"), *w, ("y", "read_write")]
+        return _uniform_x_bindings(self)
 
     @property
     def rows(self) -> int:   # output rows per workgroup, for the dispatch arithmetic
@@ -75,12 +84,10 @@ class MatmulCPU(Kernel):
 
     def __post_init__(self):
         _init_tex(self)
-        assert self.tokens * self.xk * 4 <= UNIFORM_BINDING_BYTES, f"x window of {self.tokens} x {self.xk} f32"
+        _check_x_window(self)
 
     def bindings(self):
-        a = "texture" if self.tex else "read"
-        w = [("w", a)] + ([("w_up", a)] if self.gate else [])
-        return [("x", "uniform"), *w, ("y", "read_write")]
+        return _uniform_x_bindings(self)
 
     @property
     def rows_per_wg(self) -> int:   # output rows per workgroup, for the dispatch arithmetic
